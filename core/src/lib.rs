@@ -1,0 +1,68 @@
+//! # idemgate-core
+//!
+//! Host-agnostic logic of idemgate: everything that decides what happens to a request lives
+//! here, written sans-IO so that the Envoy filter and the edge worker behave identically.
+//!
+//! The flow for one request:
+//!
+//! 1. [`admit`] looks at the method, path and headers: pass the request through untouched,
+//!    reject it at once (bad key, body too large), or inspect it.
+//! 2. The body is hashed into a [`Fingerprint`].
+//! 3. [`decide`] compares the request with the record already stored for its key (if any)
+//!    and answers forward (with a claim), replay, or reject.
+//! 4. The host forwards, captures the response with [`ResponseCapture`] and completes the
+//!    record, or releases the claim.
+//!
+//! [`store::SlotTable`] runs steps 3–4 atomically over any compare-and-swap store
+//! ([`store::CasStore`]), such as Envoy's shared data.
+//!
+//! ```
+//! use idemgate_core::{admit, Admission, Config, Fingerprinter};
+//!
+//! let config = Config::from_json(r#"{"methods": ["POST"]}"#).unwrap();
+//! let headers = [("idempotency-key".to_string(), b"order-42".to_vec())];
+//! match admit(&config, "POST", "/orders", &headers[..]) {
+//!     Admission::Inspect(pending) => {
+//!         let mut fp = Fingerprinter::new("POST", "/orders");
+//!         fp.update(br#"{"amount": 10}"#);
+//!         let _fingerprint = fp.finish();
+//!         assert_eq!(pending.key_id.to_hex().len(), 32);
+//!     }
+//!     other => unreachable!("{other:?}"),
+//! }
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod clock;
+pub mod codec;
+pub mod config;
+pub mod decision;
+pub mod error;
+pub mod fingerprint;
+pub mod headers;
+pub mod key;
+pub mod problem;
+pub mod record;
+pub mod response;
+pub mod store;
+
+pub use clock::{Clock, FakeClock, Millis};
+pub use config::Config;
+pub use decision::{admit, decide, Admission, Claim, Decision, Pending, Rejection};
+pub use error::ConfigError;
+pub use fingerprint::{Fingerprint, Fingerprinter};
+pub use headers::HeaderLookup;
+pub use key::KeyId;
+pub use record::{Record, StoredResponse};
+pub use response::{NotStored, ResponseCapture};
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
+}

@@ -1,0 +1,692 @@
+//! The store port and the slot table that makes claims atomic over it.
+//!
+//! [`CasStore`] is the shape of Envoy's shared data: `get` returns a value and its version,
+//! `put` writes only if the version still matches (or, with [`Expect::Absent`], only if the
+//! key does not exist yet). There is no delete and no TTL.
+//!
+//! [`SlotTable`] keeps at most `capacity` index entries, whatever the key churn: a key lives
+//! in one of `probes` slots starting at a slot derived from its [`KeyId`]. Entries expire
+//! and their slots are reused; when every probed slot is live, the completed entry nearest
+//! to expiry is evicted; when all are in flight, the request gets 503. A claim is written
+//! with compare-and-swap and then verified: if another slot of the probe window holds a live
+//! entry for the same key (two workers raced into different vacant slots), the later claim
+//! withdraws, so two workers never both win. Each index entry is small; a completed
+//! response lives in a body value beside its slot, tagged with the claim's owner token.
+//!
+//! ```
+//! use idemgate_core::store::{Begun, MemoryStore, SlotTable};
+//! use idemgate_core::{Config, Fingerprint, KeyId, StoredResponse};
+//! use idemgate_core::decision::Request;
+//! let config = Config::default();
+//! let store = MemoryStore::default();
+//! let table = SlotTable::new(&store, &config);
+//! let key = KeyId([7; 16]);
+//! let req = Request { fingerprint: Fingerprint([1; 32]), owner: 11 };
+//! let (begun, _) = table.begin(&config, key, &req, 1_000).unwrap();
+//! let Begun::Forward(handle) = begun else { unreachable!() };
+//! let resp = StoredResponse { status: 201, headers: vec![], body: b"made".to_vec() };
+//! assert!(table.complete(&handle, &resp).unwrap().0);
+//! let again = Request { fingerprint: Fingerprint([1; 32]), owner: 12 };
+//! let (begun, _) = table.begin(&config, key, &again, 2_000).unwrap();
+//! assert!(matches!(begun, Begun::Replay(r) if r.body == b"made"));
+//! ```
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Mutex;
+
+use crate::clock::Millis;
+use crate::config::Config;
+use crate::decision::{decide, Claim, Decision, Rejection, Request};
+use crate::key::KeyId;
+use crate::record::{decode_body, encode_body, Record, SlotEntry, SlotState, StoredResponse};
+
+/// A value's version.
+pub type Cas = u32;
+
+/// The condition of a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Only if the key does not exist.
+    Absent,
+    /// Only if the key exists with this version.
+    Version(Cas),
+}
+
+/// The store could not be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError(pub String);
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "store error: {}", self.0)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// A compare-and-swap key-value store.
+pub trait CasStore {
+    /// The value and version of `key`, if present.
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Cas)>, StoreError>;
+    /// Writes `value` if `expect` holds; `Ok(false)` when it did not.
+    fn put(&self, key: &str, value: &[u8], expect: Expect) -> Result<bool, StoreError>;
+}
+
+/// An in-process [`CasStore`], for tests and single-process hosts.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: Mutex<(HashMap<String, (Vec<u8>, Cas)>, Cas)>,
+}
+
+impl MemoryStore {
+    /// Number of keys ever created.
+    pub fn len(&self) -> usize {
+        self.inner.lock().map(|g| g.0.len()).unwrap_or(0)
+    }
+    /// Whether the store is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl CasStore for MemoryStore {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Cas)>, StoreError> {
+        let g = self
+            .inner
+            .lock()
+            .map_err(|_| StoreError("poisoned".into()))?;
+        Ok(g.0.get(key).cloned())
+    }
+    fn put(&self, key: &str, value: &[u8], expect: Expect) -> Result<bool, StoreError> {
+        let mut g = self
+            .inner
+            .lock()
+            .map_err(|_| StoreError("poisoned".into()))?;
+        let (map, counter) = &mut *g;
+        let current = map.get(key).map(|(_, c)| *c);
+        let ok = match (expect, current) {
+            (Expect::Absent, None) => true,
+            (Expect::Version(want), Some(have)) => want == have,
+            _ => false,
+        };
+        if ok {
+            *counter = counter.wrapping_add(1).max(1);
+            map.insert(key.to_string(), (value.to_vec(), *counter));
+        }
+        Ok(ok)
+    }
+}
+
+/// What happened inside the table, for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Events {
+    /// Index keys created in the host store.
+    pub index_keys_created: u32,
+    /// Body keys created in the host store.
+    pub body_keys_created: u32,
+    /// Live completed entries evicted to make room.
+    pub evictions: u32,
+    /// Claims taken over after their lease lapsed.
+    pub lease_expiries: u32,
+    /// Compare-and-swap conflicts retried.
+    pub cas_retries: u32,
+}
+
+/// A won claim: forward the request, then [`SlotTable::complete`] or [`SlotTable::release`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimHandle {
+    /// Slot holding the claim.
+    pub slot: u32,
+    /// The key.
+    pub key_id: KeyId,
+    /// The claim written.
+    pub claim: Claim,
+}
+
+/// Outcome of [`SlotTable::begin`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begun {
+    /// The claim is ours: forward.
+    Forward(ClaimHandle),
+    /// Replay this stored response.
+    Replay(StoredResponse),
+    /// Answer with this error.
+    Reject(Rejection),
+}
+
+const MAX_ATTEMPTS: u32 = 16;
+
+struct Slot {
+    idx: u32,
+    entry: Option<SlotEntry>,
+    cas: Option<Cas>,
+}
+
+impl Slot {
+    fn expect(&self) -> Expect {
+        self.cas.map_or(Expect::Absent, Expect::Version)
+    }
+    fn vacant(&self, now: Millis) -> bool {
+        self.entry.as_ref().map_or(true, |e| e.is_vacant(now))
+    }
+    fn holds(&self, key_id: &KeyId) -> bool {
+        self.entry
+            .as_ref()
+            .is_some_and(|e| e.key_id == *key_id && e.state != SlotState::Free)
+    }
+}
+
+/// Claims, completions and lookups over a [`CasStore`], bounded to `capacity` entries.
+pub struct SlotTable<'a, S: CasStore + ?Sized> {
+    store: &'a S,
+    namespace: &'a str,
+    capacity: u32,
+    probes: u32,
+}
+
+impl<'a, S: CasStore + ?Sized> SlotTable<'a, S> {
+    /// A table over `store` sized by `config`.
+    pub fn new(store: &'a S, config: &'a Config) -> Self {
+        Self {
+            store,
+            namespace: &config.store_namespace,
+            capacity: config.store_capacity.max(1),
+            probes: config.store_probes.clamp(1, config.store_capacity.max(1)),
+        }
+    }
+
+    /// Host-store key of slot `idx`'s index entry.
+    pub fn index_key(&self, idx: u32) -> String {
+        format!("{}:i:{idx}", self.namespace)
+    }
+
+    /// Host-store key of slot `idx`'s body value.
+    pub fn body_key(&self, idx: u32) -> String {
+        format!("{}:b:{idx}", self.namespace)
+    }
+
+    fn window(&self, key_id: &KeyId) -> impl Iterator<Item = u32> {
+        let cap = u64::from(self.capacity);
+        let home = key_id.slot_seed() % cap;
+        (0..u64::from(self.probes)).map(move |i| u32::try_from((home + i) % cap).unwrap_or(0))
+    }
+
+    fn read(&self, idx: u32) -> Result<Slot, StoreError> {
+        Ok(match self.store.get(&self.index_key(idx))? {
+            None => Slot {
+                idx,
+                entry: None,
+                cas: None,
+            },
+            // A corrupt entry is treated as a free slot that may be overwritten.
+            Some((bytes, cas)) => Slot {
+                idx,
+                entry: Some(SlotEntry::decode(&bytes).unwrap_or_else(|_| SlotEntry::free())),
+                cas: Some(cas),
+            },
+        })
+    }
+
+    fn scan(&self, key_id: &KeyId) -> Result<Vec<Slot>, StoreError> {
+        self.window(key_id).map(|i| self.read(i)).collect()
+    }
+
+    /// Looks the key up, decides, and when the decision is to forward, claims the key
+    /// atomically.
+    pub fn begin(
+        &self,
+        config: &Config,
+        key_id: KeyId,
+        request: &Request,
+        now: Millis,
+    ) -> Result<(Begun, Events), StoreError> {
+        let mut ev = Events::default();
+        for _ in 0..MAX_ATTEMPTS {
+            let scan = self.scan(&key_id)?;
+            let found = scan
+                .iter()
+                .find(|s| s.holds(&key_id) && !s.vacant(now))
+                .or_else(|| scan.iter().find(|s| s.holds(&key_id)));
+            let existing = match found.and_then(|s| s.entry.as_ref()) {
+                None => None,
+                Some(entry) => match self.record_of(entry, found.map_or(0, |s| s.idx), now)? {
+                    Some(r) => Some(r),
+                    // The body changed under us: the slot is being rewritten. Look again.
+                    None => {
+                        ev.cas_retries += 1;
+                        continue;
+                    }
+                },
+            };
+            let (claim, lease_expired) = match decide(config, request, existing.as_ref(), now) {
+                Decision::Replay(r) => return Ok((Begun::Replay(r), ev)),
+                Decision::Reject(r) => return Ok((Begun::Reject(r), ev)),
+                Decision::Forward {
+                    claim,
+                    lease_expired,
+                } => (claim, lease_expired),
+            };
+            let target = match found {
+                Some(s) => s,
+                None => match choose(&scan, now) {
+                    Choice::Slot(s, evict) => {
+                        if evict {
+                            ev.evictions += 1;
+                        }
+                        s
+                    }
+                    Choice::Full(wait_ms) => {
+                        return Ok((
+                            Begun::Reject(Rejection::StoreUnavailable {
+                                retry_after_s: wait_ms.div_ceil(1000).max(1),
+                                reason: "every probed slot holds a request in flight",
+                            }),
+                            ev,
+                        ))
+                    }
+                },
+            };
+            let entry = SlotEntry {
+                key_id,
+                state: SlotState::InFlight {
+                    owner: claim.owner,
+                    lease_until: claim.lease_until,
+                    expires_at: claim.expires_at,
+                    fingerprint: claim.fingerprint,
+                },
+            };
+            if !self.store.put(
+                &self.index_key(target.idx),
+                &entry.encode(),
+                target.expect(),
+            )? {
+                ev.cas_retries += 1;
+                continue;
+            }
+            if target.cas.is_none() {
+                ev.index_keys_created += 1;
+            }
+            let handle = ClaimHandle {
+                slot: target.idx,
+                key_id,
+                claim,
+            };
+            // Verify: no other live entry for this key in the window.
+            let rival = self
+                .window(&key_id)
+                .filter(|i| *i != target.idx)
+                .map(|i| self.read(i))
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .any(|s| s.holds(&key_id) && !s.vacant(now));
+            if rival {
+                self.release(&handle)?;
+                ev.cas_retries += 1;
+                continue;
+            }
+            if lease_expired {
+                ev.lease_expiries += 1;
+            }
+            return Ok((Begun::Forward(handle), ev));
+        }
+        Ok((
+            Begun::Reject(Rejection::StoreUnavailable {
+                retry_after_s: 1,
+                reason: "too much contention on the store",
+            }),
+            ev,
+        ))
+    }
+
+    /// The record an entry stands for; `None` when its body no longer matches (rewritten).
+    fn record_of(
+        &self,
+        entry: &SlotEntry,
+        idx: u32,
+        now: Millis,
+    ) -> Result<Option<Record>, StoreError> {
+        Ok(Some(match &entry.state {
+            SlotState::Free => return Ok(None),
+            SlotState::InFlight {
+                owner,
+                lease_until,
+                expires_at,
+                fingerprint,
+            } => Record::InFlight {
+                owner: *owner,
+                lease_until: *lease_until,
+                expires_at: *expires_at,
+                fingerprint: *fingerprint,
+            },
+            SlotState::Completed {
+                owner,
+                expires_at,
+                fingerprint,
+            } => {
+                let response = if *expires_at <= now {
+                    StoredResponse::default()
+                } else {
+                    match self.store.get(&self.body_key(idx))? {
+                        Some((bytes, _)) => match decode_body(&bytes) {
+                            Ok((o, r)) if o == *owner => r,
+                            _ => return Ok(None),
+                        },
+                        None => return Ok(None),
+                    }
+                };
+                Record::Completed {
+                    owner: *owner,
+                    expires_at: *expires_at,
+                    fingerprint: *fingerprint,
+                    response,
+                }
+            }
+        }))
+    }
+
+    /// Stores the response of a won claim. `Ok(false)` when the claim was lost meanwhile
+    /// (its lease lapsed and another request took the key).
+    pub fn complete(
+        &self,
+        handle: &ClaimHandle,
+        response: &StoredResponse,
+    ) -> Result<(bool, Events), StoreError> {
+        let mut ev = Events::default();
+        let slot = self.read(handle.slot)?;
+        if !self.is_ours(&slot, handle) {
+            return Ok((false, ev));
+        }
+        let body_key = self.body_key(handle.slot);
+        let body_expect = match self.store.get(&body_key)? {
+            Some((_, cas)) => Expect::Version(cas),
+            None => Expect::Absent,
+        };
+        if !self.store.put(
+            &body_key,
+            &encode_body(handle.claim.owner, response),
+            body_expect,
+        )? {
+            return Ok((false, ev));
+        }
+        if body_expect == Expect::Absent {
+            ev.body_keys_created += 1;
+        }
+        let done = SlotEntry {
+            key_id: handle.key_id,
+            state: SlotState::Completed {
+                owner: handle.claim.owner,
+                expires_at: handle.claim.expires_at,
+                fingerprint: handle.claim.fingerprint,
+            },
+        };
+        let ok = self
+            .store
+            .put(&self.index_key(handle.slot), &done.encode(), slot.expect())?;
+        Ok((ok, ev))
+    }
+
+    /// Gives a won claim back, so the key is free at once. `Ok(false)` when it was no
+    /// longer ours.
+    pub fn release(&self, handle: &ClaimHandle) -> Result<bool, StoreError> {
+        let slot = self.read(handle.slot)?;
+        if !self.is_ours(&slot, handle) {
+            return Ok(false);
+        }
+        self.store.put(
+            &self.index_key(handle.slot),
+            &SlotEntry::free().encode(),
+            slot.expect(),
+        )
+    }
+
+    fn is_ours(&self, slot: &Slot, handle: &ClaimHandle) -> bool {
+        matches!(&slot.entry, Some(SlotEntry { key_id, state: SlotState::InFlight { owner, .. } })
+            if *key_id == handle.key_id && *owner == handle.claim.owner)
+    }
+
+    /// Live entries in the whole table at `now` (reads every slot: for tests and admin use).
+    pub fn live_entries(&self, now: Millis) -> Result<u32, StoreError> {
+        let mut n = 0;
+        for i in 0..self.capacity {
+            if !self.read(i)?.vacant(now) {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+enum Choice<'s> {
+    Slot(&'s Slot, bool),
+    Full(Millis),
+}
+
+fn choose(scan: &[Slot], now: Millis) -> Choice<'_> {
+    if let Some(s) = scan.iter().find(|s| s.vacant(now)) {
+        return Choice::Slot(s, false);
+    }
+    let victim = scan
+        .iter()
+        .filter_map(|s| match s.entry.as_ref().map(|e| &e.state) {
+            Some(SlotState::Completed { expires_at, .. }) => Some((s, *expires_at)),
+            _ => None,
+        })
+        .min_by_key(|(_, exp)| *exp);
+    if let Some((s, _)) = victim {
+        return Choice::Slot(s, true);
+    }
+    let wait = scan
+        .iter()
+        .filter_map(|s| match s.entry.as_ref().map(|e| &e.state) {
+            Some(SlotState::InFlight { lease_until, .. }) => Some(lease_until.saturating_sub(now)),
+            _ => None,
+        })
+        .min()
+        .unwrap_or(1000);
+    Choice::Full(wait)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fingerprint::Fingerprint;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    fn cfg(json: &str) -> Config {
+        Config::from_json(json).unwrap()
+    }
+
+    fn req(fp: u8, owner: u64) -> Request {
+        Request {
+            fingerprint: Fingerprint([fp; 32]),
+            owner,
+        }
+    }
+
+    fn resp(body: &[u8]) -> StoredResponse {
+        StoredResponse {
+            status: 200,
+            headers: vec![],
+            body: body.to_vec(),
+        }
+    }
+
+    #[test]
+    fn lifecycle() {
+        let c = cfg(r#"{"ttlSeconds": 10, "leaseSeconds": 2}"#);
+        let s = MemoryStore::default();
+        let t = SlotTable::new(&s, &c);
+        let k = KeyId([1; 16]);
+        let (b, ev) = t.begin(&c, k, &req(1, 1), 0).unwrap();
+        let Begun::Forward(h) = b else {
+            panic!("{b:?}")
+        };
+        assert_eq!(ev.index_keys_created, 1);
+        // concurrent duplicate
+        assert!(matches!(
+            t.begin(&c, k, &req(1, 2), 1_000).unwrap().0,
+            Begun::Reject(Rejection::Conflict { .. })
+        ));
+        // lease lapses: a retry takes over, the first can no longer complete
+        let (b2, ev2) = t.begin(&c, k, &req(1, 3), 2_000).unwrap();
+        let Begun::Forward(h2) = b2 else {
+            panic!("{b2:?}")
+        };
+        assert_eq!(ev2.lease_expiries, 1);
+        assert!(!t.complete(&h, &resp(b"first")).unwrap().0);
+        assert!(t.complete(&h2, &resp(b"second")).unwrap().0);
+        assert!(
+            matches!(t.begin(&c, k, &req(1, 4), 3_000).unwrap().0, Begun::Replay(r) if r.body == b"second")
+        );
+        assert_eq!(
+            t.begin(&c, k, &req(2, 4), 3_000).unwrap().0,
+            Begun::Reject(Rejection::Mismatch)
+        );
+        // expiry (ttl from first use at 2_000)
+        assert!(matches!(
+            t.begin(&c, k, &req(2, 5), 12_000).unwrap().0,
+            Begun::Forward(_)
+        ));
+    }
+
+    #[test]
+    fn release_frees_at_once() {
+        let c = Config::default();
+        let s = MemoryStore::default();
+        let t = SlotTable::new(&s, &c);
+        let k = KeyId([2; 16]);
+        let Begun::Forward(h) = t.begin(&c, k, &req(1, 1), 0).unwrap().0 else {
+            panic!()
+        };
+        assert!(t.release(&h).unwrap());
+        assert!(!t.release(&h).unwrap());
+        assert!(matches!(
+            t.begin(&c, k, &req(1, 2), 1).unwrap().0,
+            Begun::Forward(_)
+        ));
+    }
+
+    #[test]
+    fn bounded_under_churn_with_eviction() {
+        let c = cfg(r#"{"store": {"capacity": 64, "probes": 4}}"#);
+        let s = MemoryStore::default();
+        let t = SlotTable::new(&s, &c);
+        let mut evictions = 0;
+        for i in 0..5_000u32 {
+            let mut id = [0u8; 16];
+            id[..4].copy_from_slice(&i.to_be_bytes());
+            id[4..8].copy_from_slice(&i.wrapping_mul(2_654_435_761).to_be_bytes());
+            let (b, ev) = t
+                .begin(&c, KeyId(id), &req(1, u64::from(i)), u64::from(i))
+                .unwrap();
+            evictions += ev.evictions;
+            let Begun::Forward(h) = b else {
+                panic!("{b:?}")
+            };
+            assert!(t.complete(&h, &resp(b"x")).unwrap().0);
+        }
+        assert!(evictions > 0);
+        assert!(s.len() <= 2 * 64, "{} keys", s.len());
+        assert!(t.live_entries(5_000).unwrap() <= 64);
+    }
+
+    #[test]
+    fn full_of_in_flight_gives_503() {
+        let c = cfg(r#"{"store": {"capacity": 2, "probes": 2}}"#);
+        let s = MemoryStore::default();
+        let t = SlotTable::new(&s, &c);
+        for i in 0..2u8 {
+            assert!(matches!(
+                t.begin(&c, KeyId([i; 16]), &req(1, 1), 0).unwrap().0,
+                Begun::Forward(_)
+            ));
+        }
+        assert!(matches!(
+            t.begin(&c, KeyId([9; 16]), &req(1, 1), 0).unwrap().0,
+            Begun::Reject(Rejection::StoreUnavailable { .. })
+        ));
+    }
+
+    #[test]
+    fn corrupt_entries_are_overwritten_not_trusted() {
+        let c = Config::default();
+        let s = MemoryStore::default();
+        let t = SlotTable::new(&s, &c);
+        let k = KeyId([3; 16]);
+        let home = t.window(&k).next().unwrap();
+        assert!(s
+            .put(&t.index_key(home), b"garbage", Expect::Absent)
+            .unwrap());
+        assert!(
+            matches!(t.begin(&c, k, &req(1, 1), 0).unwrap().0, Begun::Forward(h) if h.slot == home)
+        );
+    }
+
+    /// Many threads race for one key, many rounds: exactly one wins each round.
+    #[test]
+    fn one_winner_under_contention() {
+        let c = Arc::new(cfg(r#"{"store": {"capacity": 8, "probes": 4}}"#));
+        let s = Arc::new(MemoryStore::default());
+        let owners = Arc::new(AtomicU64::new(1));
+        for round in 0..50u8 {
+            let k = KeyId([round; 16]);
+            let wins: Vec<ClaimHandle> = (0..8)
+                .map(|_| {
+                    let (c, s, owners) = (c.clone(), s.clone(), owners.clone());
+                    std::thread::spawn(move || {
+                        let t = SlotTable::new(&*s, &c);
+                        let owner = owners.fetch_add(1, Ordering::SeqCst);
+                        match t.begin(&c, k, &req(1, owner), 0).unwrap().0 {
+                            Begun::Forward(h) => Some(h),
+                            Begun::Reject(Rejection::Conflict { .. }) => None,
+                            other => panic!("{other:?}"),
+                        }
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .filter_map(|h| h.join().unwrap())
+                .collect();
+            assert_eq!(wins.len(), 1, "round {round}");
+            // Completed entries stay; the table must keep finding room by evicting them.
+            let t = SlotTable::new(&*s, &c);
+            assert!(t.complete(&wins[0], &resp(b"r")).unwrap().0);
+        }
+    }
+
+    /// Two claimants seeing different vacant slots (an entry expiring between their scans)
+    /// can both write; the verification step leaves at most one winner.
+    #[test]
+    fn verification_withdraws_a_racing_duplicate() {
+        let c =
+            cfg(r#"{"store": {"capacity": 4, "probes": 4}, "ttlSeconds": 10, "leaseSeconds": 10}"#);
+        let s = MemoryStore::default();
+        let t = SlotTable::new(&s, &c);
+        let k = KeyId([5; 16]);
+        let w: Vec<u32> = t.window(&k).collect();
+        // Simulate a rival's claim for k already sitting in the second slot.
+        let rival = SlotEntry {
+            key_id: k,
+            state: SlotState::InFlight {
+                owner: 99,
+                lease_until: 10_000,
+                expires_at: 10_000,
+                fingerprint: Fingerprint([1; 32]),
+            },
+        };
+        assert!(s
+            .put(&t.index_key(w[1]), &rival.encode(), Expect::Absent)
+            .unwrap());
+        // A request scanning finds it → conflict, and never claims a second slot.
+        assert!(matches!(
+            t.begin(&c, k, &req(1, 1), 0).unwrap().0,
+            Begun::Reject(Rejection::Conflict { .. })
+        ));
+        let live: Vec<_> = w
+            .iter()
+            .filter(|i| !t.read(**i).unwrap().vacant(0))
+            .collect();
+        assert_eq!(live.len(), 1);
+    }
+}
