@@ -75,8 +75,10 @@ pub trait CasStore {
 /// An in-process [`CasStore`], for tests and single-process hosts.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    inner: Mutex<(HashMap<String, (Vec<u8>, Cas)>, Cas)>,
+    inner: Mutex<(Entries, Cas)>,
 }
+
+type Entries = HashMap<String, (Vec<u8>, Cas)>;
 
 impl MemoryStore {
     /// Number of keys ever created.
@@ -167,7 +169,7 @@ impl Slot {
         self.cas.map_or(Expect::Absent, Expect::Version)
     }
     fn vacant(&self, now: Millis) -> bool {
-        self.entry.as_ref().map_or(true, |e| e.is_vacant(now))
+        self.entry.as_ref().is_none_or(|e| e.is_vacant(now))
     }
     fn holds(&self, key_id: &KeyId) -> bool {
         self.entry
