@@ -1,17 +1,26 @@
-//! Configuration: a JSON document parsed into a serde DTO with `deny_unknown_fields`, then
+//! Configuration: a JSON document parsed into serde DTOs with `deny_unknown_fields`, then
 //! validated into [`Config`]. Every error names the field path and the bad value.
+//!
+//! The document holds process-wide settings (`store`, `correlation`), a default [`Rule`]
+//! (every other top-level field) and optional per-route rules (`routes`): the first route
+//! whose `match` fits the request applies; a route inherits every top-level rule field it
+//! does not set (blocks such as `key` or `onMismatch` are replaced whole).
 //!
 //! ```
 //! use idemgate_core::Config;
 //! let config = Config::from_json(r#"{"key": {"header": "Idempotency-Key"}, "ttlSeconds": 60}"#).unwrap();
-//! assert_eq!(config.key_header, "idempotency-key");
-//! assert_eq!(config.ttl_ms, 60_000);
+//! let rule = config.rule_for("POST", "/orders").unwrap();
+//! assert_eq!(rule.ttl_ms, 60_000);
 //!
 //! let err = Config::from_json(r#"{"key": {"maxLength": 0}}"#).unwrap_err();
 //! assert_eq!(err.to_string(), "key.maxLength: must be 1..=1024, got 0");
 //! ```
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
 
+use crate::canonical::valid_pointer;
 use crate::error::ConfigError;
 use crate::headers::{is_token, never_stored};
 
@@ -30,33 +39,108 @@ pub const DEFAULT_STORE_HEADERS: &[&str] = &[
     "link",
 ];
 
-#[derive(Debug, Deserialize, Default)]
+// ------------------------------------------------------------------------------------- DTOs
+
+#[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawConfig {
-    description: Option<String>,
-    #[serde(default)]
-    key: RawKey,
+struct RawRule {
     methods: Option<Vec<String>>,
+    key: Option<RawKey>,
+    fingerprint: Option<RawFingerprint>,
     ttl_seconds: Option<u64>,
     lease_seconds: Option<u64>,
+    expiry: Option<RawExpiry>,
     max_body_bytes: Option<u64>,
     max_response_bytes: Option<u64>,
-    #[serde(default)]
-    store: RawStore,
-    #[serde(default)]
-    response: RawResponse,
-    #[serde(default)]
-    scope: RawScope,
-    #[serde(default)]
-    conflict: RawConflict,
+    on_mismatch: Option<RawPolicy>,
+    on_duplicate: Option<RawPolicy>,
+    on_concurrent: Option<RawPolicy>,
+    response: Option<RawResponse>,
+    scope: Option<RawScope>,
+    errors: Option<RawErrors>,
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawKey {
     header: Option<String>,
+    sources: Option<Vec<RawSource>>,
+    derive_from_body: Option<bool>,
     required: Option<bool>,
     max_length: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSource {
+    header: Option<String>,
+    json_pointer: Option<String>,
+    composite: Option<Vec<RawSource>>,
+    route: Option<bool>,
+    caller: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawFingerprint {
+    method: Option<bool>,
+    path: Option<bool>,
+    query: Option<bool>,
+    headers: Option<Vec<String>>,
+    body: Option<String>,
+    exclude_pointers: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawExpiry {
+    header: Option<String>,
+    min_seconds: Option<u64>,
+    max_seconds: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawPolicy {
+    action: Option<String>,
+    status: Option<u64>,
+    code: Option<String>,
+    message: Option<String>,
+    retry_after_seconds: Option<u64>,
+    wait_millis: Option<u64>,
+    body: Option<Value>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawResponse {
+    store_statuses: Option<Vec<StatusItem>>,
+    never_store_statuses: Option<Vec<StatusItem>>,
+    store_headers: Option<Vec<String>>,
+    replay_header: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+enum StatusItem {
+    Code(i64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawScope {
+    credential_headers: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawErrors {
+    format: Option<String>,
+    envelope: Option<Value>,
+    content_type: Option<String>,
+    codes: Option<BTreeMap<String, String>>,
+    messages: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -69,31 +153,20 @@ struct RawStore {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawResponse {
-    store_statuses: Option<Vec<StatusItem>>,
-    never_store_statuses: Option<Vec<StatusItem>>,
-    store_headers: Option<Vec<String>>,
-    replay_header: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum StatusItem {
-    Code(i64),
-    Text(String),
+struct RawCorrelation {
+    header: Option<String>,
+    generate: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawScope {
-    credential_headers: Option<Vec<String>>,
+struct RawMatch {
+    prefix: Option<String>,
+    exact: Option<String>,
+    methods: Option<Vec<String>>,
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawConflict {
-    retry_after_seconds: Option<u64>,
-}
+// ---------------------------------------------------------------------------- validated
 
 /// An inclusive range of HTTP status codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,33 +183,235 @@ impl StatusRange {
     }
 }
 
-/// A validated configuration. Build it with [`Config::from_json`].
+/// Where (part of) a key comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Config {
-    /// Free text naming the document a profile follows.
-    pub description: Option<String>,
-    /// Lower-case name of the request header carrying the key.
-    pub key_header: String,
-    /// Whether a request with a covered method and no key is refused (400).
+pub enum KeySource {
+    /// A request header (lower-case name).
+    Header(String),
+    /// A member of the JSON body, by JSON Pointer.
+    JsonPointer(String),
+    /// Several parts joined unambiguously (length-prefixed); yields a key only when every
+    /// part is present.
+    Composite(Vec<KeySource>),
+    /// The route (path without query).
+    Route,
+    /// A hash of the caller's credentials (`scope.credentialHeaders`).
+    Caller,
+}
+
+impl KeySource {
+    /// Whether extracting this source needs the request body.
+    pub fn needs_body(&self) -> bool {
+        match self {
+            KeySource::JsonPointer(_) => true,
+            KeySource::Composite(parts) => parts.iter().any(KeySource::needs_body),
+            _ => false,
+        }
+    }
+
+    /// Human description for error details (`header idempotency-key`, `body /orderId`).
+    pub fn describe(&self) -> String {
+        match self {
+            KeySource::Header(h) => format!("header {h}"),
+            KeySource::JsonPointer(p) => format!("body field {p}"),
+            KeySource::Composite(parts) => format!(
+                "({})",
+                parts
+                    .iter()
+                    .map(KeySource::describe)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            KeySource::Route => "route".into(),
+            KeySource::Caller => "caller".into(),
+        }
+    }
+}
+
+/// How the body enters the fingerprint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyMode {
+    /// Byte for byte.
+    Raw,
+    /// Parsed as JSON and canonicalized (member order and whitespace do not matter).
+    CanonicalJson,
+    /// Not at all.
+    None,
+}
+
+/// What the fingerprint covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FingerprintSpec {
+    /// The method.
+    pub method: bool,
+    /// The path.
+    pub path: bool,
+    /// The query string.
+    pub query: bool,
+    /// Request headers (lower-case), in order.
+    pub headers: Vec<String>,
+    /// The body.
+    pub body: BodyMode,
+    /// JSON Pointers removed from the body before canonicalizing (timestamps, nonces).
+    pub exclude_pointers: Vec<String>,
+}
+
+/// What to do when a key is reused with a different request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MismatchAction {
+    /// Answer with an error (422 by default; status and code configurable).
+    Reject,
+    /// Answer with the original response.
+    Replay,
+    /// Key and fingerprint together identify a request: a changed payload is a new request.
+    NewRequest,
+}
+
+/// What to do when a completed key is used again with the same request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DuplicateAction {
+    /// Replay the stored response.
+    Replay,
+    /// Answer with an error (409 by default).
+    Reject,
+    /// Answer with a success acknowledging the duplicate (200 by default).
+    Acknowledge,
+}
+
+/// What to do when the key is held by a request still in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConcurrentAction {
+    /// Answer 409 with `Retry-After`.
+    Reject,
+    /// Wait up to `wait_ms` for the first request, then answer with its stored response
+    /// (409 at the bound).
+    Wait,
+}
+
+/// A policy: action plus the answer's status, code and message overrides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy<A> {
+    /// The action.
+    pub action: A,
+    /// Status of the answer when the action answers locally.
+    pub status: u16,
+    /// Error code override.
+    pub code: Option<String>,
+    /// Message override.
+    pub message: Option<String>,
+    /// `Retry-After` seconds (concurrent).
+    pub retry_after_s: u64,
+    /// Longest wait (concurrent, `wait`).
+    pub wait_ms: u64,
+    /// Body template of an acknowledgement.
+    pub body: Option<Value>,
+}
+
+/// Per-request expiry taken from a header (seconds), within bounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpirySpec {
+    /// Lower-case header name.
+    pub header: String,
+    /// Smallest accepted value.
+    pub min_s: u64,
+    /// Largest accepted value.
+    pub max_s: u64,
+}
+
+/// How local errors are written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ErrorFormat {
+    /// RFC 9457 `application/problem+json`.
+    Problem,
+    /// A JSON template whose string leaves may hold placeholders.
+    Envelope(Value),
+}
+
+/// Error rendering settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorSpec {
+    /// Problem or envelope.
+    pub format: ErrorFormat,
+    /// Content type of error bodies.
+    pub content_type: String,
+    /// Code per error kind (`conflict`, `mismatch`, …).
+    pub codes: BTreeMap<String, String>,
+    /// Message per error kind.
+    pub messages: BTreeMap<String, String>,
+}
+
+/// Error kinds, as named in `errors.codes` / `errors.messages`.
+pub const ERROR_KINDS: &[&str] = &[
+    "missingKey",
+    "malformedKey",
+    "invalidBody",
+    "invalidExpiry",
+    "bodyTooLarge",
+    "conflict",
+    "mismatch",
+    "duplicate",
+    "storeUnavailable",
+    "misconfigured",
+];
+
+/// Placeholders an envelope may use.
+pub const PLACEHOLDERS: &[&str] = &[
+    "status",
+    "code",
+    "message",
+    "detail",
+    "path",
+    "idempotencyKey",
+    "requestId",
+    "retryAfterSeconds",
+];
+
+/// Which requests a route applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteMatch {
+    /// Path prefix.
+    pub prefix: Option<String>,
+    /// Exact path.
+    pub exact: Option<String>,
+    /// Methods (upper-case); empty = the rule's methods.
+    pub methods: Vec<String>,
+}
+
+/// Everything that governs one kind of request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// `default` or the route's name.
+    pub name: String,
+    /// Which requests (None for the default rule).
+    pub matcher: Option<RouteMatch>,
+    /// Upper-case methods idemgate applies to; others pass untouched.
+    pub methods: Vec<String>,
+    /// Key sources, first that yields a key wins.
+    pub key_sources: Vec<KeySource>,
+    /// Derive a key from the canonical body when no source yields one.
+    pub derive_from_body: bool,
+    /// Refuse (400) a covered request that yields no key.
     pub key_required: bool,
     /// Longest accepted key, in characters.
     pub key_max_length: usize,
-    /// Upper-case methods idemgate applies to; others pass untouched.
-    pub methods: Vec<String>,
+    /// What the fingerprint covers.
+    pub fingerprint: FingerprintSpec,
     /// How long a completed response is replayed, from first use.
     pub ttl_ms: u64,
     /// How long a claim holds the key while the first request is in flight.
     pub lease_ms: u64,
-    /// Largest request body that is fingerprinted; larger ones get 413.
+    /// Per-request expiry header.
+    pub expiry: Option<ExpirySpec>,
+    /// Largest request body accepted (413 above).
     pub max_body_bytes: u64,
-    /// Largest response body that is stored for replay.
+    /// Largest response body stored for replay.
     pub max_response_bytes: u64,
-    /// Number of records the store holds.
-    pub store_capacity: u32,
-    /// Slots probed per key.
-    pub store_probes: u32,
-    /// Prefix of the store's keys, so several filters can share one host store.
-    pub store_namespace: String,
+    /// Same key, different request.
+    pub on_mismatch: Policy<MismatchAction>,
+    /// Same key, same request, completed.
+    pub on_duplicate: Policy<DuplicateAction>,
+    /// Same key while in flight.
+    pub on_concurrent: Policy<ConcurrentAction>,
     /// Statuses whose responses are stored.
     pub store_statuses: Vec<StatusRange>,
     /// Statuses never stored even when inside `store_statuses`.
@@ -147,32 +422,49 @@ pub struct Config {
     pub replay_header: String,
     /// Request headers whose values (hashed) scope the key to a caller.
     pub credential_headers: Vec<String>,
-    /// `Retry-After` seconds on a 409 for a request still in flight.
-    pub conflict_retry_after_s: u64,
+    /// Error rendering.
+    pub errors: ErrorSpec,
+}
+
+/// Correlation id settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Correlation {
+    /// Lower-case header name.
+    pub header: String,
+    /// Generate one when the client sent none.
+    pub generate: bool,
+}
+
+/// A validated configuration. Build it with [`Config::from_json`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Free text naming the document a profile follows.
+    pub description: Option<String>,
+    /// Number of records the store holds.
+    pub store_capacity: u32,
+    /// Slots probed per key.
+    pub store_probes: u32,
+    /// Prefix of the store's keys and of metric names.
+    pub store_namespace: String,
+    /// Correlation id header, if any.
+    pub correlation: Option<Correlation>,
+    /// The default rule.
+    pub default_rule: Rule,
+    /// Route rules, first match wins.
+    pub routes: Vec<Rule>,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        // The empty document is always valid; fall back to a literal copy if that ever changed.
-        Self::from_raw(RawConfig::default()).unwrap_or_else(|_| Self {
+        // The empty document is valid; this cannot fail.
+        Self::from_json("{}").unwrap_or_else(|_| Self {
             description: None,
-            key_header: "idempotency-key".into(),
-            key_required: false,
-            key_max_length: 255,
-            methods: vec!["POST".into(), "PATCH".into()],
-            ttl_ms: 86_400_000,
-            lease_ms: 30_000,
-            max_body_bytes: 1 << 20,
-            max_response_bytes: 1 << 20,
             store_capacity: 10_000,
             store_probes: 8,
             store_namespace: "idemgate".into(),
-            store_statuses: vec![StatusRange { lo: 200, hi: 499 }],
-            never_store_statuses: vec![],
-            store_headers: vec![],
-            replay_header: "idempotent-replayed".into(),
-            credential_headers: vec!["authorization".into()],
-            conflict_retry_after_s: 1,
+            correlation: None,
+            default_rule: Rule::fallback(),
+            routes: Vec::new(),
         })
     }
 }
@@ -181,20 +473,120 @@ impl Config {
     /// Parses and validates a JSON configuration. An empty document (`""` or whitespace)
     /// gives the defaults.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
-        if text.trim().is_empty() {
-            return Self::from_raw(RawConfig::default());
-        }
+        let text = if text.trim().is_empty() { "{}" } else { text };
         let de = &mut serde_json::Deserializer::from_str(text);
-        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let path = if path == "." || path == "?" {
-                "$".to_string()
-            } else {
-                path
+        let doc: Value = serde_path_to_error::deserialize(de)
+            .map_err(|e| ConfigError::new("$", e.inner().to_string()))?;
+        let Value::Object(mut top) = doc else {
+            return Err(ConfigError::new(
+                "$",
+                format!("must be a JSON object, got {}", kind(&doc)),
+            ));
+        };
+        let description = match top.remove("description") {
+            None => None,
+            Some(Value::String(s)) => Some(s),
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "description",
+                    format!("must be a string, got {other}"),
+                ))
+            }
+        };
+        top.remove("$schema");
+        let store: RawStore = take(&mut top, "store")?.unwrap_or_default();
+        let correlation: Option<RawCorrelation> = take(&mut top, "correlation")?;
+        let routes = match top.remove("routes") {
+            None => Vec::new(),
+            Some(Value::Array(items)) => items,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "routes",
+                    format!("must be an array, got {}", kind(&other)),
+                ))
+            }
+        };
+        let base: RawRule = typed("", Value::Object(top))?;
+        let default_rule = validate_rule("", "default".into(), None, base.clone())?;
+
+        let mut rules = Vec::new();
+        for (i, item) in routes.into_iter().enumerate() {
+            let prefix = format!("routes[{i}].");
+            let Value::Object(mut obj) = item else {
+                return Err(ConfigError::new(
+                    format!("routes[{i}]"),
+                    "must be an object".to_string(),
+                ));
             };
-            ConfigError::new(path, e.inner().to_string())
-        })?;
-        Self::from_raw(raw)
+            let name = match obj.remove("name") {
+                None => format!("route{i}"),
+                Some(Value::String(s)) if !s.is_empty() && s.len() <= 64 => s,
+                Some(other) => {
+                    return Err(ConfigError::new(
+                        format!("{prefix}name"),
+                        format!("must be a string of 1..=64 characters, got {other}"),
+                    ))
+                }
+            };
+            let m: RawMatch = match obj.remove("match") {
+                None => {
+                    return Err(ConfigError::new(
+                        format!("{prefix}match"),
+                        "is required".to_string(),
+                    ))
+                }
+                Some(v) => typed(&format!("{prefix}match."), v)?,
+            };
+            let matcher = validate_match(&prefix, m)?;
+            let over: RawRule = typed(&prefix, Value::Object(obj))?;
+            let merged = merge(&base, over);
+            rules.push(validate_rule(&prefix, name, Some(matcher), merged)?);
+        }
+
+        let store_capacity = bounded(
+            "store.capacity",
+            store.capacity.unwrap_or(10_000),
+            1,
+            10_000_000,
+        )?;
+        let store_probes = bounded("store.probes", store.probes.unwrap_or(8), 1, 64)?;
+        if store_probes > store_capacity {
+            return Err(ConfigError::new(
+                "store.probes",
+                format!("must not exceed store.capacity ({store_capacity}), got {store_probes}"),
+            ));
+        }
+        let store_namespace = store.namespace.unwrap_or_else(|| "idemgate".to_string());
+        if store_namespace.is_empty()
+            || store_namespace.len() > 64
+            || !store_namespace
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
+        {
+            return Err(ConfigError::new(
+                "store.namespace",
+                format!("must be 1..=64 characters of [A-Za-z0-9_-], got {store_namespace:?}"),
+            ));
+        }
+        let correlation = match correlation {
+            None => None,
+            Some(c) => Some(Correlation {
+                header: header_name(
+                    "correlation.header",
+                    c.header.as_deref().unwrap_or("x-correlation-id"),
+                )?,
+                generate: c.generate.unwrap_or(true),
+            }),
+        };
+        Ok(Self {
+            description,
+            store_capacity: u32::try_from(store_capacity).unwrap_or(u32::MAX),
+            store_probes: u32::try_from(store_probes).unwrap_or(1),
+            store_namespace,
+            correlation,
+            default_rule,
+            routes: rules,
+        })
     }
 
     /// Parses a JSON configuration given as bytes.
@@ -205,172 +597,105 @@ impl Config {
         Self::from_json(text)
     }
 
-    fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
-        let key_header = header_name(
-            "key.header",
-            raw.key.header.as_deref().unwrap_or("idempotency-key"),
-        )?;
-        let key_max_length = bounded("key.maxLength", raw.key.max_length.unwrap_or(255), 1, 1024)?;
-        let methods = match raw.methods {
-            None => vec!["POST".to_string(), "PATCH".to_string()],
-            Some(list) => {
-                if list.is_empty() {
-                    return Err(ConfigError::new(
-                        "methods",
-                        "must list at least one method, got []",
-                    ));
-                }
-                let mut out: Vec<String> = Vec::new();
-                for (i, m) in list.iter().enumerate() {
-                    if !is_token(m) {
-                        return Err(ConfigError::new(
-                            format!("methods[{i}]"),
-                            format!("must be an HTTP method token, got {m:?}"),
-                        ));
-                    }
-                    let up = m.to_ascii_uppercase();
-                    if !out.contains(&up) {
-                        out.push(up);
-                    }
-                }
-                out
-            }
+    /// The rule for a request, or `None` when idemgate does not apply (the request passes
+    /// untouched): the first route whose match fits, else the default rule, provided the
+    /// method is covered.
+    pub fn rule_for(&self, method: &str, path_with_query: &str) -> Option<&Rule> {
+        let path = path_with_query
+            .split_once('?')
+            .map_or(path_with_query, |(p, _)| p);
+        let rule = self
+            .routes
+            .iter()
+            .find(|r| r.matcher.as_ref().is_some_and(|m| m.matches(method, path)))
+            .unwrap_or(&self.default_rule);
+        rule.covers_method(method).then_some(rule)
+    }
+
+    /// Index of a rule returned by [`Config::rule_for`] (for hosts that keep an index).
+    pub fn rule_index(&self, rule: &Rule) -> usize {
+        self.routes
+            .iter()
+            .position(|r| std::ptr::eq(r, rule))
+            .map_or(0, |i| i + 1)
+    }
+
+    /// The rule at an index from [`Config::rule_index`].
+    pub fn rule_at(&self, index: usize) -> &Rule {
+        index
+            .checked_sub(1)
+            .and_then(|i| self.routes.get(i))
+            .unwrap_or(&self.default_rule)
+    }
+
+    /// Every rule, default first.
+    pub fn rules(&self) -> impl Iterator<Item = &Rule> {
+        std::iter::once(&self.default_rule).chain(self.routes.iter())
+    }
+}
+
+impl RouteMatch {
+    /// Whether the route applies to `method` and `path` (without query).
+    pub fn matches(&self, method: &str, path: &str) -> bool {
+        let path_ok = match (&self.exact, &self.prefix) {
+            (Some(e), _) => path == e,
+            (None, Some(p)) => path.starts_with(p.as_str()),
+            (None, None) => true,
         };
-        let ttl_s = bounded(
-            "ttlSeconds",
-            raw.ttl_seconds.unwrap_or(86_400),
-            1,
-            31_536_000,
-        )?;
-        let lease_s = bounded("leaseSeconds", raw.lease_seconds.unwrap_or(30), 1, 86_400)?;
-        if lease_s > ttl_s {
-            return Err(ConfigError::new(
-                "leaseSeconds",
-                format!("must not exceed ttlSeconds ({ttl_s}), got {lease_s}"),
-            ));
+        path_ok
+            && (self.methods.is_empty()
+                || self.methods.iter().any(|m| m.eq_ignore_ascii_case(method)))
+    }
+}
+
+impl Rule {
+    fn fallback() -> Self {
+        Rule {
+            name: "default".into(),
+            matcher: None,
+            methods: vec!["POST".into(), "PATCH".into()],
+            key_sources: vec![KeySource::Header("idempotency-key".into())],
+            derive_from_body: false,
+            key_required: false,
+            key_max_length: 255,
+            fingerprint: FingerprintSpec {
+                method: true,
+                path: true,
+                query: true,
+                headers: vec![],
+                body: BodyMode::Raw,
+                exclude_pointers: vec![],
+            },
+            ttl_ms: 86_400_000,
+            lease_ms: 30_000,
+            expiry: None,
+            max_body_bytes: 1 << 20,
+            max_response_bytes: 1 << 20,
+            on_mismatch: policy(MismatchAction::Reject, 422),
+            on_duplicate: policy(DuplicateAction::Replay, 409),
+            on_concurrent: policy(ConcurrentAction::Reject, 409),
+            store_statuses: vec![StatusRange { lo: 200, hi: 499 }],
+            never_store_statuses: vec![],
+            store_headers: vec![],
+            replay_header: "idempotent-replayed".into(),
+            credential_headers: vec!["authorization".into()],
+            errors: ErrorSpec {
+                format: ErrorFormat::Problem,
+                content_type: "application/problem+json".into(),
+                codes: BTreeMap::new(),
+                messages: BTreeMap::new(),
+            },
         }
-        let max_body_bytes = bounded(
-            "maxBodyBytes",
-            raw.max_body_bytes.unwrap_or(1 << 20),
-            0,
-            1 << 30,
-        )?;
-        let max_response_bytes = bounded(
-            "maxResponseBytes",
-            raw.max_response_bytes.unwrap_or(1 << 20),
-            0,
-            64 << 20,
-        )?;
-        let store_capacity = bounded(
-            "store.capacity",
-            raw.store.capacity.unwrap_or(10_000),
-            1,
-            10_000_000,
-        )?;
-        let store_probes = bounded("store.probes", raw.store.probes.unwrap_or(8), 1, 64)?;
-        if store_probes > store_capacity {
-            return Err(ConfigError::new(
-                "store.probes",
-                format!("must not exceed store.capacity ({store_capacity}), got {store_probes}"),
-            ));
-        }
-        let store_namespace = raw
-            .store
-            .namespace
-            .unwrap_or_else(|| "idemgate".to_string());
-        if store_namespace.is_empty()
-            || store_namespace.len() > 64
-            || !store_namespace
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
-        {
-            return Err(ConfigError::new(
-                "store.namespace",
-                format!("must be 1..=64 characters of [A-Za-z0-9_.-], got {store_namespace:?}"),
-            ));
-        }
-        let store_statuses = match raw.response.store_statuses {
-            None => vec![StatusRange { lo: 200, hi: 499 }],
-            Some(items) => statuses("response.storeStatuses", &items)?,
-        };
-        let never_store_statuses = match raw.response.never_store_statuses {
-            None => [408, 409, 425, 429]
-                .iter()
-                .map(|&c| StatusRange { lo: c, hi: c })
-                .collect(),
-            Some(items) => statuses("response.neverStoreStatuses", &items)?,
-        };
-        let store_headers = match raw.response.store_headers {
-            None => DEFAULT_STORE_HEADERS
-                .iter()
-                .map(|h| h.to_string())
-                .collect(),
-            Some(list) => {
-                let mut out = Vec::new();
-                for (i, h) in list.iter().enumerate() {
-                    let path = format!("response.storeHeaders[{i}]");
-                    let name = header_name(&path, h)?;
-                    if never_stored(&name) {
-                        return Err(ConfigError::new(
-                            path,
-                            format!("{h:?} is a hop-by-hop, framing or credential header and is never stored"),
-                        ));
-                    }
-                    if !out.contains(&name) {
-                        out.push(name);
-                    }
-                }
-                out
-            }
-        };
-        let replay_header = header_name(
-            "response.replayHeader",
-            raw.response
-                .replay_header
-                .as_deref()
-                .unwrap_or("idempotent-replayed"),
-        )?;
-        let credential_headers = match raw.scope.credential_headers {
-            None => vec!["authorization".to_string()],
-            Some(list) => {
-                let mut out = Vec::new();
-                for (i, h) in list.iter().enumerate() {
-                    out.push(header_name(&format!("scope.credentialHeaders[{i}]"), h)?);
-                }
-                out
-            }
-        };
-        let conflict_retry_after_s = bounded(
-            "conflict.retryAfterSeconds",
-            raw.conflict.retry_after_seconds.unwrap_or(1),
-            1,
-            3600,
-        )?;
-        Ok(Self {
-            description: raw.description,
-            key_header,
-            key_required: raw.key.required.unwrap_or(false),
-            key_max_length: usize::try_from(key_max_length).unwrap_or(1024),
-            methods,
-            ttl_ms: ttl_s.saturating_mul(1000),
-            lease_ms: lease_s.saturating_mul(1000),
-            max_body_bytes,
-            max_response_bytes,
-            store_capacity: u32::try_from(store_capacity).unwrap_or(u32::MAX),
-            store_probes: u32::try_from(store_probes).unwrap_or(1),
-            store_namespace,
-            store_statuses,
-            never_store_statuses,
-            store_headers,
-            replay_header,
-            credential_headers,
-            conflict_retry_after_s,
-        })
     }
 
     /// Whether requests with `method` are covered.
     pub fn covers_method(&self, method: &str) -> bool {
-        self.methods.iter().any(|m| m.eq_ignore_ascii_case(method))
+        self.matcher
+            .as_ref()
+            .filter(|m| !m.methods.is_empty())
+            .map_or(&self.methods, |m| &m.methods)
+            .iter()
+            .any(|m| m.eq_ignore_ascii_case(method))
     }
 
     /// Whether a response with `status` is stored for replay.
@@ -386,6 +711,86 @@ impl Config {
                 .store_headers
                 .iter()
                 .any(|h| h.eq_ignore_ascii_case(name))
+    }
+
+    /// Whether the key or the fingerprint needs the body parsed as JSON.
+    pub fn needs_json(&self) -> bool {
+        self.key_sources.iter().any(KeySource::needs_body)
+            || self.derive_from_body
+            || self.fingerprint.body == BodyMode::CanonicalJson
+    }
+
+    /// Whether a key can be found from the headers alone.
+    pub fn key_from_headers(&self) -> bool {
+        !self.key_sources.iter().any(KeySource::needs_body) && !self.derive_from_body
+    }
+}
+
+fn policy<A>(action: A, status: u16) -> Policy<A> {
+    Policy {
+        action,
+        status,
+        code: None,
+        message: None,
+        retry_after_s: 1,
+        wait_ms: 0,
+        body: None,
+    }
+}
+
+// ------------------------------------------------------------------------------ helpers
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Deserializes `value` into `T`, naming errors with `prefix` + the path inside.
+fn typed<T: DeserializeOwned>(prefix: &str, value: Value) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let inner = e.path().to_string();
+        let path = match (prefix.trim_end_matches('.'), inner.as_str()) {
+            ("", "." | "?") => "$".to_string(),
+            (p, "." | "?") => p.to_string(),
+            ("", i) => i.to_string(),
+            (_, i) => format!("{prefix}{i}"),
+        };
+        ConfigError::new(path, e.inner().to_string())
+    })
+}
+
+fn take<T: DeserializeOwned>(
+    top: &mut Map<String, Value>,
+    field: &str,
+) -> Result<Option<T>, ConfigError> {
+    match top.remove(field) {
+        None => Ok(None),
+        Some(v) => typed(&format!("{field}."), v).map(Some),
+    }
+}
+
+fn merge(base: &RawRule, over: RawRule) -> RawRule {
+    RawRule {
+        methods: over.methods.or_else(|| base.methods.clone()),
+        key: over.key.or_else(|| base.key.clone()),
+        fingerprint: over.fingerprint.or_else(|| base.fingerprint.clone()),
+        ttl_seconds: over.ttl_seconds.or(base.ttl_seconds),
+        lease_seconds: over.lease_seconds.or(base.lease_seconds),
+        expiry: over.expiry.or_else(|| base.expiry.clone()),
+        max_body_bytes: over.max_body_bytes.or(base.max_body_bytes),
+        max_response_bytes: over.max_response_bytes.or(base.max_response_bytes),
+        on_mismatch: over.on_mismatch.or_else(|| base.on_mismatch.clone()),
+        on_duplicate: over.on_duplicate.or_else(|| base.on_duplicate.clone()),
+        on_concurrent: over.on_concurrent.or_else(|| base.on_concurrent.clone()),
+        response: over.response.or_else(|| base.response.clone()),
+        scope: over.scope.or_else(|| base.scope.clone()),
+        errors: over.errors.or_else(|| base.errors.clone()),
     }
 }
 
@@ -407,6 +812,584 @@ fn header_name(path: &str, name: &str) -> Result<String, ConfigError> {
         ));
     }
     Ok(name.to_ascii_lowercase())
+}
+
+fn methods(path: &str, list: &[String]) -> Result<Vec<String>, ConfigError> {
+    if list.is_empty() {
+        return Err(ConfigError::new(
+            path,
+            "must list at least one method, got []",
+        ));
+    }
+    let mut out: Vec<String> = Vec::new();
+    for (i, m) in list.iter().enumerate() {
+        if !is_token(m) {
+            return Err(ConfigError::new(
+                format!("{path}[{i}]"),
+                format!("must be an HTTP method token, got {m:?}"),
+            ));
+        }
+        let up = m.to_ascii_uppercase();
+        if !out.contains(&up) {
+            out.push(up);
+        }
+    }
+    Ok(out)
+}
+
+fn pointer(path: &str, p: &str) -> Result<String, ConfigError> {
+    valid_pointer(p).map_err(|e| ConfigError::new(path, e))?;
+    if p.is_empty() {
+        return Err(ConfigError::new(
+            path,
+            "must point inside the body, got \"\" (the whole document)",
+        ));
+    }
+    Ok(p.to_string())
+}
+
+fn validate_match(prefix: &str, m: RawMatch) -> Result<RouteMatch, ConfigError> {
+    if m.prefix.is_some() && m.exact.is_some() {
+        return Err(ConfigError::new(
+            format!("{prefix}match"),
+            "set either prefix or exact, not both".to_string(),
+        ));
+    }
+    for (field, v) in [("prefix", &m.prefix), ("exact", &m.exact)] {
+        if let Some(p) = v {
+            if !p.starts_with('/') {
+                return Err(ConfigError::new(
+                    format!("{prefix}match.{field}"),
+                    format!("must start with \"/\", got {p:?}"),
+                ));
+            }
+        }
+    }
+    let methods = match &m.methods {
+        None => Vec::new(),
+        Some(list) => methods(&format!("{prefix}match.methods"), list)?,
+    };
+    Ok(RouteMatch {
+        prefix: m.prefix,
+        exact: m.exact,
+        methods,
+    })
+}
+
+fn source(path: &str, s: &RawSource, depth: u32) -> Result<KeySource, ConfigError> {
+    let set = [
+        s.header.is_some(),
+        s.json_pointer.is_some(),
+        s.composite.is_some(),
+        s.route.is_some(),
+        s.caller.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if set != 1 {
+        return Err(ConfigError::new(
+            path,
+            format!(
+                "must set exactly one of header, jsonPointer, composite, route, caller; got {set}"
+            ),
+        ));
+    }
+    if let Some(h) = &s.header {
+        return Ok(KeySource::Header(header_name(
+            &format!("{path}.header"),
+            h,
+        )?));
+    }
+    if let Some(p) = &s.json_pointer {
+        return Ok(KeySource::JsonPointer(pointer(
+            &format!("{path}.jsonPointer"),
+            p,
+        )?));
+    }
+    if let Some(parts) = &s.composite {
+        if depth > 0 {
+            return Err(ConfigError::new(
+                format!("{path}.composite"),
+                "composites cannot be nested",
+            ));
+        }
+        if parts.len() < 2 || parts.len() > 8 {
+            return Err(ConfigError::new(
+                format!("{path}.composite"),
+                format!("must have 2..=8 parts, got {}", parts.len()),
+            ));
+        }
+        let mut out = Vec::new();
+        for (i, p) in parts.iter().enumerate() {
+            out.push(source(&format!("{path}.composite[{i}]"), p, depth + 1)?);
+        }
+        if !out
+            .iter()
+            .any(|p| matches!(p, KeySource::Header(_) | KeySource::JsonPointer(_)))
+        {
+            return Err(ConfigError::new(
+                format!("{path}.composite"),
+                "needs at least one header or jsonPointer part",
+            ));
+        }
+        return Ok(KeySource::Composite(out));
+    }
+    if let Some(r) = s.route {
+        if depth == 0 || !r {
+            return Err(ConfigError::new(
+                format!("{path}.route"),
+                "is only valid as `true` inside a composite",
+            ));
+        }
+        return Ok(KeySource::Route);
+    }
+    if depth == 0 || s.caller != Some(true) {
+        return Err(ConfigError::new(
+            format!("{path}.caller"),
+            "is only valid as `true` inside a composite",
+        ));
+    }
+    Ok(KeySource::Caller)
+}
+
+fn action<A: Copy>(
+    path: &str,
+    name: Option<&str>,
+    default: A,
+    options: &[(&str, A)],
+) -> Result<A, ConfigError> {
+    let Some(name) = name else {
+        return Ok(default);
+    };
+    options
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, a)| *a)
+        .ok_or_else(|| {
+            let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+            ConfigError::new(
+                path,
+                format!("must be one of {}; got {name:?}", names.join(", ")),
+            )
+        })
+}
+
+fn validate_policy<A: Copy + PartialEq>(
+    path: &str,
+    raw: Option<RawPolicy>,
+    default: A,
+    options: &[(&str, A)],
+    default_status: impl Fn(A) -> u16,
+) -> Result<Policy<A>, ConfigError> {
+    let raw = raw.unwrap_or_default();
+    let a = action(
+        &format!("{path}.action"),
+        raw.action.as_deref(),
+        default,
+        options,
+    )?;
+    let status = match raw.status {
+        None => default_status(a),
+        Some(s) => u16::try_from(bounded(&format!("{path}.status"), s, 200, 599)?).unwrap_or(500),
+    };
+    let retry_after_s = bounded(
+        &format!("{path}.retryAfterSeconds"),
+        raw.retry_after_seconds.unwrap_or(1),
+        1,
+        3600,
+    )?;
+    let wait_ms = bounded(
+        &format!("{path}.waitMillis"),
+        raw.wait_millis.unwrap_or(0),
+        0,
+        60_000,
+    )?;
+    if let Some(code) = &raw.code {
+        if code.is_empty() || code.len() > 128 {
+            return Err(ConfigError::new(
+                format!("{path}.code"),
+                format!("must be 1..=128 characters, got {code:?}"),
+            ));
+        }
+    }
+    if let Some(body) = &raw.body {
+        check_template(&format!("{path}.body"), body)?;
+    }
+    Ok(Policy {
+        action: a,
+        status,
+        code: raw.code,
+        message: raw.message,
+        retry_after_s,
+        wait_ms,
+        body: raw.body,
+    })
+}
+
+fn check_template(path: &str, v: &Value) -> Result<(), ConfigError> {
+    match v {
+        Value::String(s) => {
+            let mut rest = s.as_str();
+            while let Some(start) = rest.find("{{") {
+                let after = rest.get(start + 2..).unwrap_or_default();
+                let Some(end) = after.find("}}") else {
+                    return Err(ConfigError::new(
+                        path,
+                        format!("unclosed placeholder in {s:?}"),
+                    ));
+                };
+                let name = after.get(..end).unwrap_or_default().trim();
+                if !PLACEHOLDERS.contains(&name) {
+                    return Err(ConfigError::new(
+                        path,
+                        format!(
+                            "unknown placeholder {{{{{name}}}}}; known: {}",
+                            PLACEHOLDERS.join(", ")
+                        ),
+                    ));
+                }
+                rest = after.get(end + 2..).unwrap_or_default();
+            }
+            Ok(())
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                check_template(&format!("{path}[{i}]"), item)?;
+            }
+            Ok(())
+        }
+        Value::Object(map) => {
+            for (k, item) in map {
+                check_template(&format!("{path}.{k}"), item)?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn validate_rule(
+    prefix: &str,
+    name: String,
+    matcher: Option<RouteMatch>,
+    raw: RawRule,
+) -> Result<Rule, ConfigError> {
+    let p = |field: &str| format!("{prefix}{field}");
+    let fallback = Rule::fallback();
+    let methods = match &raw.methods {
+        None => fallback.methods.clone(),
+        Some(list) => methods(&p("methods"), list)?,
+    };
+    let key = raw.key.unwrap_or_default();
+    if key.header.is_some() && key.sources.is_some() {
+        return Err(ConfigError::new(
+            p("key"),
+            "set either header or sources, not both",
+        ));
+    }
+    let key_sources = match (&key.header, &key.sources) {
+        (Some(h), _) => vec![KeySource::Header(header_name(&p("key.header"), h)?)],
+        (None, Some(list)) => {
+            if list.is_empty() && key.derive_from_body != Some(true) {
+                return Err(ConfigError::new(
+                    p("key.sources"),
+                    "must list at least one source, got []",
+                ));
+            }
+            let mut out = Vec::new();
+            for (i, s) in list.iter().enumerate() {
+                out.push(source(&p(&format!("key.sources[{i}]")), s, 0)?);
+            }
+            out
+        }
+        (None, None) => fallback.key_sources.clone(),
+    };
+    let key_max_length = bounded(&p("key.maxLength"), key.max_length.unwrap_or(255), 1, 1024)?;
+
+    let fp = raw.fingerprint.unwrap_or_default();
+    let body = match fp.body.as_deref() {
+        None | Some("raw") => BodyMode::Raw,
+        Some("canonicalJson") => BodyMode::CanonicalJson,
+        Some("none") => BodyMode::None,
+        Some(other) => {
+            return Err(ConfigError::new(
+                p("fingerprint.body"),
+                format!("must be one of raw, canonicalJson, none; got {other:?}"),
+            ))
+        }
+    };
+    let mut fp_headers = Vec::new();
+    for (i, h) in fp.headers.unwrap_or_default().iter().enumerate() {
+        fp_headers.push(header_name(&p(&format!("fingerprint.headers[{i}]")), h)?);
+    }
+    let mut exclude_pointers = Vec::new();
+    for (i, e) in fp.exclude_pointers.unwrap_or_default().iter().enumerate() {
+        exclude_pointers.push(pointer(
+            &p(&format!("fingerprint.excludePointers[{i}]")),
+            e,
+        )?);
+    }
+    if !exclude_pointers.is_empty() && body != BodyMode::CanonicalJson {
+        return Err(ConfigError::new(
+            p("fingerprint.excludePointers"),
+            "needs fingerprint.body \"canonicalJson\"".to_string(),
+        ));
+    }
+    let fingerprint = FingerprintSpec {
+        method: fp.method.unwrap_or(true),
+        path: fp.path.unwrap_or(true),
+        query: fp.query.unwrap_or(true),
+        headers: fp_headers,
+        body,
+        exclude_pointers,
+    };
+
+    let ttl_s = bounded(
+        &p("ttlSeconds"),
+        raw.ttl_seconds.unwrap_or(86_400),
+        1,
+        31_536_000,
+    )?;
+    let lease_s = bounded(
+        &p("leaseSeconds"),
+        raw.lease_seconds.unwrap_or(30),
+        1,
+        86_400,
+    )?;
+    if lease_s > ttl_s {
+        return Err(ConfigError::new(
+            p("leaseSeconds"),
+            format!("must not exceed ttlSeconds ({ttl_s}), got {lease_s}"),
+        ));
+    }
+    let expiry = match raw.expiry {
+        None => None,
+        Some(e) => {
+            let header = header_name(
+                &p("expiry.header"),
+                e.header.as_deref().unwrap_or("x-idempotency-expiration"),
+            )?;
+            let min_s = bounded(
+                &p("expiry.minSeconds"),
+                e.min_seconds.unwrap_or(1),
+                1,
+                31_536_000,
+            )?;
+            let max_s = bounded(
+                &p("expiry.maxSeconds"),
+                e.max_seconds.unwrap_or(ttl_s.max(min_s)),
+                1,
+                31_536_000,
+            )?;
+            if min_s > max_s {
+                return Err(ConfigError::new(
+                    p("expiry"),
+                    format!("bounds are inverted: minSeconds {min_s} > maxSeconds {max_s}"),
+                ));
+            }
+            Some(ExpirySpec {
+                header,
+                min_s,
+                max_s,
+            })
+        }
+    };
+    let max_body_bytes = bounded(
+        &p("maxBodyBytes"),
+        raw.max_body_bytes.unwrap_or(1 << 20),
+        0,
+        1 << 30,
+    )?;
+    let max_response_bytes = bounded(
+        &p("maxResponseBytes"),
+        raw.max_response_bytes.unwrap_or(1 << 20),
+        0,
+        64 << 20,
+    )?;
+
+    let on_mismatch = validate_policy(
+        &p("onMismatch"),
+        raw.on_mismatch,
+        MismatchAction::Reject,
+        &[
+            ("reject", MismatchAction::Reject),
+            ("replay", MismatchAction::Replay),
+            ("newRequest", MismatchAction::NewRequest),
+        ],
+        |_| 422,
+    )?;
+    let on_duplicate = validate_policy(
+        &p("onDuplicate"),
+        raw.on_duplicate,
+        DuplicateAction::Replay,
+        &[
+            ("replay", DuplicateAction::Replay),
+            ("reject", DuplicateAction::Reject),
+            ("acknowledge", DuplicateAction::Acknowledge),
+        ],
+        |a| {
+            if a == DuplicateAction::Acknowledge {
+                200
+            } else {
+                409
+            }
+        },
+    )?;
+    let on_concurrent = validate_policy(
+        &p("onConcurrent"),
+        raw.on_concurrent,
+        ConcurrentAction::Reject,
+        &[
+            ("reject", ConcurrentAction::Reject),
+            ("wait", ConcurrentAction::Wait),
+        ],
+        |_| 409,
+    )?;
+    if on_concurrent.action == ConcurrentAction::Wait && on_concurrent.wait_ms == 0 {
+        return Err(ConfigError::new(
+            p("onConcurrent.waitMillis"),
+            "must be set (1..=60000) when action is \"wait\"".to_string(),
+        ));
+    }
+
+    let resp = raw.response.unwrap_or_default();
+    let store_statuses = match resp.store_statuses {
+        None => vec![StatusRange { lo: 200, hi: 499 }],
+        Some(items) => statuses(&p("response.storeStatuses"), &items)?,
+    };
+    let never_store_statuses = match resp.never_store_statuses {
+        None => [408, 409, 425, 429]
+            .iter()
+            .map(|&c| StatusRange { lo: c, hi: c })
+            .collect(),
+        Some(items) => statuses(&p("response.neverStoreStatuses"), &items)?,
+    };
+    let store_headers = match resp.store_headers {
+        None => DEFAULT_STORE_HEADERS
+            .iter()
+            .map(|h| h.to_string())
+            .collect(),
+        Some(list) => {
+            let mut out = Vec::new();
+            for (i, h) in list.iter().enumerate() {
+                let path = p(&format!("response.storeHeaders[{i}]"));
+                let n = header_name(&path, h)?;
+                if never_stored(&n) {
+                    return Err(ConfigError::new(
+                        path,
+                        format!("{h:?} is a hop-by-hop, framing or credential header and is never stored"),
+                    ));
+                }
+                if !out.contains(&n) {
+                    out.push(n);
+                }
+            }
+            out
+        }
+    };
+    let replay_header = header_name(
+        &p("response.replayHeader"),
+        resp.replay_header
+            .as_deref()
+            .unwrap_or("idempotent-replayed"),
+    )?;
+    let credential_headers = match raw.scope.and_then(|s| s.credential_headers) {
+        None => vec!["authorization".to_string()],
+        Some(list) => {
+            let mut out = Vec::new();
+            for (i, h) in list.iter().enumerate() {
+                out.push(header_name(
+                    &p(&format!("scope.credentialHeaders[{i}]")),
+                    h,
+                )?);
+            }
+            out
+        }
+    };
+    let errors = validate_errors(&p("errors"), raw.errors.unwrap_or_default())?;
+    Ok(Rule {
+        name,
+        matcher,
+        methods,
+        key_sources,
+        derive_from_body: key.derive_from_body.unwrap_or(false),
+        key_required: key.required.unwrap_or(false),
+        key_max_length: usize::try_from(key_max_length).unwrap_or(1024),
+        fingerprint,
+        ttl_ms: ttl_s.saturating_mul(1000),
+        lease_ms: lease_s.saturating_mul(1000),
+        expiry,
+        max_body_bytes,
+        max_response_bytes,
+        on_mismatch,
+        on_duplicate,
+        on_concurrent,
+        store_statuses,
+        never_store_statuses,
+        store_headers,
+        replay_header,
+        credential_headers,
+        errors,
+    })
+}
+
+fn validate_errors(path: &str, raw: RawErrors) -> Result<ErrorSpec, ConfigError> {
+    let format = match raw.format.as_deref() {
+        None | Some("problem") => {
+            if raw.envelope.is_some() {
+                return Err(ConfigError::new(
+                    format!("{path}.envelope"),
+                    "is only used with format \"envelope\"".to_string(),
+                ));
+            }
+            ErrorFormat::Problem
+        }
+        Some("envelope") => match raw.envelope {
+            Some(v @ Value::Object(_)) => {
+                check_template(&format!("{path}.envelope"), &v)?;
+                ErrorFormat::Envelope(v)
+            }
+            Some(other) => {
+                return Err(ConfigError::new(
+                    format!("{path}.envelope"),
+                    format!("must be a JSON object, got {}", kind(&other)),
+                ))
+            }
+            None => {
+                return Err(ConfigError::new(
+                    format!("{path}.envelope"),
+                    "is required with format \"envelope\"".to_string(),
+                ))
+            }
+        },
+        Some(other) => {
+            return Err(ConfigError::new(
+                format!("{path}.format"),
+                format!("must be one of problem, envelope; got {other:?}"),
+            ))
+        }
+    };
+    for (field, map) in [("codes", &raw.codes), ("messages", &raw.messages)] {
+        for k in map.iter().flat_map(|m| m.keys()) {
+            if !ERROR_KINDS.contains(&k.as_str()) {
+                return Err(ConfigError::new(
+                    format!("{path}.{field}.{k}"),
+                    format!("unknown error kind; known: {}", ERROR_KINDS.join(", ")),
+                ));
+            }
+        }
+    }
+    let content_type = raw.content_type.unwrap_or_else(|| match format {
+        ErrorFormat::Problem => "application/problem+json".into(),
+        ErrorFormat::Envelope(_) => "application/json".into(),
+    });
+    Ok(ErrorSpec {
+        format,
+        content_type,
+        codes: raw.codes.unwrap_or_default(),
+        messages: raw.messages.unwrap_or_default(),
+    })
 }
 
 fn statuses(path: &str, items: &[StatusItem]) -> Result<Vec<StatusRange>, ConfigError> {
@@ -480,20 +1463,28 @@ mod tests {
     #[test]
     fn defaults() {
         let c = Config::from_json("{}").unwrap();
-        assert_eq!(c.key_header, "idempotency-key");
-        assert!(!c.key_required);
-        assert_eq!(c.methods, vec!["POST", "PATCH"]);
-        assert_eq!(c.key_max_length, 255);
-        assert_eq!(c.ttl_ms, 86_400_000);
-        assert_eq!(c.lease_ms, 30_000);
-        assert!(c.stores_status(201));
-        assert!(c.stores_status(404));
-        assert!(!c.stores_status(429));
-        assert!(!c.stores_status(500));
-        assert!(c.stores_header("Content-Type"));
-        assert!(!c.stores_header("set-cookie"));
+        let r = &c.default_rule;
+        assert_eq!(
+            r.key_sources,
+            vec![KeySource::Header("idempotency-key".into())]
+        );
+        assert!(!r.key_required);
+        assert_eq!(r.methods, vec!["POST", "PATCH"]);
+        assert_eq!(r.key_max_length, 255);
+        assert_eq!(r.ttl_ms, 86_400_000);
+        assert_eq!(r.lease_ms, 30_000);
+        assert!(r.stores_status(201));
+        assert!(r.stores_status(404));
+        assert!(!r.stores_status(429));
+        assert!(!r.stores_status(500));
+        assert!(r.stores_header("Content-Type"));
+        assert!(!r.stores_header("set-cookie"));
+        assert_eq!(r.on_mismatch.action, MismatchAction::Reject);
+        assert_eq!(r.on_mismatch.status, 422);
         assert_eq!(Config::default(), c);
         assert_eq!(Config::from_json("").unwrap(), c);
+        assert!(c.rule_for("GET", "/x").is_none());
+        assert!(c.rule_for("POST", "/x").is_some());
     }
 
     #[test]
@@ -533,27 +1524,98 @@ mod tests {
             .starts_with("store.capacity: must be 1..=10000000, got 0"));
         assert!(err(r#"{"store":{"capacity":4,"probes":8}}"#)
             .starts_with("store.probes: must not exceed"));
+        assert!(err(r#"{"store":{"capasity":4}}"#).starts_with("store.capasity: unknown field"));
         assert!(err(r#"{"response":{"storeStatuses":[700]}}"#)
             .starts_with("response.storeStatuses[0]: must be a status code"));
         assert!(
-            err("true").starts_with("$: invalid type"),
+            err("true").starts_with("$: must be a JSON object"),
             "{}",
             err("true")
         );
         assert!(err("{").starts_with("$: EOF"), "{}", err("{"));
+        // policies, pointers, bounds, routes
+        assert_eq!(
+            err(r#"{"onMismatch":{"action":"explode"}}"#),
+            "onMismatch.action: must be one of reject, replay, newRequest; got \"explode\""
+        );
+        assert_eq!(
+            err(r#"{"key":{"sources":[{"jsonPointer":"orderId"}]}}"#),
+            "key.sources[0].jsonPointer: must be empty or start with \"/\", got \"orderId\""
+        );
+        assert_eq!(
+            err(r#"{"expiry":{"minSeconds":100,"maxSeconds":10}}"#),
+            "expiry: bounds are inverted: minSeconds 100 > maxSeconds 10"
+        );
+        assert_eq!(
+            err(r#"{"routes":[{"match":{"prefix":"/a"},"onDuplicate":{"action":"ignore"}}]}"#),
+            "routes[0].onDuplicate.action: must be one of replay, reject, acknowledge; got \"ignore\""
+        );
+        assert!(err(r#"{"routes":[{"match":{"prefix":"/a"},"bogus":1}]}"#)
+            .starts_with("routes[0].bogus: unknown field"));
+        assert!(err(r#"{"routes":[{"match":{"prefx":"/a"}}]}"#)
+            .starts_with("routes[0].match.prefx: unknown field"));
+        assert_eq!(
+            err(r#"{"routes":[{"name":"x"}]}"#),
+            "routes[0].match: is required"
+        );
+        assert_eq!(
+            err(r#"{"fingerprint":{"excludePointers":["/ts"]}}"#),
+            "fingerprint.excludePointers: needs fingerprint.body \"canonicalJson\""
+        );
+        assert!(
+            err(r#"{"errors":{"format":"envelope","envelope":{"e":"{{nope}}"}}}"#)
+                .starts_with("errors.envelope.e: unknown placeholder {{nope}}")
+        );
+        assert!(err(r#"{"errors":{"codes":{"oops":"x"}}}"#)
+            .starts_with("errors.codes.oops: unknown error kind"));
+        assert!(
+            err(r#"{"key":{"sources":[{"header":"a","jsonPointer":"/b"}]}}"#)
+                .starts_with("key.sources[0]: must set exactly one")
+        );
+        assert!(err(r#"{"key":{"sources":[{"route":true}]}}"#)
+            .starts_with("key.sources[0].route: is only valid"));
+        assert!(err(r#"{"onConcurrent":{"action":"wait"}}"#)
+            .starts_with("onConcurrent.waitMillis: must be set"));
     }
 
     #[test]
     fn status_specs() {
-        let c = Config::from_json(r#"{"response":{"storeStatuses":["2xx", 404, "500-503"], "neverStoreStatuses":["all"]}}"#).unwrap();
-        assert!(!c.stores_status(200));
-        let c =
+        let r = Config::from_json(r#"{"response":{"storeStatuses":["2xx", 404, "500-503"], "neverStoreStatuses":["all"]}}"#).unwrap().default_rule;
+        assert!(!r.stores_status(200));
+        let r =
             Config::from_json(r#"{"response":{"storeStatuses":["all"], "neverStoreStatuses":[]}}"#)
-                .unwrap();
-        assert!(c.stores_status(500) && c.stores_status(429));
-        let c =
-            Config::from_json(r#"{"response":{"storeStatuses":["2xx", 404, "500-503"]}}"#).unwrap();
-        assert!(c.stores_status(204) && c.stores_status(404) && c.stores_status(502));
-        assert!(!c.stores_status(400) && !c.stores_status(504));
+                .unwrap()
+                .default_rule;
+        assert!(r.stores_status(500) && r.stores_status(429));
+        let r = Config::from_json(r#"{"response":{"storeStatuses":["2xx", 404, "500-503"]}}"#)
+            .unwrap()
+            .default_rule;
+        assert!(r.stores_status(204) && r.stores_status(404) && r.stores_status(502));
+        assert!(!r.stores_status(400) && !r.stores_status(504));
+    }
+
+    #[test]
+    fn routes_inherit_and_match_in_order() {
+        let c = Config::from_json(
+            r#"{"ttlSeconds": 100, "onDuplicate": {"action": "reject", "code": "dup"},
+                "routes": [
+                  {"name": "orders", "match": {"exact": "/orders", "methods": ["POST"]}, "key": {"sources": [{"jsonPointer": "/orderId"}]}},
+                  {"name": "hooks", "match": {"prefix": "/webhooks/"}, "onDuplicate": {"action": "acknowledge"}, "ttlSeconds": 50}
+                ]}"#,
+        )
+        .unwrap();
+        let orders = c.rule_for("POST", "/orders?x=1").unwrap();
+        assert_eq!(orders.name, "orders");
+        assert_eq!(orders.ttl_ms, 100_000);
+        assert_eq!(orders.on_duplicate.action, DuplicateAction::Reject);
+        assert_eq!(orders.on_duplicate.code.as_deref(), Some("dup"));
+        assert_eq!(c.rule_for("PATCH", "/orders").unwrap().name, "default");
+        let hooks = c.rule_for("POST", "/webhooks/email").unwrap();
+        assert_eq!(hooks.name, "hooks");
+        assert_eq!(hooks.ttl_ms, 50_000);
+        assert_eq!(hooks.on_duplicate.action, DuplicateAction::Acknowledge);
+        assert_eq!(hooks.on_duplicate.status, 200);
+        assert_eq!(c.rule_for("POST", "/other").unwrap().name, "default");
+        assert_eq!(c.rule_at(c.rule_index(hooks)).name, "hooks");
     }
 }

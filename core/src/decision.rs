@@ -1,43 +1,64 @@
-//! The decisions: [`admit`] at header time, [`decide`] once the fingerprint is known.
+//! The decisions: [`admit`] at header time, [`resolve`] once the body is in, [`decide`] once
+//! the stored record for the key is known.
 //!
-//! Both are pure functions of the configuration, the request and (for `decide`) the record
-//! already stored for the key and the current time, so every host decides alike.
+//! All three are pure functions of the configuration, the request, the stored record and
+//! the current time, so every host decides alike.
 //!
 //! ```
-//! use idemgate_core::{decide, Config, Decision, Fingerprint, Record};
+//! use idemgate_core::{admit, decide, resolve, Admission, Config, Decision, Resolution};
 //! use idemgate_core::decision::Request;
 //! let config = Config::default();
-//! let req = Request { fingerprint: Fingerprint([1; 32]), owner: 42 };
-//! match decide(&config, &req, None, 1_000) {
-//!     Decision::Forward { claim, .. } => assert_eq!(claim.lease_until, 1_000 + config.lease_ms),
+//! let headers = vec![("idempotency-key".to_string(), b"order-42".to_vec())];
+//! let Admission::Inspect(pending) = admit(&config, "POST", "/orders", &headers) else { unreachable!() };
+//! let Resolution::Ready(resolved) = resolve(&config, &pending, br#"{"amount": 10}"#) else { unreachable!() };
+//! let rule = config.rule_at(pending.rule);
+//! let req = Request { fingerprint: resolved.fingerprint, owner: 42, expires_in_ms: resolved.expires_in_ms };
+//! match decide(rule, &req, None, 1_000) {
+//!     Decision::Forward { claim, .. } => assert_eq!(claim.lease_until, 1_000 + rule.lease_ms),
 //!     other => unreachable!("{other:?}"),
 //! }
-//! let busy = Record::InFlight { owner: 1, lease_until: 5_000, expires_at: 9_000, fingerprint: Fingerprint([1; 32]) };
-//! assert!(matches!(decide(&config, &req, Some(&busy), 1_000), Decision::Reject(_)));
 //! ```
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::canonical::{canonical_bytes, key_text, pointer_get, pointer_remove};
 use crate::clock::Millis;
-use crate::config::Config;
+use crate::config::{
+    BodyMode, ConcurrentAction, Config, DuplicateAction, KeySource, MismatchAction, Rule,
+};
 use crate::fingerprint::Fingerprint;
 use crate::headers::HeaderLookup;
-use crate::key::{parse_key, KeyError, KeyId};
+use crate::key::{parse_key, put, validate_text, KeyError, KeyId};
 use crate::record::{Record, StoredResponse};
 
-/// Why a request is answered locally with an error.
+/// Why a request is answered locally instead of being forwarded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
-    /// A key is required and none was sent (400).
+    /// A key is required and no source yielded one (400).
     MissingKey {
-        /// The header that should carry it.
-        header: String,
+        /// Where a key is looked for.
+        sources: String,
     },
-    /// The key header is malformed (400).
+    /// The key is malformed (400).
     MalformedKey {
-        /// The header.
-        header: String,
+        /// Where it came from.
+        source: String,
         /// What is wrong.
         reason: KeyError,
     },
-    /// The body is larger than the fingerprint limit (413).
+    /// The body must be JSON here and is not (400).
+    InvalidBody {
+        /// What is wrong.
+        detail: String,
+    },
+    /// The per-request expiry header is invalid or out of bounds (400).
+    InvalidExpiry {
+        /// The header.
+        header: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The body is larger than `maxBodyBytes` (413).
     BodyTooLarge {
         /// The configured limit.
         limit: u64,
@@ -47,8 +68,11 @@ pub enum Rejection {
         /// Seconds to wait before retrying.
         retry_after_s: u64,
     },
-    /// The key was used before with a different request (422).
+    /// The key was used before with a different request (422 by default).
     Mismatch,
+    /// The key was used before with this request, and the rule rejects or acknowledges
+    /// duplicates instead of replaying.
+    Duplicate,
     /// The store cannot take the claim now (503, `Retry-After`).
     StoreUnavailable {
         /// Seconds to wait before retrying.
@@ -63,86 +87,392 @@ pub enum Rejection {
     },
 }
 
+impl Rejection {
+    /// The error kind, as named in `errors.codes`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Rejection::MissingKey { .. } => "missingKey",
+            Rejection::MalformedKey { .. } => "malformedKey",
+            Rejection::InvalidBody { .. } => "invalidBody",
+            Rejection::InvalidExpiry { .. } => "invalidExpiry",
+            Rejection::BodyTooLarge { .. } => "bodyTooLarge",
+            Rejection::Conflict { .. } => "conflict",
+            Rejection::Mismatch => "mismatch",
+            Rejection::Duplicate => "duplicate",
+            Rejection::StoreUnavailable { .. } => "storeUnavailable",
+            Rejection::Misconfigured { .. } => "misconfigured",
+        }
+    }
+}
+
 /// What header-time inspection found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
-    /// Not covered (method not listed, or no key and none required): forward untouched.
+    /// Not covered (no rule, method not listed, or no key and none required): forward
+    /// untouched.
     Pass,
     /// Answer locally at once.
     Reject(Rejection),
-    /// Covered: fingerprint the body, then [`decide`].
+    /// Covered: read the body, then [`resolve`].
     Inspect(Pending),
 }
 
 /// A covered request waiting for its body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pending {
-    /// Storage identity of the scoped key.
-    pub key_id: KeyId,
+    /// Index of the rule ([`Config::rule_at`]).
+    pub rule: usize,
+    /// The method.
+    pub method: String,
+    /// Path with query.
+    pub path: String,
+    /// The request headers.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Per-request expiry from the expiry header, validated.
+    pub expires_in_ms: Option<u64>,
+    /// The key from headers alone, when the rule reads it there.
+    header_key: Option<String>,
+}
+
+impl Pending {
+    /// The key found in the headers, if the rule reads it there.
+    pub fn header_key(&self) -> Option<&str> {
+        self.header_key.as_deref()
+    }
 }
 
 /// Looks at a request's method, path and headers.
-pub fn admit<H: HeaderLookup + ?Sized>(
+pub fn admit(
     config: &Config,
     method: &str,
     path_with_query: &str,
-    headers: &H,
+    headers: &[(String, Vec<u8>)],
 ) -> Admission {
-    if !config.covers_method(method) {
+    let Some(rule) = config.rule_for(method, path_with_query) else {
         return Admission::Pass;
-    }
-    let values = headers.get_all(&config.key_header);
-    let raw = match values.as_slice() {
-        [] if config.key_required => {
-            return Admission::Reject(Rejection::MissingKey {
-                header: config.key_header.clone(),
-            })
-        }
-        [] => return Admission::Pass,
-        [one] => *one,
-        _ => {
-            return Admission::Reject(Rejection::MalformedKey {
-                header: config.key_header.clone(),
-                reason: KeyError::Repeated,
-            })
-        }
-    };
-    let key = match parse_key(raw, config.key_max_length) {
-        Ok(k) => k,
-        Err(reason) => {
-            return Admission::Reject(Rejection::MalformedKey {
-                header: config.key_header.clone(),
-                reason,
-            })
-        }
     };
     if let Some(len) = content_length(headers) {
-        if len > config.max_body_bytes {
+        if len > rule.max_body_bytes {
             return Admission::Reject(Rejection::BodyTooLarge {
-                limit: config.max_body_bytes,
+                limit: rule.max_body_bytes,
             });
         }
     }
-    let route = path_with_query
-        .split_once('?')
-        .map_or(path_with_query, |(p, _)| p);
-    let creds: Vec<Vec<u8>> = config
-        .credential_headers
-        .iter()
-        .map(|h| headers.get_all(h).join(&b","[..]))
-        .collect();
-    let cred_refs: Vec<&[u8]> = creds.iter().map(Vec::as_slice).collect();
+    let route = route_of(path_with_query);
+    let mut header_key = None;
+    if rule.key_from_headers() {
+        match first_key(rule, route, headers, None) {
+            Ok(Some(k)) => header_key = Some(k),
+            Ok(None) if rule.key_required => {
+                return Admission::Reject(Rejection::MissingKey {
+                    sources: describe_sources(rule),
+                })
+            }
+            Ok(None) => return Admission::Pass,
+            Err(r) => return Admission::Reject(r),
+        }
+    }
+    let expires_in_ms = match expiry(rule, headers) {
+        Ok(e) => e,
+        Err(r) => return Admission::Reject(r),
+    };
     Admission::Inspect(Pending {
-        key_id: KeyId::scoped(method, route, &cred_refs, &key),
+        rule: config.rule_index(rule),
+        method: method.to_string(),
+        path: path_with_query.to_string(),
+        headers: headers.to_vec(),
+        expires_in_ms,
+        header_key,
     })
 }
 
-fn content_length<H: HeaderLookup + ?Sized>(headers: &H) -> Option<u64> {
+/// A request ready for [`decide`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// Storage identity of the scoped key.
+    pub key_id: KeyId,
+    /// The request's fingerprint.
+    pub fingerprint: Fingerprint,
+    /// The key as the client sent it (echoed in error envelopes; never stored or logged).
+    pub key: String,
+    /// Per-request expiry.
+    pub expires_in_ms: Option<u64>,
+}
+
+/// What body-time resolution found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// No key and none required: forward untouched.
+    Pass,
+    /// Answer locally.
+    Reject(Rejection),
+    /// Key and fingerprint known.
+    Ready(Resolved),
+}
+
+/// Finds the key (from headers, the JSON body or derived from it) and fingerprints the
+/// request once its whole body is known.
+pub fn resolve(config: &Config, pending: &Pending, body: &[u8]) -> Resolution {
+    let rule = config.rule_at(pending.rule);
+    if body.len() as u64 > rule.max_body_bytes {
+        return Resolution::Reject(Rejection::BodyTooLarge {
+            limit: rule.max_body_bytes,
+        });
+    }
+    let json: Option<Value> = if rule.needs_json() && !body.is_empty() {
+        serde_json::from_slice(body).ok()
+    } else {
+        None
+    };
+    let needs_json_for_key = rule.key_sources.iter().any(KeySource::needs_body);
+    if json.is_none()
+        && (rule.fingerprint.body == BodyMode::CanonicalJson
+            || (needs_json_for_key && pending.header_key.is_none()))
+        && !body.is_empty()
+    {
+        return Resolution::Reject(Rejection::InvalidBody {
+            detail: format!(
+                "the request body must be a JSON document here ({}); it is not valid JSON",
+                if needs_json_for_key {
+                    format!(
+                        "the idempotency key is read from {}",
+                        describe_sources(rule)
+                    )
+                } else {
+                    "the request is fingerprinted as canonical JSON".to_string()
+                }
+            ),
+        });
+    }
+    let route = route_of(&pending.path);
+    let key = match &pending.header_key {
+        Some(k) => k.clone(),
+        None => match first_key(rule, route, &pending.headers, json.as_ref()) {
+            Ok(Some(k)) => k,
+            Ok(None) if rule.derive_from_body => {
+                let canonical = json.as_ref().map_or_else(|| body.to_vec(), canonical_bytes);
+                format!("derived:{}", crate::hex(&Sha256::digest(&canonical)))
+            }
+            Ok(None) if rule.key_required => {
+                return Resolution::Reject(Rejection::MissingKey {
+                    sources: describe_sources(rule),
+                })
+            }
+            Ok(None) => return Resolution::Pass,
+            Err(r) => return Resolution::Reject(r),
+        },
+    };
+    let fingerprint = fingerprint(
+        rule,
+        &pending.method,
+        &pending.path,
+        &pending.headers,
+        body,
+        json,
+    );
+    let creds: Vec<Vec<u8>> = credentials(rule, &pending.headers);
+    let cred_refs: Vec<&[u8]> = creds.iter().map(Vec::as_slice).collect();
+    let key_material = if rule.on_mismatch.action == MismatchAction::NewRequest {
+        // key + fingerprint identify the request: a changed payload is a new request
+        format!("{key}\u{0}{}", crate::hex(&fingerprint.0))
+    } else {
+        key.clone()
+    };
+    Resolution::Ready(Resolved {
+        key_id: KeyId::scoped(&pending.method, route, &cred_refs, &key_material),
+        fingerprint,
+        key,
+        expires_in_ms: pending.expires_in_ms,
+    })
+}
+
+fn route_of(path_with_query: &str) -> &str {
+    path_with_query
+        .split_once('?')
+        .map_or(path_with_query, |(p, _)| p)
+}
+
+fn content_length(headers: &[(String, Vec<u8>)]) -> Option<u64> {
     headers
         .get_all("content-length")
         .first()
         .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|s| s.trim().parse::<u64>().ok())
+}
+
+fn credentials(rule: &Rule, headers: &[(String, Vec<u8>)]) -> Vec<Vec<u8>> {
+    rule.credential_headers
+        .iter()
+        .map(|h| headers.get_all(h).join(&b","[..]))
+        .collect()
+}
+
+fn describe_sources(rule: &Rule) -> String {
+    let mut parts: Vec<String> = rule.key_sources.iter().map(KeySource::describe).collect();
+    if parts.is_empty() {
+        parts.push("the body".into());
+    }
+    parts.join(" or ")
+}
+
+/// The first key a source yields. Header keys may be sf-strings; body values are taken as
+/// they are (strings, numbers, booleans).
+fn first_key(
+    rule: &Rule,
+    route: &str,
+    headers: &[(String, Vec<u8>)],
+    json: Option<&Value>,
+) -> Result<Option<String>, Rejection> {
+    for source in &rule.key_sources {
+        if let Some(k) = source_key(rule, source, route, headers, json)? {
+            return Ok(Some(k));
+        }
+    }
+    Ok(None)
+}
+
+fn source_key(
+    rule: &Rule,
+    source: &KeySource,
+    route: &str,
+    headers: &[(String, Vec<u8>)],
+    json: Option<&Value>,
+) -> Result<Option<String>, Rejection> {
+    let malformed = |reason| Rejection::MalformedKey {
+        source: source.describe(),
+        reason,
+    };
+    match source {
+        KeySource::Header(h) => match headers.get_all(h).as_slice() {
+            [] => Ok(None),
+            [one] => parse_key(one, rule.key_max_length)
+                .map(Some)
+                .map_err(malformed),
+            _ => Err(malformed(KeyError::Repeated)),
+        },
+        KeySource::JsonPointer(p) => match json.and_then(|j| pointer_get(j, p)) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match key_text(v) {
+                Some(text) => validate_text(&text, rule.key_max_length)
+                    .map(Some)
+                    .map_err(malformed),
+                None => Err(malformed(KeyError::NotScalar)),
+            },
+        },
+        KeySource::Route => Ok(Some(route.to_string())),
+        KeySource::Caller => {
+            let mut h = Sha256::new();
+            for c in credentials(rule, headers) {
+                put(&mut h, &c);
+            }
+            Ok(Some(crate::hex(&h.finalize())))
+        }
+        KeySource::Composite(parts) => {
+            // Length-prefixed join: ("ab","c") and ("a","bc") never meet.
+            let mut joined = String::from("composite");
+            for part in parts {
+                match source_key(rule, part, route, headers, json)? {
+                    Some(text) => {
+                        joined.push('|');
+                        joined.push_str(&text.len().to_string());
+                        joined.push(':');
+                        joined.push_str(&text);
+                    }
+                    None => return Ok(None),
+                }
+            }
+            Ok(Some(joined))
+        }
+    }
+}
+
+fn expiry(rule: &Rule, headers: &[(String, Vec<u8>)]) -> Result<Option<u64>, Rejection> {
+    let Some(spec) = &rule.expiry else {
+        return Ok(None);
+    };
+    let values = headers.get_all(&spec.header);
+    let Some(raw) = values.first() else {
+        return Ok(None);
+    };
+    let invalid = |detail: String| Rejection::InvalidExpiry {
+        header: spec.header.clone(),
+        detail,
+    };
+    let text = std::str::from_utf8(raw)
+        .map_err(|_| invalid("it is not ASCII".into()))?
+        .trim();
+    let secs: u64 = text.parse().map_err(|_| {
+        invalid(format!(
+            "it must be a whole number of seconds, got {text:?}"
+        ))
+    })?;
+    if secs < spec.min_s || secs > spec.max_s {
+        return Err(invalid(format!(
+            "it must be between {} and {} seconds, got {secs}",
+            spec.min_s, spec.max_s
+        )));
+    }
+    Ok(Some(secs.saturating_mul(1000)))
+}
+
+/// The fingerprint of a request under `rule`'s fingerprint spec.
+pub fn fingerprint(
+    rule: &Rule,
+    method: &str,
+    path_with_query: &str,
+    headers: &[(String, Vec<u8>)],
+    body: &[u8],
+    json: Option<Value>,
+) -> Fingerprint {
+    let spec = &rule.fingerprint;
+    let (path, query) = path_with_query
+        .split_once('?')
+        .unwrap_or((path_with_query, ""));
+    let mut h = Sha256::new();
+    h.update(b"idemgate/fp/v2\0");
+    let flag = |on: bool| [u8::from(on)];
+    h.update(flag(spec.method));
+    if spec.method {
+        put(&mut h, method.to_ascii_uppercase().as_bytes());
+    }
+    h.update(flag(spec.path));
+    if spec.path {
+        put(&mut h, path.as_bytes());
+    }
+    h.update(flag(spec.query));
+    if spec.query {
+        put(&mut h, query.as_bytes());
+    }
+    h.update((spec.headers.len() as u64).to_be_bytes());
+    for name in &spec.headers {
+        put(&mut h, name.as_bytes());
+        put(&mut h, &headers.get_all(name).join(&b","[..]));
+    }
+    match spec.body {
+        BodyMode::None => h.update(b"n"),
+        BodyMode::Raw => {
+            h.update(b"r");
+            put(&mut h, body);
+        }
+        BodyMode::CanonicalJson => {
+            h.update(b"c");
+            match json {
+                Some(mut v) => {
+                    for p in &spec.exclude_pointers {
+                        pointer_remove(&mut v, p);
+                    }
+                    put(&mut h, &canonical_bytes(&v));
+                }
+                None => put(&mut h, body),
+            }
+        }
+    }
+    let digest = h.finalize();
+    let mut out = [0u8; 32];
+    for (d, s) in out.iter_mut().zip(digest.iter()) {
+        *d = *s;
+    }
+    Fingerprint(out)
 }
 
 /// The request as `decide` sees it.
@@ -152,6 +482,8 @@ pub struct Request {
     pub fingerprint: Fingerprint,
     /// A fresh random token identifying this attempt if it claims the key.
     pub owner: u64,
+    /// Per-request expiry (from the expiry header), fixed at first use.
+    pub expires_in_ms: Option<u64>,
 }
 
 /// A claim to write before forwarding.
@@ -182,7 +514,7 @@ impl Claim {
 /// What to do with a covered request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Claim the key and forward; `took_over` when a lapsed lease or expired record is replaced.
+    /// Claim the key and forward; `lease_expired` when a lapsed claim is taken over.
     Forward {
         /// The claim to write atomically.
         claim: Claim,
@@ -191,22 +523,36 @@ pub enum Decision {
     },
     /// Answer with the stored response.
     Replay(StoredResponse),
-    /// Answer with an error.
+    /// The key is in flight and the rule says wait: poll again until `deadline`, then
+    /// answer 409.
+    Wait {
+        /// Give up at this time.
+        deadline: Millis,
+    },
+    /// Answer with an error (or an acknowledgement, for duplicates).
     Reject(Rejection),
 }
 
 /// Decides for a covered request given the record stored for its key (if any) at `now`.
-pub fn decide(
-    config: &Config,
+/// `wait_deadline` is `Some` while a waiting request polls again; past it, a request still
+/// in flight is answered 409.
+pub fn decide(rule: &Rule, request: &Request, existing: Option<&Record>, now: Millis) -> Decision {
+    decide_waiting(rule, request, existing, now, None)
+}
+
+/// [`decide`] for a request that is already waiting until `wait_deadline`.
+pub fn decide_waiting(
+    rule: &Rule,
     request: &Request,
     existing: Option<&Record>,
     now: Millis,
+    wait_deadline: Option<Millis>,
 ) -> Decision {
     let forward = |lease_expired| Decision::Forward {
         claim: Claim {
             owner: request.owner,
-            lease_until: now.saturating_add(config.lease_ms),
-            expires_at: now.saturating_add(config.ttl_ms),
+            lease_until: now.saturating_add(rule.lease_ms),
+            expires_at: now.saturating_add(request.expires_in_ms.unwrap_or(rule.ttl_ms)),
             fingerprint: request.fingerprint,
         },
         lease_expired,
@@ -222,9 +568,19 @@ pub fn decide(
                 forward(false)
             } else if *lease_until <= now {
                 forward(true)
+            } else if rule.on_concurrent.action == ConcurrentAction::Wait {
+                let deadline =
+                    wait_deadline.unwrap_or_else(|| now.saturating_add(rule.on_concurrent.wait_ms));
+                if now < deadline {
+                    Decision::Wait { deadline }
+                } else {
+                    Decision::Reject(Rejection::Conflict {
+                        retry_after_s: rule.on_concurrent.retry_after_s,
+                    })
+                }
             } else {
                 Decision::Reject(Rejection::Conflict {
-                    retry_after_s: config.conflict_retry_after_s,
+                    retry_after_s: rule.on_concurrent.retry_after_s,
                 })
             }
         }
@@ -237,9 +593,19 @@ pub fn decide(
             if *expires_at <= now {
                 forward(false)
             } else if *fingerprint != request.fingerprint {
-                Decision::Reject(Rejection::Mismatch)
+                match rule.on_mismatch.action {
+                    MismatchAction::Replay => Decision::Replay(response.clone()),
+                    MismatchAction::Reject | MismatchAction::NewRequest => {
+                        Decision::Reject(Rejection::Mismatch)
+                    }
+                }
             } else {
-                Decision::Replay(response.clone())
+                match rule.on_duplicate.action {
+                    DuplicateAction::Replay => Decision::Replay(response.clone()),
+                    DuplicateAction::Reject | DuplicateAction::Acknowledge => {
+                        Decision::Reject(Rejection::Duplicate)
+                    }
+                }
             }
         }
     }
@@ -254,6 +620,26 @@ mod tests {
             .iter()
             .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
             .collect()
+    }
+
+    fn cfg(json: &str) -> Config {
+        Config::from_json(json).unwrap()
+    }
+
+    fn ready(
+        c: &Config,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Resolved {
+        match admit(c, method, path, &h(headers)) {
+            Admission::Inspect(p) => match resolve(c, &p, body) {
+                Resolution::Ready(r) => r,
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -296,7 +682,7 @@ mod tests {
             ),
             Admission::Reject(Rejection::BodyTooLarge { limit: 1_048_576 })
         ));
-        let req = Config::from_json(r#"{"key":{"required":true}}"#).unwrap();
+        let req = cfg(r#"{"key":{"required":true}}"#);
         assert!(matches!(
             admit(&req, "PATCH", "/x", &h(&[])),
             Admission::Reject(Rejection::MissingKey { .. })
@@ -306,14 +692,15 @@ mod tests {
     #[test]
     fn scope_ignores_query_but_not_credentials() {
         let c = Config::default();
-        let id = |path: &str, auth: &str| match admit(
-            &c,
-            "POST",
-            path,
-            &h(&[("idempotency-key", "k"), ("authorization", auth)]),
-        ) {
-            Admission::Inspect(p) => p.key_id,
-            other => panic!("{other:?}"),
+        let id = |path: &str, auth: &str| {
+            ready(
+                &c,
+                "POST",
+                path,
+                &[("idempotency-key", "k"), ("authorization", auth)],
+                b"",
+            )
+            .key_id
         };
         assert_eq!(id("/a?x=1", "t"), id("/a?x=2", "t"));
         assert_ne!(id("/a", "t"), id("/a", "u"));
@@ -321,12 +708,138 @@ mod tests {
     }
 
     #[test]
-    fn decisions() {
+    fn json_pointer_and_composite_keys() {
+        let c = cfg(r#"{"key": {"sources": [
+            {"composite": [{"header": "x-tenant"}, {"jsonPointer": "/source"}, {"jsonPointer": "/externalEventId"}]},
+            {"jsonPointer": "/idempotency_key"}], "required": true}}"#);
+        let a = ready(
+            &c,
+            "POST",
+            "/e",
+            &[("x-tenant", "t1")],
+            br#"{"source":"ab","externalEventId":"c"}"#,
+        );
+        let b = ready(
+            &c,
+            "POST",
+            "/e",
+            &[("x-tenant", "t1")],
+            br#"{"source":"a","externalEventId":"bc"}"#,
+        );
+        assert_ne!(
+            a.key_id, b.key_id,
+            "composite parts must not collide by concatenation"
+        );
+        let a2 = ready(
+            &c,
+            "POST",
+            "/e",
+            &[("x-tenant", "t1")],
+            br#"{"externalEventId":"c", "source":"ab"}"#,
+        );
+        assert_eq!(a.key_id, a2.key_id);
+        // falls through to the second source when a composite part is missing
+        let k = ready(&c, "POST", "/e", &[], br#"{"idempotency_key": 42}"#);
+        assert_eq!(k.key, "42");
+        // no source: required → 400
+        let Admission::Inspect(p) = admit(&c, "POST", "/e", &h(&[])) else {
+            panic!()
+        };
+        assert!(matches!(
+            resolve(&c, &p, br#"{"x":1}"#),
+            Resolution::Reject(Rejection::MissingKey { .. })
+        ));
+        // not JSON → 400 invalid body
+        assert!(matches!(
+            resolve(&c, &p, b"not json"),
+            Resolution::Reject(Rejection::InvalidBody { .. })
+        ));
+        // object as key → malformed
+        assert!(matches!(
+            resolve(&c, &p, br#"{"idempotency_key": {"a": 1}}"#),
+            Resolution::Reject(Rejection::MalformedKey {
+                reason: KeyError::NotScalar,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn canonical_fingerprint_and_exclusions() {
+        let c = cfg(r#"{"fingerprint": {"body": "canonicalJson", "excludePointers": ["/ts"]}}"#);
+        let hk = [("idempotency-key", "k")];
+        let a = ready(&c, "POST", "/p", &hk, br#"{"a":1,"b":[1,2],"ts":5}"#);
+        let b = ready(
+            &c,
+            "POST",
+            "/p",
+            &hk,
+            b"{ \"b\": [1, 2],\n \"a\": 1.0, \"ts\": 99 }",
+        );
+        assert_eq!(a.fingerprint, b.fingerprint);
+        let d = ready(&c, "POST", "/p", &hk, br#"{"a":2,"b":[1,2]}"#);
+        assert_ne!(a.fingerprint, d.fingerprint);
+        let Admission::Inspect(p) = admit(&c, "POST", "/p", &h(&hk)) else {
+            panic!()
+        };
+        assert!(matches!(
+            resolve(&c, &p, b"{bad"),
+            Resolution::Reject(Rejection::InvalidBody { .. })
+        ));
+    }
+
+    #[test]
+    fn derived_key_and_new_request_policy() {
+        let c = cfg(
+            r#"{"key": {"sources": [], "deriveFromBody": true}, "fingerprint": {"body": "canonicalJson"}}"#,
+        );
+        let a = ready(&c, "POST", "/p", &[], br#"{"a":1,"b":2}"#);
+        let b = ready(&c, "POST", "/p", &[], br#"{"b":2,"a":1}"#);
+        assert_eq!(a.key_id, b.key_id);
+        let n = cfg(r#"{"onMismatch": {"action": "newRequest"}}"#);
+        let x = ready(&n, "POST", "/p", &[("idempotency-key", "k")], b"1");
+        let y = ready(&n, "POST", "/p", &[("idempotency-key", "k")], b"2");
+        assert_ne!(x.key_id, y.key_id);
+    }
+
+    #[test]
+    fn expiry_header_bounds() {
+        let c = cfg(
+            r#"{"expiry": {"header": "x-idempotency-expiration", "minSeconds": 60, "maxSeconds": 3600}}"#,
+        );
+        let r = ready(
+            &c,
+            "POST",
+            "/p",
+            &[
+                ("idempotency-key", "k"),
+                ("x-idempotency-expiration", "120"),
+            ],
+            b"",
+        );
+        assert_eq!(r.expires_in_ms, Some(120_000));
+        for bad in ["10", "7200", "soon"] {
+            assert!(matches!(
+                admit(
+                    &c,
+                    "POST",
+                    "/p",
+                    &h(&[("idempotency-key", "k"), ("x-idempotency-expiration", bad)])
+                ),
+                Admission::Reject(Rejection::InvalidExpiry { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn decisions_and_policies() {
         let c = Config::default();
+        let rule = &c.default_rule;
         let fp = Fingerprint([1; 32]);
         let req = Request {
             fingerprint: fp,
             owner: 5,
+            expires_in_ms: None,
         };
         let now = 10_000;
         let done = Record::Completed {
@@ -340,18 +853,18 @@ mod tests {
             },
         };
         assert!(
-            matches!(decide(&c, &req, Some(&done), now), Decision::Replay(r) if r.body == b"ok")
+            matches!(decide(rule, &req, Some(&done), now), Decision::Replay(r) if r.body == b"ok")
         );
         let other = Request {
             fingerprint: Fingerprint([2; 32]),
-            owner: 5,
+            ..req
         };
         assert_eq!(
-            decide(&c, &other, Some(&done), now),
+            decide(rule, &other, Some(&done), now),
             Decision::Reject(Rejection::Mismatch)
         );
         assert!(matches!(
-            decide(&c, &req, Some(&done), now + 1),
+            decide(rule, &req, Some(&done), now + 1),
             Decision::Forward {
                 lease_expired: false,
                 ..
@@ -364,29 +877,48 @@ mod tests {
             fingerprint: fp,
         };
         assert_eq!(
-            decide(&c, &req, Some(&busy), now),
-            Decision::Reject(Rejection::Conflict { retry_after_s: 1 })
-        );
-        assert_eq!(
-            decide(&c, &other, Some(&busy), now),
+            decide(rule, &req, Some(&busy), now),
             Decision::Reject(Rejection::Conflict { retry_after_s: 1 })
         );
         assert!(matches!(
-            decide(&c, &req, Some(&busy), now + 1),
+            decide(rule, &req, Some(&busy), now + 1),
             Decision::Forward {
                 lease_expired: true,
                 ..
             }
         ));
-        match decide(&c, &req, None, now) {
-            Decision::Forward {
-                claim,
-                lease_expired: false,
-            } => {
-                assert_eq!(claim.owner, 5);
-                assert_eq!(claim.expires_at, now + c.ttl_ms);
-                assert_eq!(claim.lease_until, now + c.lease_ms);
+
+        let replay_mismatch =
+            cfg(r#"{"onMismatch": {"action": "replay"}, "onDuplicate": {"action": "reject"}}"#);
+        let r2 = &replay_mismatch.default_rule;
+        assert!(matches!(
+            decide(r2, &other, Some(&done), now),
+            Decision::Replay(_)
+        ));
+        assert_eq!(
+            decide(r2, &req, Some(&done), now),
+            Decision::Reject(Rejection::Duplicate)
+        );
+
+        let wait = cfg(r#"{"onConcurrent": {"action": "wait", "waitMillis": 500}}"#);
+        let rw = &wait.default_rule;
+        assert_eq!(
+            decide(rw, &req, Some(&busy), now - 200),
+            Decision::Wait {
+                deadline: now + 300
             }
+        );
+        assert_eq!(
+            decide_waiting(rw, &req, Some(&busy), now - 100, Some(now - 100)),
+            Decision::Reject(Rejection::Conflict { retry_after_s: 1 })
+        );
+
+        let per_req = Request {
+            expires_in_ms: Some(5_000),
+            ..req
+        };
+        match decide(rule, &per_req, None, now) {
+            Decision::Forward { claim, .. } => assert_eq!(claim.expires_at, now + 5_000),
             other => panic!("{other:?}"),
         }
     }

@@ -38,6 +38,8 @@ pub enum KeyError {
     BadQuoting,
     /// The header appears more than once.
     Repeated,
+    /// A body field used as a key is an object, an array or null.
+    NotScalar,
 }
 
 impl fmt::Display for KeyError {
@@ -56,6 +58,7 @@ impl fmt::Display for KeyError {
                 "the key starts with a double quote but is not a valid structured-field string (RFC 8941)"
             ),
             KeyError::Repeated => write!(f, "the key header was sent more than once"),
+            KeyError::NotScalar => write!(f, "the key must be a string or a number, not an object or array"),
         }
     }
 }
@@ -84,6 +87,23 @@ pub fn parse_key(raw: &[u8], max_len: usize) -> Result<String, KeyError> {
         });
     }
     String::from_utf8(key).map_err(|_| KeyError::NotPrintable { at: 0 })
+}
+
+/// Checks a key taken verbatim (from a JSON body): printable ASCII, 1..=`max_len`.
+pub fn validate_text(text: &str, max_len: usize) -> Result<String, KeyError> {
+    if text.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    if let Some(at) = text.bytes().position(|b| !(0x20..=0x7e).contains(&b)) {
+        return Err(KeyError::NotPrintable { at });
+    }
+    if text.len() > max_len {
+        return Err(KeyError::TooLong {
+            len: text.len(),
+            max: max_len,
+        });
+    }
+    Ok(text.to_string())
 }
 
 fn trim(raw: &[u8]) -> &[u8] {

@@ -5,9 +5,10 @@
 //!
 //! The flow for one request:
 //!
-//! 1. [`admit`] looks at the method, path and headers: pass the request through untouched,
-//!    reject it at once (bad key, body too large), or inspect it.
-//! 2. The body is hashed into a [`Fingerprint`].
+//! 1. [`admit`] picks the rule for the method and path and looks at the headers: pass the
+//!    request through untouched, reject it at once (bad key, body too large), or inspect it.
+//! 2. [`resolve`] finds the key (header, JSON body field, composite, or derived) and
+//!    fingerprints the request once the body is in.
 //! 3. [`decide`] compares the request with the record already stored for its key (if any)
 //!    and answers forward (with a claim), replay, or reject.
 //! 4. The host forwards, captures the response with [`ResponseCapture`] and completes the
@@ -17,22 +18,18 @@
 //! ([`store::CasStore`]), such as Envoy's shared data.
 //!
 //! ```
-//! use idemgate_core::{admit, Admission, Config, Fingerprinter};
+//! use idemgate_core::{admit, resolve, Admission, Config, Resolution};
 //!
 //! let config = Config::from_json(r#"{"methods": ["POST"]}"#).unwrap();
-//! let headers = [("idempotency-key".to_string(), b"order-42".to_vec())];
-//! match admit(&config, "POST", "/orders", &headers[..]) {
-//!     Admission::Inspect(pending) => {
-//!         let mut fp = Fingerprinter::new("POST", "/orders");
-//!         fp.update(br#"{"amount": 10}"#);
-//!         let _fingerprint = fp.finish();
-//!         assert_eq!(pending.key_id.to_hex().len(), 32);
-//!     }
-//!     other => unreachable!("{other:?}"),
-//! }
+//! let headers = vec![("idempotency-key".to_string(), b"order-42".to_vec())];
+//! let Admission::Inspect(pending) = admit(&config, "POST", "/orders", &headers) else { unreachable!() };
+//! let Resolution::Ready(resolved) = resolve(&config, &pending, br#"{"amount": 10}"#) else { unreachable!() };
+//! assert_eq!(resolved.key, "order-42");
+//! assert_eq!(resolved.key_id.to_hex().len(), 32);
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod canonical;
 pub mod clock;
 pub mod codec;
 pub mod config;
@@ -47,8 +44,10 @@ pub mod response;
 pub mod store;
 
 pub use clock::{Clock, FakeClock, Millis};
-pub use config::Config;
-pub use decision::{admit, decide, Admission, Claim, Decision, Pending, Rejection};
+pub use config::{Config, Rule};
+pub use decision::{
+    admit, decide, resolve, Admission, Claim, Decision, Pending, Rejection, Resolution, Resolved,
+};
 pub use error::ConfigError;
 pub use fingerprint::{Fingerprint, Fingerprinter};
 pub use headers::HeaderLookup;

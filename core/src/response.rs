@@ -3,8 +3,9 @@
 //! ```
 //! use idemgate_core::{Config, ResponseCapture};
 //! let config = Config::default();
+//! let rule = &config.default_rule;
 //! let headers = vec![("content-type".to_string(), b"text/plain".to_vec()), ("set-cookie".to_string(), b"s=1".to_vec())];
-//! let mut cap = ResponseCapture::new(&config, 201, &headers);
+//! let mut cap = ResponseCapture::new(rule, 201, &headers);
 //! cap.push(b"he");
 //! cap.push(b"llo");
 //! let stored = cap.finish().unwrap();
@@ -13,7 +14,7 @@
 //! ```
 use std::fmt;
 
-use crate::config::Config;
+use crate::config::Rule;
 use crate::record::StoredResponse;
 
 /// Why a response was not stored.
@@ -57,12 +58,12 @@ pub struct ResponseCapture {
 
 impl ResponseCapture {
     /// Starts capturing a response with `status` and `headers` (allowed ones are kept).
-    pub fn new(config: &Config, status: u16, headers: &[(String, Vec<u8>)]) -> Self {
-        let storable = config.stores_status(status);
+    pub fn new(rule: &Rule, status: u16, headers: &[(String, Vec<u8>)]) -> Self {
+        let storable = rule.stores_status(status);
         let kept = if storable {
             headers
                 .iter()
-                .filter(|(n, v)| config.stores_header(n) && std::str::from_utf8(v).is_ok())
+                .filter(|(n, v)| rule.stores_header(n) && std::str::from_utf8(v).is_ok())
                 .map(|(n, v)| (n.to_ascii_lowercase(), v.clone()))
                 .collect()
         } else {
@@ -72,7 +73,7 @@ impl ResponseCapture {
             status,
             headers: kept,
             body: Vec::new(),
-            limit: config.max_response_bytes,
+            limit: rule.max_response_bytes,
             storable,
             too_large: false,
         }
@@ -120,19 +121,21 @@ impl ResponseCapture {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     #[test]
     fn limits_and_statuses() {
         let c = Config::from_json(r#"{"maxResponseBytes": 4}"#).unwrap();
-        let mut cap = ResponseCapture::new(&c, 200, &[]);
+        let c = &c.default_rule;
+        let mut cap = ResponseCapture::new(c, 200, &[]);
         cap.push(b"abc");
         cap.push(b"de");
         assert_eq!(cap.finish(), Err(NotStored::TooLarge));
-        let cap = ResponseCapture::new(&c, 500, &[]);
+        let cap = ResponseCapture::new(c, 500, &[]);
         assert!(!cap.wants_body());
         assert_eq!(cap.finish(), Err(NotStored::Status(500)));
         let mut cap = ResponseCapture::new(
-            &c,
+            c,
             200,
             &[
                 ("Connection".into(), b"close".to_vec()),

@@ -21,13 +21,13 @@
 //! let store = MemoryStore::default();
 //! let table = SlotTable::new(&store, &config);
 //! let key = KeyId([7; 16]);
-//! let req = Request { fingerprint: Fingerprint([1; 32]), owner: 11 };
-//! let (begun, _) = table.begin(&config, key, &req, 1_000).unwrap();
+//! let req = Request { fingerprint: Fingerprint([1; 32]), owner: 11, expires_in_ms: None };
+//! let (begun, _) = table.begin(&config.default_rule, key, &req, 1_000).unwrap();
 //! let Begun::Forward(handle) = begun else { unreachable!() };
 //! let resp = StoredResponse { status: 201, headers: vec![], body: b"made".to_vec() };
 //! assert!(table.complete(&handle, &resp).unwrap().0);
-//! let again = Request { fingerprint: Fingerprint([1; 32]), owner: 12 };
-//! let (begun, _) = table.begin(&config, key, &again, 2_000).unwrap();
+//! let again = Request { fingerprint: Fingerprint([1; 32]), owner: 12, expires_in_ms: None };
+//! let (begun, _) = table.begin(&config.default_rule, key, &again, 2_000).unwrap();
 //! assert!(matches!(begun, Begun::Replay(r) if r.body == b"made"));
 //! ```
 use std::collections::HashMap;
@@ -36,7 +36,8 @@ use std::sync::Mutex;
 
 use crate::clock::Millis;
 use crate::config::Config;
-use crate::decision::{decide, Claim, Decision, Rejection, Request};
+use crate::config::Rule;
+use crate::decision::{decide_waiting, Claim, Decision, Rejection, Request};
 use crate::key::KeyId;
 use crate::record::{decode_body, encode_body, Record, SlotEntry, SlotState, StoredResponse};
 
@@ -152,6 +153,11 @@ pub enum Begun {
     Forward(ClaimHandle),
     /// Replay this stored response.
     Replay(StoredResponse),
+    /// The key is in flight and the rule says wait: look again later, until `deadline`.
+    Wait {
+        /// When to give up (answer 409).
+        deadline: Millis,
+    },
     /// Answer with this error.
     Reject(Rejection),
 }
@@ -237,10 +243,22 @@ impl<'a, S: CasStore + ?Sized> SlotTable<'a, S> {
     /// atomically.
     pub fn begin(
         &self,
-        config: &Config,
+        rule: &Rule,
         key_id: KeyId,
         request: &Request,
         now: Millis,
+    ) -> Result<(Begun, Events), StoreError> {
+        self.begin_waiting(rule, key_id, request, now, None)
+    }
+
+    /// [`SlotTable::begin`] for a request already waiting until `wait_deadline`.
+    pub fn begin_waiting(
+        &self,
+        rule: &Rule,
+        key_id: KeyId,
+        request: &Request,
+        now: Millis,
+        wait_deadline: Option<Millis>,
     ) -> Result<(Begun, Events), StoreError> {
         let mut ev = Events::default();
         for _ in 0..MAX_ATTEMPTS {
@@ -260,14 +278,16 @@ impl<'a, S: CasStore + ?Sized> SlotTable<'a, S> {
                     }
                 },
             };
-            let (claim, lease_expired) = match decide(config, request, existing.as_ref(), now) {
-                Decision::Replay(r) => return Ok((Begun::Replay(r), ev)),
-                Decision::Reject(r) => return Ok((Begun::Reject(r), ev)),
-                Decision::Forward {
-                    claim,
-                    lease_expired,
-                } => (claim, lease_expired),
-            };
+            let (claim, lease_expired) =
+                match decide_waiting(rule, request, existing.as_ref(), now, wait_deadline) {
+                    Decision::Replay(r) => return Ok((Begun::Replay(r), ev)),
+                    Decision::Wait { deadline } => return Ok((Begun::Wait { deadline }, ev)),
+                    Decision::Reject(r) => return Ok((Begun::Reject(r), ev)),
+                    Decision::Forward {
+                        claim,
+                        lease_expired,
+                    } => (claim, lease_expired),
+                };
             let target = match found {
                 Some(s) => s,
                 None => match choose(&scan, now) {
@@ -503,6 +523,7 @@ mod tests {
         Request {
             fingerprint: Fingerprint([fp; 32]),
             owner,
+            expires_in_ms: None,
         }
     }
 
@@ -520,18 +541,18 @@ mod tests {
         let s = MemoryStore::default();
         let t = SlotTable::new(&s, &c);
         let k = KeyId([1; 16]);
-        let (b, ev) = t.begin(&c, k, &req(1, 1), 0).unwrap();
+        let (b, ev) = t.begin(&c.default_rule, k, &req(1, 1), 0).unwrap();
         let Begun::Forward(h) = b else {
             panic!("{b:?}")
         };
         assert_eq!(ev.index_keys_created, 1);
         // concurrent duplicate
         assert!(matches!(
-            t.begin(&c, k, &req(1, 2), 1_000).unwrap().0,
+            t.begin(&c.default_rule, k, &req(1, 2), 1_000).unwrap().0,
             Begun::Reject(Rejection::Conflict { .. })
         ));
         // lease lapses: a retry takes over, the first can no longer complete
-        let (b2, ev2) = t.begin(&c, k, &req(1, 3), 2_000).unwrap();
+        let (b2, ev2) = t.begin(&c.default_rule, k, &req(1, 3), 2_000).unwrap();
         let Begun::Forward(h2) = b2 else {
             panic!("{b2:?}")
         };
@@ -539,15 +560,15 @@ mod tests {
         assert!(!t.complete(&h, &resp(b"first")).unwrap().0);
         assert!(t.complete(&h2, &resp(b"second")).unwrap().0);
         assert!(
-            matches!(t.begin(&c, k, &req(1, 4), 3_000).unwrap().0, Begun::Replay(r) if r.body == b"second")
+            matches!(t.begin(&c.default_rule, k, &req(1, 4), 3_000).unwrap().0, Begun::Replay(r) if r.body == b"second")
         );
         assert_eq!(
-            t.begin(&c, k, &req(2, 4), 3_000).unwrap().0,
+            t.begin(&c.default_rule, k, &req(2, 4), 3_000).unwrap().0,
             Begun::Reject(Rejection::Mismatch)
         );
         // expiry (ttl from first use at 2_000)
         assert!(matches!(
-            t.begin(&c, k, &req(2, 5), 12_000).unwrap().0,
+            t.begin(&c.default_rule, k, &req(2, 5), 12_000).unwrap().0,
             Begun::Forward(_)
         ));
     }
@@ -558,13 +579,13 @@ mod tests {
         let s = MemoryStore::default();
         let t = SlotTable::new(&s, &c);
         let k = KeyId([2; 16]);
-        let Begun::Forward(h) = t.begin(&c, k, &req(1, 1), 0).unwrap().0 else {
+        let Begun::Forward(h) = t.begin(&c.default_rule, k, &req(1, 1), 0).unwrap().0 else {
             panic!()
         };
         assert!(t.release(&h).unwrap());
         assert!(!t.release(&h).unwrap());
         assert!(matches!(
-            t.begin(&c, k, &req(1, 2), 1).unwrap().0,
+            t.begin(&c.default_rule, k, &req(1, 2), 1).unwrap().0,
             Begun::Forward(_)
         ));
     }
@@ -580,7 +601,12 @@ mod tests {
             id[..4].copy_from_slice(&i.to_be_bytes());
             id[4..8].copy_from_slice(&i.wrapping_mul(2_654_435_761).to_be_bytes());
             let (b, ev) = t
-                .begin(&c, KeyId(id), &req(1, u64::from(i)), u64::from(i))
+                .begin(
+                    &c.default_rule,
+                    KeyId(id),
+                    &req(1, u64::from(i)),
+                    u64::from(i),
+                )
                 .unwrap();
             evictions += ev.evictions;
             let Begun::Forward(h) = b else {
@@ -600,12 +626,16 @@ mod tests {
         let t = SlotTable::new(&s, &c);
         for i in 0..2u8 {
             assert!(matches!(
-                t.begin(&c, KeyId([i; 16]), &req(1, 1), 0).unwrap().0,
+                t.begin(&c.default_rule, KeyId([i; 16]), &req(1, 1), 0)
+                    .unwrap()
+                    .0,
                 Begun::Forward(_)
             ));
         }
         assert!(matches!(
-            t.begin(&c, KeyId([9; 16]), &req(1, 1), 0).unwrap().0,
+            t.begin(&c.default_rule, KeyId([9; 16]), &req(1, 1), 0)
+                .unwrap()
+                .0,
             Begun::Reject(Rejection::StoreUnavailable { .. })
         ));
     }
@@ -621,7 +651,7 @@ mod tests {
             .put(&t.index_key(home), b"garbage", Expect::Absent)
             .unwrap());
         assert!(
-            matches!(t.begin(&c, k, &req(1, 1), 0).unwrap().0, Begun::Forward(h) if h.slot == home)
+            matches!(t.begin(&c.default_rule, k, &req(1, 1), 0).unwrap().0, Begun::Forward(h) if h.slot == home)
         );
     }
 
@@ -639,7 +669,7 @@ mod tests {
                     std::thread::spawn(move || {
                         let t = SlotTable::new(&*s, &c);
                         let owner = owners.fetch_add(1, Ordering::SeqCst);
-                        match t.begin(&c, k, &req(1, owner), 0).unwrap().0 {
+                        match t.begin(&c.default_rule, k, &req(1, owner), 0).unwrap().0 {
                             Begun::Forward(h) => Some(h),
                             Begun::Reject(Rejection::Conflict { .. }) => None,
                             other => panic!("{other:?}"),
@@ -682,7 +712,7 @@ mod tests {
             .unwrap());
         // A request scanning finds it → conflict, and never claims a second slot.
         assert!(matches!(
-            t.begin(&c, k, &req(1, 1), 0).unwrap().0,
+            t.begin(&c.default_rule, k, &req(1, 1), 0).unwrap().0,
             Begun::Reject(Rejection::Conflict { .. })
         ));
         let live: Vec<_> = w

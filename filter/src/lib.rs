@@ -30,11 +30,13 @@ use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
+use idemgate_core::config::ConcurrentAction;
 use idemgate_core::decision::Request;
-use idemgate_core::problem::{self, LocalAnswer};
+use idemgate_core::problem::{self, AnswerContext, LocalAnswer};
 use idemgate_core::store::{Begun, CasStore, ClaimHandle, Events, Expect, SlotTable, StoreError};
 use idemgate_core::{
-    admit, Admission, Config, Fingerprinter, NotStored, Rejection, ResponseCapture,
+    admit, resolve, Admission, Config, NotStored, Pending, Rejection, Resolution, Resolved,
+    ResponseCapture, Rule,
 };
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -177,6 +179,9 @@ impl Metrics {
             Rejection::BodyTooLarge { .. } => "too_large",
             Rejection::Conflict { .. } => "conflicts",
             Rejection::Mismatch => "mismatches",
+            Rejection::Duplicate => "duplicates",
+            Rejection::InvalidBody { .. } => "invalid_bodies",
+            Rejection::InvalidExpiry { .. } => "invalid_expiries",
             Rejection::StoreUnavailable { .. } => "store_unavailable",
             Rejection::Misconfigured { .. } => "misconfigured",
         });
@@ -188,6 +193,12 @@ struct Shared {
     config: Config,
     store: SharedData,
     metrics: Metrics,
+}
+
+impl Shared {
+    fn table(&self) -> SlotTable<'_, SharedData> {
+        SlotTable::new(&self.store, &self.config)
+    }
 }
 
 #[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
@@ -202,6 +213,9 @@ struct Root {
     role: Role,
     shared: Option<Rc<Shared>>,
 }
+
+/// How often waiting requests look at the store again.
+const WAIT_POLL_MS: u32 = 10;
 
 impl Context for Root {}
 
@@ -232,13 +246,20 @@ impl RootContext for Root {
                 let store = SharedData {
                     fence_key: format!("{}:fence", config.store_namespace),
                 };
+                let waits = config
+                    .rules()
+                    .any(|r| r.on_concurrent.action == ConcurrentAction::Wait);
+                if waits {
+                    let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(
+                        u64::from(WAIT_POLL_MS),
+                    ));
+                }
                 log::info!(
-                    "idemgate: configured (root_id {root_id:?}, methods {:?}, key header {}, ttl {}s, lease {}s, capacity {})",
-                    config.methods,
-                    config.key_header,
-                    config.ttl_ms / 1000,
-                    config.lease_ms / 1000,
-                    config.store_capacity
+                    "idemgate: configured (root_id {root_id:?}, {} route rule(s), namespace {}, capacity {}){}",
+                    config.routes.len(),
+                    config.store_namespace,
+                    config.store_capacity,
+                    config.description.as_deref().map(|d| format!(": {d}")).unwrap_or_default()
                 );
                 self.shared = Some(Rc::new(Shared {
                     config,
@@ -254,6 +275,10 @@ impl RootContext for Root {
         }
     }
 
+    fn on_tick(&mut self) {
+        poll_waiters();
+    }
+
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         match (self.role, &self.shared) {
             (Role::Gate, _) => Some(Box::new(Gate {
@@ -264,6 +289,8 @@ impl RootContext for Root {
                 id: context_id,
                 shared: shared.clone(),
                 phase: Phase::Idle,
+                ctx: AnswerContext::default(),
+                add_correlation: false,
             })),
             (Role::Reader, None) => None,
         }
@@ -311,16 +338,145 @@ impl HttpContext for Gate {
     }
 }
 
+/// Where a waiting request ended up, filled in by the root context's tick.
+#[derive(Default)]
+enum Settled {
+    #[default]
+    Pending,
+    Forwarded(usize, ClaimHandle),
+    Done,
+}
+
+/// A request parked by the `wait` concurrency policy.
+struct Waiter {
+    reader: u32,
+    gate: Option<u64>,
+    shared: Rc<Shared>,
+    rule: usize,
+    key_id: idemgate_core::KeyId,
+    request: Request,
+    deadline: u64,
+    ctx: AnswerContext,
+    settled: Rc<RefCell<Settled>>,
+}
+
+thread_local! {
+    static WAITERS: RefCell<Vec<Waiter>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Looks at the store for every waiting request of this worker; answers or forwards those
+/// whose key settled (or whose wait ran out).
+fn poll_waiters() {
+    let waiting = WAITERS.with(|w| std::mem::take(&mut *w.borrow_mut()));
+    if waiting.is_empty() {
+        return;
+    }
+    let now = now_ms();
+    let mut still = Vec::new();
+    for w in waiting {
+        let rule = w.shared.config.rule_at(w.rule);
+        let table = w.shared.table();
+        let outcome = table.begin_waiting(rule, w.key_id, &w.request, now, Some(w.deadline));
+        if hostcalls::set_effective_context(w.reader).is_err() {
+            continue; // the stream is gone
+        }
+        match outcome {
+            Ok((Begun::Wait { .. }, _)) => {
+                still.push(w);
+                continue;
+            }
+            Ok((Begun::Replay(stored), ev)) => {
+                w.shared.metrics.events(&ev);
+                w.shared.metrics.inc("replayed");
+                w.shared.metrics.inc("waited");
+                send(problem::replay(rule, &stored, &w.ctx));
+                *w.settled.borrow_mut() = Settled::Done;
+            }
+            Ok((Begun::Reject(r), ev)) => {
+                w.shared.metrics.events(&ev);
+                if matches!(r, Rejection::Conflict { .. }) {
+                    w.shared.metrics.inc("wait_timeouts");
+                }
+                w.shared.metrics.rejection(&r);
+                send(problem::render(rule, &r, &w.ctx));
+                *w.settled.borrow_mut() = Settled::Done;
+            }
+            Ok((Begun::Forward(handle), ev)) => {
+                w.shared.metrics.events(&ev);
+                // The first request gave the key back (or its lease lapsed): this one goes.
+                let released = match w.gate {
+                    Some(t) => release_gate(w.reader, t),
+                    None => Ok(()),
+                };
+                let _ = hostcalls::set_effective_context(w.reader);
+                match released
+                    .and_then(|()| hostcalls::resume_http_request().map_err(|e| format!("{e:?}")))
+                {
+                    Ok(()) => {
+                        w.shared.metrics.inc("forwarded");
+                        *w.settled.borrow_mut() = Settled::Forwarded(w.rule, handle);
+                    }
+                    Err(detail) => {
+                        let _ = table.release(&handle);
+                        let r = Rejection::Misconfigured { detail };
+                        w.shared.metrics.rejection(&r);
+                        send(problem::render(rule, &r, &w.ctx));
+                        *w.settled.borrow_mut() = Settled::Done;
+                    }
+                }
+            }
+            Err(e) => {
+                w.shared.metrics.inc("store_errors");
+                log::error!("idemgate: {e}");
+                let r = Rejection::StoreUnavailable {
+                    retry_after_s: 1,
+                    reason: "store error",
+                };
+                send(problem::render(rule, &r, &w.ctx));
+                *w.settled.borrow_mut() = Settled::Done;
+            }
+        }
+    }
+    WAITERS.with(|w| w.borrow_mut().extend(still));
+}
+
+fn send(answer: LocalAnswer) {
+    let headers: Vec<(&str, &str)> = answer
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    if let Err(e) =
+        hostcalls::send_http_response(u32::from(answer.status), headers, Some(&answer.body))
+    {
+        log::error!("idemgate: could not send local response: {e:?}");
+    }
+}
+
+/// Releases the gate holding request `token`, then makes `reader` the effective context
+/// again.
+fn release_gate(reader: u32, token: u64) -> Result<(), String> {
+    let gate = GATES.with(|g| g.borrow_mut().remove(&token)).ok_or_else(|| {
+        "the idemgate_gate filter did not hold this request; configure it right after the idemgate filter with the same vm_config".to_string()
+    })?;
+    hostcalls::set_effective_context(gate)
+        .map_err(|e| format!("gate context {gate} is gone: {e:?}"))?;
+    let resumed = hostcalls::resume_http_request();
+    let _ = hostcalls::set_effective_context(reader);
+    resumed.map_err(|e| format!("could not release the gate: {e:?}"))
+}
+
 enum Phase {
     Idle,
     /// Buffering the body of a covered request; the gate holds its headers.
-    Waiting {
-        key_id: idemgate_core::KeyId,
-        fp: Fingerprinter,
+    Buffering {
+        pending: Pending,
         token: u64,
     },
+    /// Parked by the wait policy; the root's tick settles it.
+    Waiting(Rc<RefCell<Settled>>),
     /// Forwarded with a claim; waiting for the response.
-    Forwarded(ClaimHandle),
+    Forwarded(usize, ClaimHandle),
     /// Capturing the response.
     Capturing(ClaimHandle, ResponseCapture),
     /// Answered locally or finished.
@@ -331,12 +487,16 @@ struct Reader {
     id: u32,
     shared: Rc<Shared>,
     phase: Phase,
+    ctx: AnswerContext,
+    /// Set the correlation header on the response (it was missing or generated).
+    add_correlation: bool,
 }
 
 impl Context for Reader {
     fn on_done(&mut self) -> bool {
+        self.settle();
         match std::mem::replace(&mut self.phase, Phase::Done) {
-            Phase::Forwarded(h) | Phase::Capturing(h, _) => {
+            Phase::Forwarded(_, h) | Phase::Capturing(h, _) => {
                 // No complete response: the outcome is unknown (reset, timeout, client gone).
                 // The claim stays until its lease lapses; then a retry goes through.
                 self.shared.metrics.inc("not_stored_incomplete");
@@ -345,8 +505,12 @@ impl Context for Reader {
                     h.key_id.to_hex()
                 );
             }
-            Phase::Waiting { token, .. } => {
+            Phase::Buffering { token, .. } => {
                 GATES.with(|g| g.borrow_mut().remove(&token));
+            }
+            Phase::Waiting(_) => {
+                let id = self.id;
+                WAITERS.with(|w| w.borrow_mut().retain(|x| x.reader != id));
             }
             _ => {}
         }
@@ -355,84 +519,115 @@ impl Context for Reader {
 }
 
 impl Reader {
+    /// Takes over what the tick decided for a waiting request.
+    fn settle(&mut self) {
+        let outcome = match &self.phase {
+            Phase::Waiting(slot) => std::mem::take(&mut *slot.borrow_mut()),
+            _ => return,
+        };
+        match outcome {
+            Settled::Pending => {}
+            Settled::Forwarded(rule, h) => self.phase = Phase::Forwarded(rule, h),
+            Settled::Done => self.phase = Phase::Done,
+        }
+    }
+
     fn respond(&mut self, answer: LocalAnswer) -> Action {
         self.phase = Phase::Done;
-        let headers: Vec<(&str, &str)> = answer
-            .headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_str()))
-            .collect();
-        if let Err(e) =
-            hostcalls::send_http_response(u32::from(answer.status), headers, Some(&answer.body))
-        {
-            log::error!("idemgate: could not send local response: {e:?}");
-        }
+        send(answer);
         Action::Pause
     }
 
-    fn reject(&mut self, rejection: Rejection) -> Action {
-        let s = self.shared.clone();
-        s.metrics.rejection(&rejection);
-        log::debug!("idemgate: rejected: {rejection:?}");
-        self.respond(problem::render(&s.config, &rejection))
+    fn reject(&mut self, rule: &Rule, rejection: Rejection) -> Action {
+        self.shared.metrics.rejection(&rejection);
+        log::debug!("idemgate: rejected ({}): {rejection:?}", rule.name);
+        self.respond(problem::render(rule, &rejection, &self.ctx))
     }
 
-    /// Decides once the body is complete. `token` is the gate to release, if any.
-    fn conclude(
-        &mut self,
-        key_id: idemgate_core::KeyId,
-        fp: Fingerprinter,
-        token: Option<u64>,
-    ) -> Action {
+    /// Claims, replays or rejects once key and fingerprint are known.
+    fn conclude(&mut self, rule_idx: usize, resolved: Resolved, token: Option<u64>) -> Action {
         let s = self.shared.clone();
+        let rule = s.config.rule_at(rule_idx);
+        self.ctx.idempotency_key = Some(resolved.key.clone());
         let request = Request {
-            fingerprint: fp.finish(),
+            fingerprint: resolved.fingerprint,
             owner: fresh_token(),
+            expires_in_ms: resolved.expires_in_ms,
         };
-        let table = SlotTable::new(&s.store, &s.config);
-        let (begun, events) = match table.begin(&s.config, key_id, &request, now_ms()) {
+        let table = s.table();
+        let (begun, events) = match table.begin(rule, resolved.key_id, &request, now_ms()) {
             Ok(r) => r,
             Err(e) => {
                 log::error!("idemgate: {e}");
                 s.metrics.inc("store_errors");
-                return self.reject(Rejection::StoreUnavailable {
-                    retry_after_s: 1,
-                    reason: "store error",
-                });
+                return self.reject(
+                    rule,
+                    Rejection::StoreUnavailable {
+                        retry_after_s: 1,
+                        reason: "store error",
+                    },
+                );
             }
         };
         s.metrics.events(&events);
         match begun {
             Begun::Replay(stored) => {
                 s.metrics.inc("replayed");
-                log::debug!("idemgate: replaying key {}", key_id.to_hex());
-                self.respond(problem::replay(&s.config, &stored))
+                log::debug!("idemgate: replaying key {}", resolved.key_id.to_hex());
+                self.respond(problem::replay(rule, &stored, &self.ctx))
             }
-            Begun::Reject(r) => self.reject(r),
+            Begun::Reject(r) => self.reject(rule, r),
+            Begun::Wait { deadline } => {
+                let settled = Rc::new(RefCell::new(Settled::Pending));
+                WAITERS.with(|w| {
+                    w.borrow_mut().push(Waiter {
+                        reader: self.id,
+                        gate: token,
+                        shared: s.clone(),
+                        rule: rule_idx,
+                        key_id: resolved.key_id,
+                        request,
+                        deadline,
+                        ctx: self.ctx.clone(),
+                        settled: settled.clone(),
+                    })
+                });
+                self.phase = Phase::Waiting(settled);
+                Action::Pause
+            }
             Begun::Forward(handle) => {
                 if let Some(t) = token {
-                    if let Err(detail) = self.release_gate(t) {
+                    if let Err(detail) = release_gate(self.id, t) {
                         let _ = table.release(&handle);
                         log::error!("idemgate: {detail}");
-                        return self.reject(Rejection::Misconfigured { detail });
+                        return self.reject(rule, Rejection::Misconfigured { detail });
                     }
                 }
                 s.metrics.inc("forwarded");
-                self.phase = Phase::Forwarded(handle);
+                self.phase = Phase::Forwarded(rule_idx, handle);
                 Action::Continue
             }
         }
     }
 
-    fn release_gate(&self, token: u64) -> Result<(), String> {
-        let gate = GATES.with(|g| g.borrow_mut().remove(&token)).ok_or_else(|| {
-            "the idemgate_gate filter did not hold this request; configure it right after the idemgate filter with the same vm_config".to_string()
-        })?;
-        hostcalls::set_effective_context(gate)
-            .map_err(|e| format!("gate context {gate} is gone: {e:?}"))?;
-        let resumed = hostcalls::resume_http_request();
-        let _ = hostcalls::set_effective_context(self.id);
-        resumed.map_err(|e| format!("could not release the gate: {e:?}"))
+    /// The whole body is in (or there is none): resolve the key, then conclude.
+    fn body_complete(&mut self, pending: Pending, token: Option<u64>, body: &[u8]) -> Action {
+        let s = self.shared.clone();
+        let rule = s.config.rule_at(pending.rule);
+        match resolve(&s.config, &pending, body) {
+            Resolution::Ready(resolved) => self.conclude(pending.rule, resolved, token),
+            Resolution::Reject(r) => self.reject(rule, r),
+            Resolution::Pass => {
+                s.metrics.inc("passed");
+                if let Some(t) = token {
+                    if let Err(detail) = release_gate(self.id, t) {
+                        return self.reject(rule, Rejection::Misconfigured { detail });
+                    }
+                }
+                self.phase = Phase::Done;
+                Action::Continue
+            }
+        }
     }
 
     fn finish_response(&mut self) {
@@ -441,7 +636,7 @@ impl Reader {
             return;
         };
         let s = self.shared.clone();
-        let table = SlotTable::new(&s.store, &s.config);
+        let table = s.table();
         match capture.finish() {
             Ok(stored) => match table.complete(&handle, &stored) {
                 Ok((true, ev)) => {
@@ -474,6 +669,34 @@ impl Reader {
             }
         }
     }
+
+    /// Reads or makes the request's correlation id (before the headers pass).
+    fn correlate(&mut self, headers: &mut Vec<(String, Vec<u8>)>) {
+        let Some(c) = &self.shared.config.correlation else {
+            return;
+        };
+        self.ctx.correlation_header = Some(c.header.clone());
+        let sent = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(&c.header))
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+            .map(str::to_string);
+        match sent {
+            Some(id) => self.ctx.request_id = Some(id),
+            None if c.generate => {
+                let id = problem::correlation_id(fresh_token(), fresh_token());
+                let _ = hostcalls::set_map_value_bytes(
+                    MapType::HttpRequestHeaders,
+                    &c.header,
+                    Some(id.as_bytes()),
+                );
+                headers.push((c.header.clone(), id.clone().into_bytes()));
+                self.ctx.request_id = Some(id);
+            }
+            None => {}
+        }
+        self.add_correlation = self.ctx.request_id.is_some();
+    }
 }
 
 impl HttpContext for Reader {
@@ -481,7 +704,8 @@ impl HttpContext for Reader {
         let s = self.shared.clone();
         // Never trust a client-sent gate token.
         let _ = hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, GATE_HEADER, None);
-        let headers = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default();
+        let mut headers = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default();
+        self.correlate(&mut headers);
         let pseudo = |name: &str| {
             headers
                 .iter()
@@ -490,19 +714,22 @@ impl HttpContext for Reader {
                 .unwrap_or_default()
         };
         let (method, path) = (pseudo(":method"), pseudo(":path"));
-        if s.config.covers_method(&method) {
-            s.metrics.inc("requests");
-        }
+        let Some(rule) = s.config.rule_for(&method, &path) else {
+            return Action::Continue;
+        };
+        s.metrics.inc("requests");
         match admit(&s.config, &method, &path, &headers) {
             Admission::Pass => {
                 s.metrics.inc("passed");
                 Action::Continue
             }
-            Admission::Reject(r) => self.reject(r),
+            Admission::Reject(r) => self.reject(rule, r),
             Admission::Inspect(pending) => {
-                let fp = Fingerprinter::new(&method, &path);
+                if let Some(k) = pending.header_key() {
+                    self.ctx.idempotency_key = Some(k.to_string());
+                }
                 if eos {
-                    return self.conclude(pending.key_id, fp, None);
+                    return self.body_complete(pending, None, &[]);
                 }
                 let token = fresh_token();
                 if let Err(e) = hostcalls::set_map_value_bytes(
@@ -511,47 +738,71 @@ impl HttpContext for Reader {
                     Some(token.to_string().as_bytes()),
                 ) {
                     log::error!("idemgate: could not tag request for the gate: {e:?}");
-                    return self.reject(Rejection::Misconfigured {
-                        detail: "could not tag the request for the gate".into(),
-                    });
+                    return self.reject(
+                        rule,
+                        Rejection::Misconfigured {
+                            detail: "could not tag the request for the gate".into(),
+                        },
+                    );
                 }
-                self.phase = Phase::Waiting {
-                    key_id: pending.key_id,
-                    fp,
-                    token,
-                };
+                self.phase = Phase::Buffering { pending, token };
                 Action::Continue
             }
         }
     }
 
     fn on_http_request_body(&mut self, body_size: usize, eos: bool) -> Action {
-        let Phase::Waiting { .. } = self.phase else {
-            return Action::Continue;
+        let limit = match &self.phase {
+            Phase::Buffering { pending, .. } => {
+                self.shared.config.rule_at(pending.rule).max_body_bytes
+            }
+            Phase::Waiting(_) => return Action::Pause,
+            _ => return Action::Continue,
         };
-        let limit = self.shared.config.max_body_bytes;
         if body_size as u64 > limit {
-            return self.reject(Rejection::BodyTooLarge { limit });
+            let s = self.shared.clone();
+            if let Phase::Buffering { pending, token } =
+                std::mem::replace(&mut self.phase, Phase::Done)
+            {
+                GATES.with(|g| g.borrow_mut().remove(&token));
+                return self.reject(
+                    s.config.rule_at(pending.rule),
+                    Rejection::BodyTooLarge { limit },
+                );
+            }
         }
         if !eos {
             return Action::Pause;
         }
-        self.body_complete(body_size)
+        self.take_body(body_size)
     }
 
     fn on_http_request_trailers(&mut self, _n: usize) -> Action {
-        if let Phase::Waiting { .. } = self.phase {
+        if let Phase::Buffering { .. } = self.phase {
             let size = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, usize::MAX)
                 .ok()
                 .flatten()
                 .map_or(0, |b| b.len());
-            return self.body_complete(size);
+            return self.take_body(size);
         }
         Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _n: usize, eos: bool) -> Action {
-        let Phase::Forwarded(handle) = std::mem::replace(&mut self.phase, Phase::Done) else {
+        self.settle();
+        if self.add_correlation {
+            if let (Some(h), Some(id)) = (&self.ctx.correlation_header, &self.ctx.request_id) {
+                if let Ok(None) = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, h) {
+                    let _ = hostcalls::set_map_value_bytes(
+                        MapType::HttpResponseHeaders,
+                        h,
+                        Some(id.as_bytes()),
+                    );
+                }
+            }
+        }
+        let Phase::Forwarded(rule_idx, handle) = std::mem::replace(&mut self.phase, Phase::Done)
+        else {
             return Action::Continue;
         };
         let headers = hostcalls::get_map_bytes(MapType::HttpResponseHeaders).unwrap_or_default();
@@ -575,7 +826,8 @@ impl HttpContext for Reader {
             );
             return Action::Continue;
         }
-        let capture = ResponseCapture::new(&self.shared.config, status, &headers);
+        let rule = self.shared.config.rule_at(rule_idx);
+        let capture = ResponseCapture::new(rule, status, &headers);
         self.phase = Phase::Capturing(handle, capture);
         if eos {
             self.finish_response();
@@ -606,28 +858,29 @@ impl HttpContext for Reader {
 }
 
 impl Reader {
-    fn body_complete(&mut self, body_size: usize) -> Action {
-        let Phase::Waiting {
-            key_id,
-            mut fp,
-            token,
-        } = std::mem::replace(&mut self.phase, Phase::Done)
+    fn take_body(&mut self, body_size: usize) -> Action {
+        let Phase::Buffering { pending, token } = std::mem::replace(&mut self.phase, Phase::Done)
         else {
             return Action::Continue;
         };
-        if body_size > 0 {
+        let body = if body_size > 0 {
             match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
-                Ok(Some(body)) => fp.update(&body),
-                Ok(None) => {}
+                Ok(b) => b.unwrap_or_default(),
                 Err(e) => {
                     log::error!("idemgate: could not read the request body: {e:?}");
                     GATES.with(|g| g.borrow_mut().remove(&token));
-                    return self.reject(Rejection::Misconfigured {
-                        detail: "the request body could not be read".into(),
-                    });
+                    let s = self.shared.clone();
+                    return self.reject(
+                        s.config.rule_at(pending.rule),
+                        Rejection::Misconfigured {
+                            detail: "the request body could not be read".into(),
+                        },
+                    );
                 }
             }
-        }
-        self.conclude(key_id, fp, Some(token))
+        } else {
+            Vec::new()
+        };
+        self.body_complete(pending, Some(token), &body)
     }
 }

@@ -1,0 +1,273 @@
+//! Canonical JSON (RFC 8785 style) and JSON Pointers (RFC 6901).
+//!
+//! Canonical form: object members sorted by key, no insignificant whitespace, numbers that
+//! are integral and exactly representable written without a fraction (`1.0` → `1`), strings
+//! with minimal escaping. Two documents that differ only in member order, whitespace or
+//! number spelling canonicalize to the same bytes; any change of a value changes them.
+//!
+//! ```
+//! use idemgate_core::canonical::{canonical_bytes, pointer_get};
+//! let a: serde_json::Value = serde_json::from_str(r#"{"b": 1.0, "a": [true, null]}"#).unwrap();
+//! let b: serde_json::Value = serde_json::from_str(r#"{ "a":[true,null],"b":1 }"#).unwrap();
+//! assert_eq!(canonical_bytes(&a), canonical_bytes(&b));
+//! assert_eq!(canonical_bytes(&a), br#"{"a":[true,null],"b":1}"#);
+//! assert_eq!(pointer_get(&a, "/a/0"), Some(&serde_json::Value::Bool(true)));
+//! ```
+use serde_json::Value;
+
+/// Canonical bytes of a JSON value.
+pub fn canonical_bytes(value: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    write(value, &mut out);
+    out
+}
+
+fn write(value: &Value, out: &mut Vec<u8>) {
+    match value {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                out.extend_from_slice(i.to_string().as_bytes());
+            } else if let Some(u) = n.as_u64() {
+                out.extend_from_slice(u.to_string().as_bytes());
+            } else if let Some(f) = n.as_f64() {
+                // Integral floats within 2^53 are written as integers; others keep serde's
+                // shortest round-trip form.
+                if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
+                    #[allow(clippy::cast_possible_truncation)]
+                    let i = f as i64;
+                    out.extend_from_slice(i.to_string().as_bytes());
+                } else {
+                    out.extend_from_slice(n.to_string().as_bytes());
+                }
+            }
+        }
+        Value::String(s) => {
+            if let Ok(text) = serde_json::to_string(s) {
+                out.extend_from_slice(text.as_bytes());
+            }
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write(item, out);
+            }
+            out.push(b']');
+        }
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort_by(|a, b| utf16_cmp(a, b));
+            out.push(b'{');
+            for (i, k) in keys.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                if let Ok(text) = serde_json::to_string(k) {
+                    out.extend_from_slice(text.as_bytes());
+                }
+                out.push(b':');
+                if let Some(v) = map.get(*k) {
+                    write(v, out);
+                }
+            }
+            out.push(b'}');
+        }
+    }
+}
+
+/// RFC 8785 sorts member names by their UTF-16 code units.
+fn utf16_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    a.encode_utf16().cmp(b.encode_utf16())
+}
+
+/// Whether `pointer` is a syntactically valid JSON Pointer (RFC 6901).
+pub fn valid_pointer(pointer: &str) -> Result<(), String> {
+    if pointer.is_empty() {
+        return Ok(());
+    }
+    if !pointer.starts_with('/') {
+        return Err(format!(
+            "must be empty or start with \"/\", got {pointer:?}"
+        ));
+    }
+    let bytes = pointer.as_bytes();
+    for (i, b) in bytes.iter().enumerate() {
+        if *b == b'~' && !matches!(bytes.get(i + 1), Some(b'0') | Some(b'1')) {
+            return Err(format!(
+                "\"~\" must be followed by 0 or 1 (RFC 6901), got {pointer:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn unescape(token: &str) -> String {
+    token.replace("~1", "/").replace("~0", "~")
+}
+
+/// The value at `pointer`, if any.
+pub fn pointer_get<'v>(value: &'v Value, pointer: &str) -> Option<&'v Value> {
+    if pointer.is_empty() {
+        return Some(value);
+    }
+    let mut cur = value;
+    for raw in pointer.strip_prefix('/')?.split('/') {
+        let token = unescape(raw);
+        cur = match cur {
+            Value::Object(map) => map.get(&token)?,
+            Value::Array(items) => {
+                if token.len() > 1 && token.starts_with('0') {
+                    return None;
+                }
+                items.get(token.parse::<usize>().ok()?)?
+            }
+            _ => return None,
+        };
+    }
+    Some(cur)
+}
+
+/// Removes the value at `pointer` (no-op when absent; the root cannot be removed).
+pub fn pointer_remove(value: &mut Value, pointer: &str) {
+    let Some(rest) = pointer.strip_prefix('/') else {
+        return;
+    };
+    let mut tokens: Vec<String> = rest.split('/').map(unescape).collect();
+    let Some(last) = tokens.pop() else {
+        return;
+    };
+    let mut cur = value;
+    for token in &tokens {
+        let next = match cur {
+            Value::Object(map) => map.get_mut(token),
+            Value::Array(items) => token.parse::<usize>().ok().and_then(|i| items.get_mut(i)),
+            _ => None,
+        };
+        match next {
+            Some(v) => cur = v,
+            None => return,
+        }
+    }
+    match cur {
+        Value::Object(map) => {
+            map.remove(&last);
+        }
+        Value::Array(items) => {
+            if let Ok(i) = last.parse::<usize>() {
+                if i < items.len() {
+                    items.remove(i);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The text of a JSON value used as (part of) a key: strings as they are, other scalars
+/// in canonical form; `None` for null, objects and arrays.
+pub fn key_text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(_) | Value::Bool(_) => String::from_utf8(canonical_bytes(value)).ok(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn arb_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i32>().prop_map(|i| json!(i)),
+            "[a-z\u{e9}\u{1F600}\"\\\\ ]{0,6}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map("[a-d]{1,2}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Serialize with shuffled member order and random whitespace.
+    fn messy(v: &Value, seed: u64) -> String {
+        match v {
+            Value::Object(m) => {
+                let mut items: Vec<_> = m.iter().collect();
+                if seed % 2 == 1 {
+                    items.reverse();
+                }
+                let parts: Vec<String> = items
+                    .iter()
+                    .map(|(k, v)| {
+                        format!(
+                            " {} :\n {} ",
+                            serde_json::to_string(k).unwrap(),
+                            messy(v, seed / 2)
+                        )
+                    })
+                    .collect();
+                format!("{{ {} }}", parts.join(" ,\t"))
+            }
+            Value::Array(a) => format!(
+                "[ {} ]",
+                a.iter()
+                    .map(|x| messy(x, seed / 3))
+                    .collect::<Vec<_>>()
+                    .join(" , ")
+            ),
+            other => other.to_string(),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn order_and_whitespace_do_not_matter(v in arb_json(), seed in any::<u64>()) {
+            let reparsed: Value = serde_json::from_str(&messy(&v, seed)).unwrap();
+            prop_assert_eq!(canonical_bytes(&reparsed), canonical_bytes(&v));
+            // canonical output is itself valid JSON denoting the same value
+            let back: Value = serde_json::from_slice(&canonical_bytes(&v)).unwrap();
+            prop_assert_eq!(back, v);
+        }
+
+        #[test]
+        fn any_value_change_matters(v in arb_json(), w in arb_json()) {
+            prop_assume!(v != w);
+            prop_assert_ne!(canonical_bytes(&v), canonical_bytes(&w));
+        }
+    }
+
+    #[test]
+    fn numbers() {
+        let a: Value = serde_json::from_str("[1.0, 1, 1e2, 0.5, -0.0]").unwrap();
+        assert_eq!(canonical_bytes(&a), b"[1,1,100,0.5,0]");
+    }
+
+    #[test]
+    fn pointers() {
+        let v = json!({"a/b": {"~c": [10, 20]}, "n": 5});
+        assert_eq!(pointer_get(&v, "/a~1b/~0c/1"), Some(&json!(20)));
+        assert_eq!(pointer_get(&v, "/a~1b/~0c/01"), None);
+        assert_eq!(pointer_get(&v, "/missing"), None);
+        assert!(valid_pointer("/a~2").is_err());
+        assert!(valid_pointer("a").is_err());
+        assert!(valid_pointer("").is_ok());
+        let mut w = v.clone();
+        pointer_remove(&mut w, "/n");
+        pointer_remove(&mut w, "/a~1b/~0c/0");
+        assert_eq!(w, json!({"a/b": {"~c": [20]}}));
+        assert_eq!(key_text(&json!(12)), Some("12".into()));
+        assert_eq!(key_text(&json!("x")), Some("x".into()));
+        assert_eq!(key_text(&json!(null)), None);
+    }
+}
