@@ -39,6 +39,7 @@ pub mod fingerprint;
 pub mod headers;
 pub mod key;
 pub mod problem;
+pub mod ratelimit;
 pub mod record;
 pub mod response;
 pub mod store;
