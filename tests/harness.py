@@ -49,6 +49,11 @@ CONTAINER_CONFIG_DIR = "/etc/envoy"
 CONTAINER_ENVOY = "/usr/local/bin/envoy"
 
 BUFFER_LIMIT_BYTES = 16 * 1024 * 1024
+# idemgate's metrics are wasmcustom.idemgate.<namespace>.<name>; this tag turns them into
+# idemgate_<name>{idemgate_namespace="<namespace>"} at /stats/prometheus.
+STATS_CONFIG = {
+    "stats_tags": [{"tag_name": "idemgate_namespace", "regex": r"^wasmcustom\.idemgate\.((.+?)\.)"}]
+}
 DEFAULT_ROUTE_TIMEOUT_S: float = 15.0
 WASM_FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 STRING_VALUE_TYPE = "type.googleapis.com/google.protobuf.StringValue"
@@ -335,6 +340,7 @@ def build_envoy_config(
     return {
         "node": {"id": "idemgate-test", "cluster": "idemgate-test"},
         "admin": {"address": _addr("127.0.0.1", admin_port)},
+        "stats_config": STATS_CONFIG,
         "static_resources": {
             "listeners": out_listeners,
             "clusters": [

@@ -23,6 +23,7 @@ use std::collections::BTreeMap;
 use crate::canonical::valid_pointer;
 use crate::error::ConfigError;
 use crate::headers::{is_token, never_stored};
+use crate::ratelimit::{ContentionPolicy, Quota, ResetFormat};
 
 /// Default response headers stored and replayed.
 pub const DEFAULT_STORE_HEADERS: &[&str] = &[
@@ -58,6 +59,23 @@ struct RawRule {
     response: Option<RawResponse>,
     scope: Option<RawScope>,
     errors: Option<RawErrors>,
+    rate_limit: Option<RawRateLimit>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRateLimit {
+    rate: Option<u64>,
+    period_seconds: Option<u64>,
+    burst: Option<u64>,
+    caller_headers: Option<Vec<String>>,
+    per_route: Option<bool>,
+    reset_format: Option<String>,
+    on_contention: Option<String>,
+    charge_replays: Option<bool>,
+    capacity: Option<u64>,
+    probes: Option<u64>,
+    status: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default, Clone)]
@@ -352,6 +370,7 @@ pub const ERROR_KINDS: &[&str] = &[
     "duplicate",
     "storeUnavailable",
     "misconfigured",
+    "rateLimited",
 ];
 
 /// Placeholders an envelope may use.
@@ -365,6 +384,29 @@ pub const PLACEHOLDERS: &[&str] = &[
     "requestId",
     "retryAfterSeconds",
 ];
+
+/// Per-caller rate limiting for the requests a rule's route matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitSpec {
+    /// Rate and burst.
+    pub quota: Quota,
+    /// Request headers identifying the caller (hashed; absent = one shared anonymous bucket).
+    pub caller_headers: Vec<String>,
+    /// Give each route rule its own bucket per caller.
+    pub per_route: bool,
+    /// `X-RateLimit-Reset` as seconds from now or epoch seconds.
+    pub reset_format: ResetFormat,
+    /// What to do when the shared state cannot be updated in a bounded number of tries.
+    pub on_contention: ContentionPolicy,
+    /// Whether replays of stored responses spend quota.
+    pub charge_replays: bool,
+    /// Buckets kept.
+    pub capacity: u32,
+    /// Slots probed per bucket.
+    pub probes: u32,
+    /// Status of the refusal.
+    pub status: u16,
+}
 
 /// Which requests a route applies to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -424,6 +466,8 @@ pub struct Rule {
     pub credential_headers: Vec<String>,
     /// Error rendering.
     pub errors: ErrorSpec,
+    /// Rate limiting, if any.
+    pub rate_limit: Option<RateLimitSpec>,
 }
 
 /// Correlation id settings.
@@ -612,6 +656,18 @@ impl Config {
         rule.covers_method(method).then_some(rule)
     }
 
+    /// The rule whose rate limit applies to a request: the first route whose path matches
+    /// (whatever the method), else the default rule.
+    pub fn limit_rule_for(&self, path_with_query: &str) -> &Rule {
+        let path = path_with_query
+            .split_once('?')
+            .map_or(path_with_query, |(p, _)| p);
+        self.routes
+            .iter()
+            .find(|r| r.matcher.as_ref().is_some_and(|m| m.matches_path(path)))
+            .unwrap_or(&self.default_rule)
+    }
+
     /// Index of a rule returned by [`Config::rule_for`] (for hosts that keep an index).
     pub fn rule_index(&self, rule: &Rule) -> usize {
         self.routes
@@ -637,14 +693,18 @@ impl Config {
 impl RouteMatch {
     /// Whether the route applies to `method` and `path` (without query).
     pub fn matches(&self, method: &str, path: &str) -> bool {
-        let path_ok = match (&self.exact, &self.prefix) {
+        self.matches_path(path)
+            && (self.methods.is_empty()
+                || self.methods.iter().any(|m| m.eq_ignore_ascii_case(method)))
+    }
+
+    /// Whether the route's path condition holds for `path` (without query).
+    pub fn matches_path(&self, path: &str) -> bool {
+        match (&self.exact, &self.prefix) {
             (Some(e), _) => path == e,
             (None, Some(p)) => path.starts_with(p.as_str()),
             (None, None) => true,
-        };
-        path_ok
-            && (self.methods.is_empty()
-                || self.methods.iter().any(|m| m.eq_ignore_ascii_case(method)))
+        }
     }
 }
 
@@ -685,6 +745,7 @@ impl Rule {
                 codes: BTreeMap::new(),
                 messages: BTreeMap::new(),
             },
+            rate_limit: None,
         }
     }
 
@@ -791,6 +852,7 @@ fn merge(base: &RawRule, over: RawRule) -> RawRule {
         response: over.response.or_else(|| base.response.clone()),
         scope: over.scope.or_else(|| base.scope.clone()),
         errors: over.errors.or_else(|| base.errors.clone()),
+        rate_limit: over.rate_limit.or_else(|| base.rate_limit.clone()),
     }
 }
 
@@ -1308,6 +1370,10 @@ fn validate_rule(
         }
     };
     let errors = validate_errors(&p("errors"), raw.errors.unwrap_or_default())?;
+    let rate_limit = match raw.rate_limit {
+        None => None,
+        Some(r) => Some(validate_rate_limit(&p("rateLimit"), r)?),
+    };
     Ok(Rule {
         name,
         matcher,
@@ -1331,6 +1397,79 @@ fn validate_rule(
         replay_header,
         credential_headers,
         errors,
+        rate_limit,
+    })
+}
+
+fn validate_rate_limit(path: &str, r: RawRateLimit) -> Result<RateLimitSpec, ConfigError> {
+    let p = |f: &str| format!("{path}.{f}");
+    let rate = bounded(
+        &p("rate"),
+        r.rate
+            .ok_or_else(|| ConfigError::new(p("rate"), "is required"))?,
+        1,
+        1_000_000,
+    )?;
+    let period_s = bounded(
+        &p("periodSeconds"),
+        r.period_seconds.unwrap_or(1),
+        1,
+        86_400,
+    )?;
+    let burst = bounded(&p("burst"), r.burst.unwrap_or(rate), 1, 1_000_000)?;
+    let quota = Quota::new(
+        u32::try_from(rate).unwrap_or(u32::MAX),
+        period_s.saturating_mul(1000),
+        u32::try_from(burst).unwrap_or(u32::MAX),
+    )
+    .map_err(|e| ConfigError::new(path, e.to_string()))?;
+    let caller_headers = match r.caller_headers {
+        None => vec!["authorization".to_string()],
+        Some(list) => {
+            let mut out = Vec::new();
+            for (i, h) in list.iter().enumerate() {
+                out.push(header_name(&p(&format!("callerHeaders[{i}]")), h)?);
+            }
+            out
+        }
+    };
+    let reset_format = match r.reset_format.as_deref() {
+        None => ResetFormat::Seconds,
+        Some(s) => ResetFormat::parse(s).ok_or_else(|| {
+            ConfigError::new(
+                p("resetFormat"),
+                format!("must be one of seconds, epoch; got {s:?}"),
+            )
+        })?,
+    };
+    let on_contention = match r.on_contention.as_deref() {
+        None => ContentionPolicy::FailClosed,
+        Some(s) => ContentionPolicy::parse(s).ok_or_else(|| {
+            ConfigError::new(
+                p("onContention"),
+                format!("must be one of failClosed, failOpen; got {s:?}"),
+            )
+        })?,
+    };
+    let capacity = bounded(&p("capacity"), r.capacity.unwrap_or(10_000), 1, 10_000_000)?;
+    let probes = bounded(&p("probes"), r.probes.unwrap_or(8), 1, 64)?;
+    if probes > capacity {
+        return Err(ConfigError::new(
+            p("probes"),
+            format!("must not exceed capacity ({capacity}), got {probes}"),
+        ));
+    }
+    let status = bounded(&p("status"), r.status.unwrap_or(429), 400, 599)?;
+    Ok(RateLimitSpec {
+        quota,
+        caller_headers,
+        per_route: r.per_route.unwrap_or(false),
+        reset_format,
+        on_contention,
+        charge_replays: r.charge_replays.unwrap_or(false),
+        capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
+        probes: u32::try_from(probes).unwrap_or(1),
+        status: u16::try_from(status).unwrap_or(429),
     })
 }
 

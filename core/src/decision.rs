@@ -85,6 +85,11 @@ pub enum Rejection {
         /// What is wrong.
         detail: String,
     },
+    /// The caller is over its rate limit (429 by default, `Retry-After`).
+    RateLimited {
+        /// Seconds until a request would be admitted.
+        retry_after_s: u64,
+    },
 }
 
 impl Rejection {
@@ -101,6 +106,7 @@ impl Rejection {
             Rejection::Duplicate => "duplicate",
             Rejection::StoreUnavailable { .. } => "storeUnavailable",
             Rejection::Misconfigured { .. } => "misconfigured",
+            Rejection::RateLimited { .. } => "rateLimited",
         }
     }
 }

@@ -108,6 +108,11 @@ fn describe(rule: &Rule, rejection: &Rejection) -> Described {
         },
         Rejection::Misconfigured { detail } => d(500, "misconfigured", "misconfigured", "Idempotency filter misconfigured",
             format!("The proxy is misconfigured and refused the request before it reached the service: {detail}")),
+        Rejection::RateLimited { retry_after_s } => Described {
+            retry_after_s: Some(*retry_after_s),
+            ..d(rule.rate_limit.as_ref().map_or(429, |r| r.status), "rate-limited", "rate_limited", "Too many requests",
+                format!("This caller is over its rate limit; nothing was executed. Retry after {retry_after_s} second(s)."))
+        },
     }
 }
 
@@ -349,6 +354,7 @@ mod tests {
                 503,
             ),
             (Rejection::Misconfigured { detail: "x".into() }, 500),
+            (Rejection::RateLimited { retry_after_s: 3 }, 429),
         ];
         for (rej, status) in cases {
             let a = render(r, &rej, &AnswerContext::default());

@@ -807,6 +807,59 @@ fn choose<'s>(scan: &'s [Slot], now: Tat, ev: &mut RateEvents) -> Option<&'s Slo
     victim
 }
 
+/// What rate limiting says about one request: the outcome (after the contention policy),
+/// the headers to send, and store events for metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Charge {
+    /// Allowed or limited.
+    pub outcome: Outcome,
+    /// `X-RateLimit-*` (and `Retry-After` when limited).
+    pub headers: RateHeaders,
+    /// Store housekeeping.
+    pub events: RateEvents,
+}
+
+/// Charges `cost` requests to the caller identified by `headers` under `rule`'s rate limit
+/// (`None` when the rule has none). `cost` 0 only reads the bucket, for the headers of a
+/// replay. A store that fails is handled by the rule's contention policy.
+pub fn charge<S: CasStore + ?Sized>(
+    store: &S,
+    namespace: &str,
+    rule: &crate::config::Rule,
+    headers: &[(String, Vec<u8>)],
+    now: Millis,
+    cost: u32,
+) -> Option<Charge> {
+    use crate::headers::HeaderLookup;
+    let spec = rule.rate_limit.as_ref()?;
+    let values: Vec<Vec<u8>> = spec
+        .caller_headers
+        .iter()
+        .map(|h| headers.get_all(h).join(&b","[..]))
+        .collect();
+    let callers: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
+    let key = LimitKey::new(&callers, spec.per_route.then_some(rule.name.as_str()));
+    let table = RateTable::new(store, namespace, spec.capacity, spec.probes);
+    let (outcome, events) = match table.acquire(&key, &spec.quota, now, cost) {
+        Ok(r) => r,
+        Err(_) => (
+            Outcome::Contended {
+                new_tat: Tat::from_millis(now),
+                remaining: 0,
+                reset_after_ms: 0,
+            },
+            RateEvents::default(),
+        ),
+    };
+    let outcome = spec.on_contention.resolve(outcome);
+    let headers = outcome.headers(&spec.quota, now, spec.reset_format);
+    Some(Charge {
+        outcome,
+        headers,
+        events,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

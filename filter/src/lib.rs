@@ -33,6 +33,7 @@ use std::time::UNIX_EPOCH;
 use idemgate_core::config::ConcurrentAction;
 use idemgate_core::decision::Request;
 use idemgate_core::problem::{self, AnswerContext, LocalAnswer};
+use idemgate_core::ratelimit::{self, RateHeaders};
 use idemgate_core::store::{Begun, CasStore, ClaimHandle, Events, Expect, SlotTable, StoreError};
 use idemgate_core::{
     admit, resolve, Admission, Config, NotStored, Pending, Rejection, Resolution, Resolved,
@@ -41,6 +42,9 @@ use idemgate_core::{
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+
+/// Request or response headers as the host gives them.
+type Headers = Vec<(String, Vec<u8>)>;
 
 /// Internal request header carrying the reader→gate token. Removed by the reader when a
 /// client sends it, and by the gate before the request goes on.
@@ -183,6 +187,7 @@ impl Metrics {
             Rejection::InvalidBody { .. } => "invalid_bodies",
             Rejection::InvalidExpiry { .. } => "invalid_expiries",
             Rejection::StoreUnavailable { .. } => "store_unavailable",
+            Rejection::RateLimited { .. } => "rate_limited",
             Rejection::Misconfigured { .. } => "misconfigured",
         });
     }
@@ -291,6 +296,8 @@ impl RootContext for Root {
                 phase: Phase::Idle,
                 ctx: AnswerContext::default(),
                 add_correlation: false,
+                rate: None,
+                deferred_charge: None,
             })),
             (Role::Reader, None) => None,
         }
@@ -490,6 +497,11 @@ struct Reader {
     ctx: AnswerContext,
     /// Set the correlation header on the response (it was missing or generated).
     add_correlation: bool,
+    /// Rate-limit headers for the response.
+    rate: Option<RateHeaders>,
+    /// Index of the rule whose rate limit applies, and the request headers, while a
+    /// covered request's charge waits for its decision.
+    deferred_charge: Option<(usize, Headers)>,
 }
 
 impl Context for Reader {
@@ -532,10 +544,53 @@ impl Reader {
         }
     }
 
-    fn respond(&mut self, answer: LocalAnswer) -> Action {
+    fn respond(&mut self, mut answer: LocalAnswer) -> Action {
         self.phase = Phase::Done;
+        if let Some(rate) = &self.rate {
+            for (name, value) in rate.pairs() {
+                answer
+                    .headers
+                    .retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+                answer.headers.push((name.to_string(), value));
+            }
+        }
         send(answer);
         Action::Pause
+    }
+
+    /// Charges `cost` to the caller under the rate limit of rule `limit_rule`; returns the
+    /// refusal when the caller is over its limit.
+    fn charge(
+        &mut self,
+        limit_rule: usize,
+        headers: &[(String, Vec<u8>)],
+        cost: u32,
+    ) -> Option<Rejection> {
+        let s = self.shared.clone();
+        let rule = s.config.rule_at(limit_rule);
+        let charge = ratelimit::charge(
+            &s.store,
+            &s.config.store_namespace,
+            rule,
+            headers,
+            now_ms(),
+            cost,
+        )?;
+        s.metrics
+            .add("rate_keys", i64::from(charge.events.keys_created));
+        s.metrics
+            .add("rate_evictions", i64::from(charge.events.evictions));
+        s.metrics
+            .add("cas_retries", i64::from(charge.events.cas_retries));
+        let limited = charge.outcome.retry_after_seconds();
+        self.rate = Some(charge.headers);
+        limited.map(|retry_after_s| Rejection::RateLimited { retry_after_s })
+    }
+
+    /// Settles a charge deferred until the decision (covered requests).
+    fn deferred(&mut self, cost: u32) -> Option<(usize, Rejection)> {
+        let (rule, headers) = self.deferred_charge.take()?;
+        self.charge(rule, &headers, cost).map(|r| (rule, r))
     }
 
     fn reject(&mut self, rule: &Rule, rejection: Rejection) -> Action {
@@ -570,6 +625,26 @@ impl Reader {
             }
         };
         s.metrics.events(&events);
+        let cost = match &begun {
+            Begun::Replay(_) => u32::from(
+                s.config
+                    .rule_at(self.deferred_charge.as_ref().map_or(0, |(r, _)| *r))
+                    .rate_limit
+                    .as_ref()
+                    .is_some_and(|r| r.charge_replays),
+            ),
+            Begun::Wait { .. } => 0,
+            _ => 1,
+        };
+        if let Some((limit_rule, limited)) = self.deferred(cost) {
+            if let Begun::Forward(handle) = &begun {
+                let _ = table.release(handle);
+            }
+            if let Some(t) = token {
+                GATES.with(|g| g.borrow_mut().remove(&t));
+            }
+            return self.reject(s.config.rule_at(limit_rule), limited);
+        }
         match begun {
             Begun::Replay(stored) => {
                 s.metrics.inc("replayed");
@@ -714,11 +789,30 @@ impl HttpContext for Reader {
                 .unwrap_or_default()
         };
         let (method, path) = (pseudo(":method"), pseudo(":path"));
+        let limit_rule = s.config.limit_rule_for(&path);
+        let limit_idx = limit_rule
+            .rate_limit
+            .is_some()
+            .then(|| s.config.rule_index(limit_rule));
         let Some(rule) = s.config.rule_for(&method, &path) else {
+            if let Some(idx) = limit_idx {
+                if let Some(limited) = self.charge(idx, &headers, 1) {
+                    return self.reject(s.config.rule_at(idx), limited);
+                }
+            }
             return Action::Continue;
         };
         s.metrics.inc("requests");
-        match admit(&s.config, &method, &path, &headers) {
+        let admission = admit(&s.config, &method, &path, &headers);
+        if let Some(idx) = limit_idx {
+            if matches!(admission, Admission::Inspect(_)) {
+                // Charged once the decision is known: replays do not spend quota.
+                self.deferred_charge = Some((idx, headers.clone()));
+            } else if let Some(limited) = self.charge(idx, &headers, 1) {
+                return self.reject(s.config.rule_at(idx), limited);
+            }
+        }
+        match admission {
             Admission::Pass => {
                 s.metrics.inc("passed");
                 Action::Continue
@@ -797,6 +891,18 @@ impl HttpContext for Reader {
                         MapType::HttpResponseHeaders,
                         h,
                         Some(id.as_bytes()),
+                    );
+                }
+            }
+        }
+        if let Some(rate) = &self.rate {
+            for (name, value) in rate.pairs() {
+                if let Ok(None) = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
+                {
+                    let _ = hostcalls::set_map_value_bytes(
+                        MapType::HttpResponseHeaders,
+                        name,
+                        Some(value.as_bytes()),
                     );
                 }
             }

@@ -30,10 +30,12 @@ pub const COUNTERS: &[&str] = &[
     "lease_expiries",
     "cas_retries",
     "misconfigured",
+    "rate_limited",
+    "rate_evictions",
 ];
 
 /// Gauges, in definition order.
-pub const GAUGES: &[&str] = &["store_index_keys", "store_body_keys"];
+pub const GAUGES: &[&str] = &["store_index_keys", "store_body_keys", "rate_keys"];
 
 /// The full metric name for `metric` in `namespace`.
 pub fn name(namespace: &str, metric: &str) -> String {
