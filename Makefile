@@ -30,7 +30,7 @@ PYTEST_ARGS ?= -q
 PYTEST_PATHS ?= tests/
 WASM_TARGET := wasm32-wasip1
 WASM_OUT := target/$(WASM_TARGET)/release/idemgate_filter.wasm
-PY_DEPS := pytest>=8,<10 requests>=2.31,<3
+PY_DEPS := pytest>=8,<10 requests>=2.31,<3 jsonschema>=4.18,<5
 
 export IDEMGATE_CACHE ENVOY_VERSION ENVOY_IMAGE PYTHON
 
@@ -67,7 +67,7 @@ deps-py:
 	  rm -rf "$(VENV)"; mkdir -p "$(IDEMGATE_CACHE)"; \
 	  "$(PYTHON)" -m venv "$(VENV)"; \
 	fi; \
-	if ! "$(VENV)/bin/python" -c 'import pytest, requests' >/dev/null 2>&1; then \
+	if ! "$(VENV)/bin/python" -c 'import pytest, requests, jsonschema' >/dev/null 2>&1; then \
 	  echo "[deps] installing pytest and requests into the venv"; \
 	  "$(VENV)/bin/python" -m pip install --quiet --disable-pip-version-check $(foreach d,$(PY_DEPS),'$(d)'); \
 	fi
@@ -133,3 +133,17 @@ lint:
 clean:
 	cargo clean
 	rm -rf dist/*.wasm tests/__pycache__
+
+# ------------------------------------------------------------------------------------ bench
+# make bench   idemgate's cost against Envoy itself, side by side (not part of `make test`):
+#              criterion benches of idemgate-core, then wrk (1 thread, 16 connections) against
+#              one Envoy (--concurrency 1) in Docker: passthrough, a minimal wasm filter (the
+#              floor, bench/floor), idemgate first requests, replays, the wait policy; runs
+#              interleaved, medians of BENCH_ROUNDS. Raw results in target/bench/, tables in the
+#              generated section of BENCHMARKS.md. About 10 minutes; see bench/run.sh.
+#
+# Variables: BENCH_ROUNDS (5), BENCH_SECONDS (3 per run), BENCH_ONLY (scenario ids),
+# BENCH_CRITERION_ARGS (--warm-up-time 1 --measurement-time 2), BENCH_SKIP_CORE=1.
+.PHONY: bench
+bench:
+	@bench/run.sh

@@ -581,12 +581,42 @@ impl Config {
                 }
                 Some(v) => typed(&format!("{prefix}match."), v)?,
             };
+            if name == "default" || rules.iter().any(|r: &Rule| r.name == name) {
+                return Err(ConfigError::new(
+                    format!("{prefix}name"),
+                    format!("must be unique and not \"default\", got {name:?}"),
+                ));
+            }
             let matcher = validate_match(&prefix, m)?;
             let over: RawRule = typed(&prefix, Value::Object(obj))?;
             let merged = merge(&base, over);
             rules.push(validate_rule(&prefix, name, Some(matcher), merged)?);
         }
 
+        let shared_tables: Vec<(usize, &RateLimitSpec)> = std::iter::once(&default_rule)
+            .chain(rules.iter())
+            .enumerate()
+            .filter_map(|(i, r)| {
+                r.rate_limit
+                    .as_ref()
+                    .filter(|s| !s.per_route)
+                    .map(|s| (i, s))
+            })
+            .collect();
+        if let Some((_, first)) = shared_tables.first() {
+            if let Some((i, other)) = shared_tables
+                .iter()
+                .find(|(_, s)| s.capacity != first.capacity || s.probes != first.probes)
+            {
+                return Err(ConfigError::new(
+                    format!("routes[{}].rateLimit", i.saturating_sub(1)),
+                    format!(
+                        "capacity and probes must match the other shared (perRoute false) rate limits ({}/{}), got {}/{}; set perRoute true for a table of its own",
+                        first.capacity, first.probes, other.capacity, other.probes
+                    ),
+                ));
+            }
+        }
         let store_capacity = bounded(
             "store.capacity",
             store.capacity.unwrap_or(10_000),
@@ -1215,7 +1245,7 @@ fn validate_rule(
     )?;
     let lease_s = bounded(
         &p("leaseSeconds"),
-        raw.lease_seconds.unwrap_or(30),
+        raw.lease_seconds.unwrap_or(ttl_s.min(30)),
         1,
         86_400,
     )?;
@@ -1715,6 +1745,27 @@ mod tests {
             .starts_with("key.sources[0].route: is only valid"));
         assert!(err(r#"{"onConcurrent":{"action":"wait"}}"#)
             .starts_with("onConcurrent.waitMillis: must be set"));
+    }
+
+    #[test]
+    fn lease_defaults_within_ttl_and_route_names_are_unique() {
+        assert_eq!(
+            Config::from_json(r#"{"ttlSeconds": 10}"#)
+                .unwrap()
+                .default_rule
+                .lease_ms,
+            10_000
+        );
+        assert_eq!(
+            err(
+                r#"{"routes":[{"name":"a","match":{"prefix":"/a"}},{"name":"a","match":{"prefix":"/b"}}]}"#
+            ),
+            "routes[1].name: must be unique and not \"default\", got \"a\""
+        );
+        assert!(err(
+            r#"{"rateLimit":{"rate":1,"capacity":10},"routes":[{"name":"a","match":{"prefix":"/a"},"rateLimit":{"rate":1,"capacity":20}}]}"#
+        )
+        .starts_with("routes[0].rateLimit: capacity and probes must match"));
     }
 
     #[test]

@@ -231,42 +231,42 @@ pub fn resolve(config: &Config, pending: &Pending, body: &[u8]) -> Resolution {
         None
     };
     let needs_json_for_key = rule.key_sources.iter().any(KeySource::needs_body);
-    if json.is_none()
-        && (rule.fingerprint.body == BodyMode::CanonicalJson
-            || (needs_json_for_key && pending.header_key.is_none()))
-        && !body.is_empty()
-    {
-        return Resolution::Reject(Rejection::InvalidBody {
+    let unreadable = json.is_none() && !body.is_empty() && rule.needs_json();
+    let invalid_body = |why: String| {
+        Resolution::Reject(Rejection::InvalidBody {
             detail: format!(
-                "the request body must be a JSON document here ({}); it is not valid JSON",
-                if needs_json_for_key {
-                    format!(
-                        "the idempotency key is read from {}",
-                        describe_sources(rule)
-                    )
-                } else {
-                    "the request is fingerprinted as canonical JSON".to_string()
-                }
+                "the request body must be a JSON document here ({why}); it is not valid JSON"
             ),
-        });
+        })
+    };
+    if unreadable && rule.fingerprint.body == BodyMode::CanonicalJson {
+        return invalid_body("the request is fingerprinted as canonical JSON".into());
     }
     let route = route_of(&pending.path);
-    let key = match &pending.header_key {
-        Some(k) => k.clone(),
-        None => match first_key(rule, route, &pending.headers, json.as_ref()) {
-            Ok(Some(k)) => k,
-            Ok(None) if rule.derive_from_body => {
-                let canonical = json.as_ref().map_or_else(|| body.to_vec(), canonical_bytes);
-                format!("derived:{}", crate::hex(&Sha256::digest(&canonical)))
-            }
-            Ok(None) if rule.key_required => {
-                return Resolution::Reject(Rejection::MissingKey {
-                    sources: describe_sources(rule),
-                })
-            }
-            Ok(None) => return Resolution::Pass,
-            Err(r) => return Resolution::Reject(r),
-        },
+    let found = match &pending.header_key {
+        Some(k) => Ok(Some(k.clone())),
+        None => first_key(rule, route, &pending.headers, json.as_ref()),
+    };
+    let key = match found {
+        Ok(Some(k)) => k,
+        // The key may be in the body we cannot read.
+        Ok(None) if unreadable && (needs_json_for_key || rule.derive_from_body) => {
+            return invalid_body(format!(
+                "the idempotency key is read from {}",
+                describe_sources(rule)
+            ));
+        }
+        Ok(None) if rule.derive_from_body => {
+            let canonical = json.as_ref().map_or_else(|| body.to_vec(), canonical_bytes);
+            format!("derived:{}", crate::hex(&Sha256::digest(&canonical)))
+        }
+        Ok(None) if rule.key_required => {
+            return Resolution::Reject(Rejection::MissingKey {
+                sources: describe_sources(rule),
+            })
+        }
+        Ok(None) => return Resolution::Pass,
+        Err(r) => return Resolution::Reject(r),
     };
     let fingerprint = fingerprint(
         rule,
@@ -565,14 +565,10 @@ pub fn decide_waiting(
     };
     match existing {
         None => forward(false),
-        Some(Record::InFlight {
-            lease_until,
-            expires_at,
-            ..
-        }) => {
-            if *expires_at <= now {
-                forward(false)
-            } else if *lease_until <= now {
+        // A request in flight holds its key until its lease lapses, even when a short
+        // per-request expiry has passed: the first outcome is not known yet.
+        Some(Record::InFlight { lease_until, .. }) => {
+            if *lease_until <= now {
                 forward(true)
             } else if rule.on_concurrent.action == ConcurrentAction::Wait {
                 let deadline =
@@ -916,6 +912,18 @@ mod tests {
         );
         assert_eq!(
             decide_waiting(rw, &req, Some(&busy), now - 100, Some(now - 100)),
+            Decision::Reject(Rejection::Conflict { retry_after_s: 1 })
+        );
+
+        // a short per-request expiry never frees a key whose first request is in flight
+        let short = Record::InFlight {
+            owner: 1,
+            lease_until: now + 1_000,
+            expires_at: now - 1,
+            fingerprint: fp,
+        };
+        assert_eq!(
+            decide(rule, &req, Some(&short), now),
             Decision::Reject(Rejection::Conflict { retry_after_s: 1 })
         );
 

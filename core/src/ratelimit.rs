@@ -839,7 +839,17 @@ pub fn charge<S: CasStore + ?Sized>(
         .collect();
     let callers: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
     let key = LimitKey::new(&callers, spec.per_route.then_some(rule.name.as_str()));
-    let table = RateTable::new(store, namespace, spec.capacity, spec.probes);
+    // One table per rule with its own buckets, or one shared by every rule that does not
+    // limit per route (their capacity and probes agree: the configuration checks it).
+    let table_ns = format!(
+        "{namespace}.{}",
+        if spec.per_route {
+            rule.name.as_str()
+        } else {
+            "all"
+        }
+    );
+    let table = RateTable::new(store, &table_ns, spec.capacity, spec.probes);
     let (outcome, events) = match table.acquire(&key, &spec.quota, now, cost) {
         Ok(r) => r,
         Err(_) => (

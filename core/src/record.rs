@@ -287,11 +287,7 @@ impl SlotEntry {
     pub fn is_vacant(&self, now: Millis) -> bool {
         match &self.state {
             SlotState::Free => true,
-            SlotState::InFlight {
-                lease_until,
-                expires_at,
-                ..
-            } => *lease_until <= now || *expires_at <= now,
+            SlotState::InFlight { lease_until, .. } => *lease_until <= now,
             SlotState::Completed { expires_at, .. } => *expires_at <= now,
         }
     }
