@@ -473,12 +473,7 @@ pub fn fingerprint(
             }
         }
     }
-    let digest = h.finalize();
-    let mut out = [0u8; 32];
-    for (d, s) in out.iter_mut().zip(digest.iter()) {
-        *d = *s;
-    }
-    Fingerprint(out)
+    Fingerprint(crate::prefix(&h.finalize()))
 }
 
 /// The request as `decide` sees it.

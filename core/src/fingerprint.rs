@@ -58,12 +58,7 @@ impl Fingerprinter {
     /// The fingerprint.
     pub fn finish(mut self) -> Fingerprint {
         self.hasher.update(self.body_len.to_be_bytes());
-        let digest = self.hasher.finalize();
-        let mut out = [0u8; 32];
-        for (d, s) in out.iter_mut().zip(digest.iter()) {
-            *d = *s;
-        }
-        Fingerprint(out)
+        Fingerprint(crate::prefix(&self.hasher.finalize()))
     }
 }
 

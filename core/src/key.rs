@@ -165,12 +165,7 @@ impl KeyId {
             put(&mut h, c);
         }
         put(&mut h, key.as_bytes());
-        let digest = h.finalize();
-        let mut id = [0u8; 16];
-        for (dst, src) in id.iter_mut().zip(digest.iter()) {
-            *dst = *src;
-        }
-        KeyId(id)
+        KeyId(crate::prefix(&h.finalize()))
     }
 
     /// Lower-case hex, safe to log.
@@ -180,11 +175,7 @@ impl KeyId {
 
     /// A 64-bit number derived from the id, used to pick a store slot.
     pub fn slot_seed(&self) -> u64 {
-        let mut b = [0u8; 8];
-        for (dst, src) in b.iter_mut().zip(self.0.iter()) {
-            *dst = *src;
-        }
-        u64::from_be_bytes(b)
+        crate::seed(&self.0)
     }
 }
 

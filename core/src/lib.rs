@@ -56,6 +56,20 @@ pub use key::KeyId;
 pub use record::{Record, StoredResponse};
 pub use response::{NotStored, ResponseCapture};
 
+/// The first `N` bytes of `bytes` (zero-padded when shorter), e.g. of a digest.
+pub(crate) fn prefix<const N: usize>(bytes: &[u8]) -> [u8; N] {
+    let mut out = [0u8; N];
+    for (d, s) in out.iter_mut().zip(bytes.iter()) {
+        *d = *s;
+    }
+    out
+}
+
+/// A 64-bit number from the first eight bytes of an id, used to pick a store slot.
+pub(crate) fn seed(id: &[u8]) -> u64 {
+    u64::from_be_bytes(prefix::<8>(id))
+}
+
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

@@ -110,6 +110,7 @@ use sha2::{Digest, Sha256};
 
 use crate::clock::Millis;
 use crate::codec::{CodecError, Reader, Writer};
+use crate::key::put;
 use crate::store::{Cas, CasStore, Expect, StoreError};
 
 const NS_PER_MS: u128 = 1_000_000;
@@ -496,21 +497,16 @@ impl LimitKey {
         h.update(b"idemgate/ratelimit/v1\0");
         h.update((callers.len() as u64).to_be_bytes());
         for c in callers {
-            part(&mut h, c);
+            put(&mut h, c);
         }
         match route {
             None => h.update([0u8]),
             Some(r) => {
                 h.update([1u8]);
-                part(&mut h, r.as_bytes());
+                put(&mut h, r.as_bytes());
             }
         }
-        let digest = h.finalize();
-        let mut id = [0u8; 16];
-        for (dst, src) in id.iter_mut().zip(digest.iter()) {
-            *dst = *src;
-        }
-        LimitKey(id)
+        LimitKey(crate::prefix(&h.finalize()))
     }
 
     /// Lower-case hex, safe to log (and a Durable Object name on the edge).
@@ -520,22 +516,13 @@ impl LimitKey {
 
     /// A 64-bit number derived from the key, used to pick a slot.
     pub fn slot_seed(&self) -> u64 {
-        let mut b = [0u8; 8];
-        for (dst, src) in b.iter_mut().zip(self.0.iter()) {
-            *dst = *src;
-        }
-        u64::from_be_bytes(b)
+        crate::seed(&self.0)
     }
 }
 
 /// The bucket of one caller value, optionally per route: [`LimitKey::new`]`(&[caller], route)`.
 pub fn limit_key(caller: &[u8], route: Option<&str>) -> LimitKey {
     LimitKey::new(&[caller], route)
-}
-
-fn part(h: &mut Sha256, bytes: &[u8]) {
-    h.update((bytes.len() as u64).to_be_bytes());
-    h.update(bytes);
 }
 
 // ------------------------------------------------------------------------------ slot codec
