@@ -529,6 +529,10 @@ def test_body_over_limit_is_413_declared_or_chunked(envoy, origin):
         ({"response": {"storeStatuses": ["599-200"]}}, "response.storeStatuses[0]: range is inverted"),
         ({"response": {"storeHeaders": ["set-cookie"]}}, "response.storeHeaders[0]"),
         ({"methods": "POST"}, "methods: invalid type"),
+        ({"key": {"sources": [{"jsonPointer": "orderId"}]}}, 'key.sources[0].jsonPointer: must be empty or start with "/", got "orderId"'),
+        ({"onMismatch": {"action": "ignore"}}, 'onMismatch.action: must be one of reject, replay, newRequest; got "ignore"'),
+        ({"expiry": {"minSeconds": 60, "maxSeconds": 10}}, "expiry: bounds are inverted: minSeconds 60 > maxSeconds 10"),
+        ({"routes": [{"match": {"prefix": "/a"}, "onDuplicate": {"action": "skip"}}]}, "routes[0].onDuplicate.action: must be one of replay, reject, acknowledge"),
         ("{not json", "$: key must be a string"),
     ],
 )
