@@ -226,6 +226,10 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
+        // Format and send only what Envoy will print.
+        if let Ok(level) = hostcalls::get_log_level() {
+            proxy_wasm::set_log_level(level);
+        }
         let root_id = hostcalls::get_property(vec!["plugin_root_id"])
             .ok()
             .flatten()
@@ -706,6 +710,13 @@ impl Reader {
     }
 
     fn finish_response(&mut self) {
+        self.settle_response();
+        // Waiters on this worker learn the outcome now rather than at the next tick.
+        poll_waiters();
+        let _ = hostcalls::set_effective_context(self.id);
+    }
+
+    fn settle_response(&mut self) {
         let Phase::Capturing(handle, capture) = std::mem::replace(&mut self.phase, Phase::Done)
         else {
             return;

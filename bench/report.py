@@ -1,0 +1,361 @@
+#!/usr/bin/env python3
+"""Render `make bench` results as Markdown and put them into BENCHMARKS.md.
+
+Reads the Envoy results (bench/envoy_bench.py --out), criterion's estimates
+(target/criterion/**/new/{benchmark,estimates}.json), the store-call report the core
+bench printed, and the wasm files; writes the generated section of BENCHMARKS.md, the
+part between the `<!-- bench:begin -->` and `<!-- bench:end -->` markers (the hand-written
+reading around it is kept). With --stdout, prints the section instead.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+ORDER = ["pass", "floor", "floor2", "first", "first_p1", "replay", "body", "hash", "upstream"]
+
+
+def order_key(sid: str) -> tuple[int, str]:
+    base, _, variant = sid.partition("@")
+    return (ORDER.index(base) if base in ORDER else len(ORDER), variant)
+
+
+def sh(*cmd: str) -> str:
+    try:
+        r = subprocess.run(list(cmd), capture_output=True, text=True, timeout=60)
+        return (r.stdout or r.stderr).strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def lock_version(name: str) -> str:
+    text = (REPO / "Cargo.lock").read_text()
+    m = re.search(r'name = "' + re.escape(name) + r'"\nversion = "([^"]+)"', text)
+    return m.group(1) if m else "?"
+
+
+def fmt_ratio(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}×"
+
+
+def kb(n: int) -> str:
+    return f"{n / 1000:.1f} kB"
+
+
+# ------------------------------------------------------------------------------ envoy
+
+
+def wait_row(env: dict[str, Any], size: str) -> str:
+    w = env.get("wait", {}).get(size)
+    if not w:
+        return (
+            "| 5 concurrent duplicates, wait policy | TODO: the wait policy is not in this build "
+            "| | | | | | | | | | | |"
+        )
+    return (
+        f"| 5 concurrent duplicates, wait policy | not a throughput run: duplicates answered "
+        f"{w['delta_ms_median']:.1f} ms (median), {w['delta_ms_p90']:.1f} ms (p90) after the first request's "
+        "answer; see *Wait policy* below | | | | | | | | | | | |"
+    )
+
+
+def wait_section(env: dict[str, Any]) -> list[str]:
+    wait = env.get("wait") or {}
+    if not wait:
+        return [
+            "#### Scenario 5: concurrent duplicates on the wait policy",
+            "",
+            "TODO: the wait policy (`onConcurrent: {action: wait}`) is not in the measured build.",
+            "",
+        ]
+    out = [
+        "#### Scenario 5: concurrent duplicates on the wait policy",
+        "",
+        "Not a wrk run. A listener with `onConcurrent: {\"action\": \"wait\", \"waitMillis\": 5000}` in front of a "
+        "second upstream that answers after a fixed delay (Envoy's `fault` filter). Per trial: one first "
+        "request, then, 30 ms later, the duplicates (same key, same body) on their own connections; measured "
+        "is when each duplicate's answer arrives, counted from the arrival of the first request's answer "
+        "(client-side clock; slightly negative values are possible: the store is completed before the "
+        "first answer reaches the client).",
+        "",
+        "| body | trials × duplicates | upstream delay | first request (median) | duplicate answered after the first: min / median / p90 / max | answered as replay | statuses | idemgate counters |",
+        "|---|--:|--:|--:|---|--:|---|---|",
+    ]
+    for size, w in wait.items():
+        counters = ", ".join(f"{k} {v}" for k, v in sorted(w["counters"].items()) if not k.endswith("_keys"))
+        out.append(
+            f"| {size} | {w['trials']} × {w['waiters']} | {w['slow_ms']} ms | {w['first_ms_median']:.1f} ms "
+            f"| {w['delta_ms_min']:.1f} / {w['delta_ms_median']:.1f} / {w['delta_ms_p90']:.1f} / {w['delta_ms_max']:.1f} ms "
+            f"| {w['replayed']}/{w['answers']} | {w['statuses']} | {counters} |"
+        )
+    out.append("")
+    return out
+
+
+def envoy_section(env: dict[str, Any]) -> tuple[list[str], dict[str, float]]:
+    res = env["results"]
+    titles = env["scenarios"]
+    out: list[str] = []
+    facts: dict[str, float] = {}
+    sizes = sorted({v["size"] for v in res.values()}, key=lambda s: int(re.sub(r"\D", "", s)) * (1024 if "Ki" in s else 1))
+    for size in sizes:
+        rows = {v["scenario"]: v for v in res.values() if v["size"] == size}
+        base = rows.get("pass", {}).get("median")
+        floor = rows.get("floor", {}).get("median")
+        out.append(f"#### {size} POST bodies\n")
+        out.append(
+            "| scenario | req/s | ×pass | ×floor | p50 ms | ×pass | ×floor | p99 ms | ×pass | ×floor "
+            "| Envoy CPU µs/req | ×pass | ×floor |"
+        )
+        out.append("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+        for sid in sorted(set(ORDER) | set(rows), key=order_key):
+            if sid not in rows:
+                if sid == "replay":
+                    out.append(wait_row(env, size))
+                continue
+            m = rows[sid]["median"]
+
+            def r(key: str, ref: dict[str, float] | None) -> str:
+                return fmt_ratio(m[key] / ref[key]) if ref and ref.get(key) else "–"
+
+            out.append(
+                f"| {titles.get(sid, sid)} | {m['rps']:,.0f} | {r('rps', base)} | {r('rps', floor)} "
+                f"| {m['p50_us'] / 1000:.2f} | {r('p50_us', base)} | {r('p50_us', floor)} "
+                f"| {m['p99_us'] / 1000:.2f} | {r('p99_us', base)} | {r('p99_us', floor)} "
+                f"| {m['cpu_us_per_req']:.0f} | {r('cpu_us_per_req', base)} | {r('cpu_us_per_req', floor)} |"
+            )
+            if sid == "replay":
+                out.append(wait_row(env, size))
+            for key in ("rps", "cpu_us_per_req"):
+                facts[f"{size}/{sid}/{key}"] = m[key]
+        out.append("")
+    # spread and verification
+    out.append("Spread and verification (all rounds of each configuration):\n")
+    out.append(
+        "| size | scenario | req/s min–max | Envoy CPU busy | wrk CPU | other load (CPUs) | runs redone "
+        "| wrk errors | idemgate counters per request |"
+    )
+    out.append("|---|---|--:|--:|--:|--:|--:|--:|---|")
+    for key in sorted(res, key=lambda k: (sizes.index(res[k]["size"]), order_key(res[k]["scenario"]))):
+        v = res[key]
+        counters = v.get("counters")
+        ctext = ""
+        if counters:
+            n = max(1, v["requests"])
+            ctext = ", ".join(
+                f"{k} {c / n:.2f}" for k, c in sorted(counters.items()) if k not in ("store_index_keys", "store_body_keys")
+            )
+        out.append(
+            f"| {v['size']} | {v['scenario']} | {v['rps_min']:,.0f}–{v['rps_max']:,.0f} "
+            f"| {v['median']['cpu_util'] * 100:.0f}% | {v['median'].get('wrk_cpu_util', 0) * 100:.0f}% "
+            f"| {v['median'].get('other_load', 0):.2f} | {v.get('redone', 0)} | {v['errors']} | {ctext} |"
+        )
+    out.append("")
+    out += wait_section(env)
+    return out, facts
+
+
+# ------------------------------------------------------------------------------ criterion
+
+
+def criterion_rows(crit_dir: Path) -> list[tuple[str, float, int | None]]:
+    rows = []
+    for bj in sorted(crit_dir.glob("**/new/benchmark.json")):
+        try:
+            b = json.loads(bj.read_text())
+            e = json.loads((bj.parent / "estimates.json").read_text())
+        except (OSError, ValueError):
+            continue
+        t = (b.get("throughput") or {}).get("Bytes")
+        rows.append((b["full_id"], float(e["median"]["point_estimate"]), t))
+    return rows
+
+
+def fmt_ns(ns: float) -> str:
+    if ns >= 1e6:
+        return f"{ns / 1e6:.2f} ms"
+    if ns >= 1e3:
+        return f"{ns / 1e3:.2f} µs"
+    return f"{ns:.1f} ns"
+
+
+def criterion_section(crit_dir: Path, selected: set[str] | None) -> list[str]:
+    rows = [r for r in criterion_rows(crit_dir) if selected is None or r[0] in selected]
+    out = ["| bench | median | throughput |", "|---|--:|--:|"]
+    for name, ns, nbytes in sorted(rows, key=lambda r: r[0]):
+        thr = f"{nbytes / ns * 1e3:,.0f} MB/s" if nbytes else ""
+        out.append(f"| `{name}` | {fmt_ns(ns)} | {thr} |")
+    if not any(r[0].startswith("fingerprint/canonical") for r in rows):
+        out.append("| `fingerprint/canonical/*` | TODO: canonical-JSON fingerprinting does not exist yet | |")
+    return out
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--envoy", type=Path, required=True)
+    ap.add_argument("--criterion-dir", type=Path, default=REPO / "target" / "criterion")
+    ap.add_argument("--criterion-log", type=Path)
+    ap.add_argument("--idemgate-wasm", type=Path, default=REPO / "dist" / "idemgate.wasm")
+    ap.add_argument("--floor-wasm", type=Path, required=True)
+    ap.add_argument("--wasm-sizes", type=Path)
+    ap.add_argument("--command", default="make bench")
+    ap.add_argument("--started", type=float, help="epoch seconds when the run started")
+    ap.add_argument("--benchmarks", type=Path, default=REPO / "BENCHMARKS.md")
+    ap.add_argument("--stdout", action="store_true")
+    args = ap.parse_args()
+
+    env = json.loads(args.envoy.read_text())
+    out: list[str] = [BEGIN, "", "<!-- generated by bench/report.py (make bench); edit outside the markers -->", ""]
+
+    commit = sh("git", "-C", str(REPO), "rev-parse", "--short", "HEAD")
+    if "fatal" in commit:
+        commit = "?"
+    dirty = " (with uncommitted changes)" if sh("git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no") else ""
+    took = f", took {(time.time() - args.started) / 60:.1f} min" if args.started else ""
+    out += [
+        "### Run",
+        "",
+        f"- when: {time.strftime('%Y-%m-%d %H:%M %Z')}{took}; commit {commit}{dirty}",
+        f"- command: `{args.command}` ({env['rounds']} rounds × {env['seconds']} s per configuration, interleaved; "
+        f"wrk 1 thread, {env['connections']} connections; medians)",
+        f"- machine: {os.cpu_count()} CPUs, {cpu_model()}, Linux {platform.release()}"
+        + (f"; Envoy pinned to CPU {env['envoy_cpu']}, wrk to CPU {env['wrk_cpu']}" if env.get("envoy_cpu") else ""),
+        f"- Envoy: `{env['envoy_version']}` (image {env['envoy_image']}, `--concurrency 1`, log level warn)",
+        f"- {sh('rustc', '-V')}; {env['wrk_version']}; criterion {lock_version('criterion')}; "
+        f"proxy-wasm {lock_version('proxy-wasm')}; sha2 {lock_version('sha2')}; {sh('docker', '--version')}",
+        f"- load average before / after the Envoy runs: {' '.join(f'{x:.2f}' for x in env.get('loadavg_before', []))} / "
+        f"{' '.join(f'{x:.2f}' for x in env.get('loadavg_after', []))} (other load = busy CPU time neither Envoy's nor wrk's, "
+        "per run; a run with more than 0.35 CPUs of it is redone once)",
+        f"- Envoy CPU: {env['cpu_source'].split('/docker/')[0] + '/docker/<id>/cpuacct.usage' if '/docker/' in env['cpu_source'] else env['cpu_source']}"
+        " (whole container: the worker, the main thread, and the upstream listener that the same worker serves)",
+        "",
+    ]
+
+    out += ["### Envoy: filter cost against Envoy itself", ""]
+    env_lines, facts = envoy_section(env)
+    out += env_lines
+    for note in env.get("notes", []):
+        out.append(f"- check: {note}")
+    out.append("")
+
+    # targets
+    size = args.idemgate_wasm.stat().st_size if args.idemgate_wasm.is_file() else 0
+    gz = len(gzip.compress(args.idemgate_wasm.read_bytes(), 9)) if size else 0
+    fsize = args.floor_wasm.stat().st_size if args.floor_wasm.is_file() else 0
+    fgz = len(gzip.compress(args.floor_wasm.read_bytes(), 9)) if fsize else 0
+
+    def ratio(a: str, b: str) -> float | None:
+        return facts[a] / facts[b] if a in facts and b in facts and facts[b] else None
+
+    out += ["### Targets (issue 5)", "", "| target | measured | met |", "|---|---|---|"]
+    for label, a, b, goal in [
+        ("first requests ≥ 0.97× floor req/s", "first", "floor", 0.97),
+        ("replays ≥ 1.6× passthrough req/s", "replay", "pass", 1.6),
+    ]:
+        parts, ok = [], True
+        for s in ("1KiB", "64KiB"):
+            x = ratio(f"{s}/{a}/rps", f"{s}/{b}/rps")
+            if x is not None:
+                parts.append(f"{s} {x:.2f}×")
+                ok = ok and x >= goal
+        out.append(f"| {label} | {', '.join(parts) or 'n/a'} | {'yes' if parts and ok else 'no'} |")
+    hb, hh = facts.get("64KiB/body/cpu_us_per_req"), facts.get("64KiB/hash/cpu_us_per_req")
+    if hb is not None and hh is not None and hh > hb:
+        mbps = 65536 / (hh - hb)
+        out.append(
+            f"| 64 KiB body hashed ≥ 250 MB/s inside Envoy | {mbps:,.0f} MB/s (SHA-256 in V8: {hh - hb:.0f} µs "
+            f"per 64 KiB = CPU(hash probe) − CPU(body probe)) | {'yes' if mbps >= 250 else 'no'} |"
+        )
+    else:
+        out.append("| 64 KiB body hashed ≥ 250 MB/s inside Envoy | n/a (probe rows missing or no difference) | ? |")
+    out.append(f"| filter wasm ≤ 250 KB | {kb(size)} raw, {kb(gz)} gzipped | {'yes' if size and size <= 250_000 else 'no'} |")
+    out.append("| edge wasm ≤ 120 KB after wasm-opt | TODO: the edge worker does not exist yet | – |")
+    out.append("")
+
+    out += [
+        "### Sizes",
+        "",
+        "| file | raw | gzip -9 |",
+        "|---|--:|--:|",
+        f"| `dist/idemgate.wasm` (`make build`) | {size:,} B ({kb(size)}) | {gz:,} B ({kb(gz)}) |",
+        f"| floor (`bench/floor`, for reference: the proxy-wasm SDK + std alone) | {fsize:,} B ({kb(fsize)}) | {fgz:,} B ({kb(fgz)}) |",
+        "| edge wasm | TODO: the edge worker does not exist yet | |",
+        "",
+    ]
+    if args.wasm_sizes and args.wasm_sizes.is_file():
+        ws = json.loads(args.wasm_sizes.read_text())
+        code = ws["code"] or 1
+        out += [
+            f"Where the bytes go (code by Rust path, from an unstripped build of the same source: "
+            f"{ws['total']:,} B, of which code {ws['code']:,} B in {ws['functions']} functions; "
+            "generated by bench/wasm_sizes.py):",
+            "",
+            "| code of | bytes | share of code |",
+            "|---|--:|--:|",
+        ]
+        for g, sz in list(ws["by_group"].items())[:14]:
+            out.append(f"| `{g}` | {sz:,} | {sz / code * 100:.1f}% |")
+        rest = sum(list(ws["by_group"].values())[14:])
+        out.append(f"| everything else | {rest:,} | {rest / code * 100:.1f}% |")
+        for sname, sz in ws["sections"].items():
+            if sname.startswith("data"):
+                out.append(f"| {sname} (not code) | {sz:,} | |")
+        out.append("")
+
+    out += ["### idemgate-core (criterion)", ""]
+    out += criterion_section(args.criterion_dir, None)
+    out.append("")
+    if args.criterion_log and args.criterion_log.is_file():
+        lines = [
+            l for l in args.criterion_log.read_text().splitlines() if l.startswith("store calls") or l.startswith("  probes=")
+        ]
+        if lines:
+            out += ["Store calls per request (printed by the core bench):", "", "```", *lines, "```", ""]
+    out += [END]
+    block = "\n".join(out) + "\n"
+
+    if args.stdout:
+        sys.stdout.write(block)
+        return 0
+    path = args.benchmarks
+    if path.is_file():
+        text = path.read_text()
+        if BEGIN in text and END in text:
+            pre, rest = text.split(BEGIN, 1)
+            _, post = rest.split(END, 1)
+            text = pre + block.rstrip("\n") + post
+        else:
+            text = text.rstrip("\n") + "\n\n" + block
+    else:
+        text = "# Benchmarks\n\nGenerated by `make bench`.\n\n" + block
+    path.write_text(text)
+    print(f"[bench] wrote the generated section of {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

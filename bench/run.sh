@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# `make bench`: idemgate's cost against Envoy itself. Not part of `make test`.
+#
+#   1. builds dist/idemgate.wasm (make build), the Envoy image (make image) and the two
+#      benchmark filters (bench/floor, bench/probe -> dist/bench/*.wasm);
+#   2. criterion benches of idemgate-core (short: BENCH_CRITERION_ARGS);
+#   3. bench/envoy_bench.py: one Envoy container, wrk against every scenario, interleaved,
+#      BENCH_ROUNDS rounds of BENCH_SECONDS seconds each (loopback only, every run bounded);
+#   4. bench/report.py: the generated section of BENCHMARKS.md.
+#
+# Raw results go to target/bench/. The Docker engine is stopped afterwards only if this run
+# started it (as `make test` does).
+#
+# Env: BENCH_ROUNDS (5), BENCH_SECONDS (3), BENCH_WARMUP (1), BENCH_ONLY (scenario ids,
+# comma-separated; default all), BENCH_CRITERION_ARGS, BENCH_SKIP_CORE=1, PYTHON.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+ROUNDS="${BENCH_ROUNDS:-5}"
+SECONDS_PER_RUN="${BENCH_SECONDS:-3}"
+CRITERION_ARGS="${BENCH_CRITERION_ARGS:---warm-up-time 1 --measurement-time 2}"
+PY="${PYTHON:-python3}"
+OUT=target/bench
+WASM_TARGET=wasm32-wasip1
+started_at="$(date +%s)"
+
+log() { printf '[bench] %s\n' "$*" >&2; }
+
+started_here=0
+scripts/docker-engine.sh status >/dev/null 2>&1 || started_here=1
+down() { if [[ $started_here == 1 ]]; then scripts/docker-engine.sh down || true; fi; }
+trap down EXIT
+
+make --no-print-directory deps-sys build image
+log "building the benchmark filters (bench/floor, bench/probe)"
+cargo build --quiet --release --target "$WASM_TARGET" -p idemgate-bench-floor -p idemgate-bench-probe
+mkdir -p dist/bench "$OUT"
+cp "target/$WASM_TARGET/release/idemgate_bench_floor.wasm" dist/bench/floor.wasm
+cp "target/$WASM_TARGET/release/idemgate_bench_probe.wasm" dist/bench/probe.wasm
+
+log "where the bytes of dist/idemgate.wasm go (an unstripped build of the same source)"
+CARGO_TARGET_DIR=target/bench-unstripped cargo build --quiet --release --target "$WASM_TARGET" \
+  -p idemgate-filter --config 'profile.release.strip=false'
+"$PY" bench/wasm_sizes.py "target/bench-unstripped/$WASM_TARGET/release/idemgate_filter.wasm" \
+  --json "$OUT/wasm-sizes.json" --top 12 >&2
+
+if [[ "${BENCH_SKIP_CORE:-0}" != 1 ]]; then
+  log "criterion: cargo bench -p idemgate-core --bench core -- $CRITERION_ARGS"
+  rm -rf target/criterion
+  # shellcheck disable=SC2086
+  cargo bench --quiet -p idemgate-core --bench core -- $CRITERION_ARGS | tee "$OUT/criterion.log" \
+    | grep -E '^(store calls|  probes=|[a-z_]+/[^ ]+ *time:|[a-z_/0-9A-Za-z]+$)' >&2 || true
+fi
+
+log "Envoy: $ROUNDS rounds x ${SECONDS_PER_RUN}s per configuration"
+"$PY" bench/envoy_bench.py --rounds "$ROUNDS" --seconds "$SECONDS_PER_RUN" \
+  --floor-wasm dist/bench/floor.wasm --probe-wasm dist/bench/probe.wasm \
+  --idemgate-wasm dist/idemgate.wasm --out "$OUT/envoy.json"
+
+"$PY" bench/report.py --envoy "$OUT/envoy.json" --criterion-log "$OUT/criterion.log" \
+  --wasm-sizes "$OUT/wasm-sizes.json" \
+  --floor-wasm dist/bench/floor.wasm --idemgate-wasm dist/idemgate.wasm \
+  --started "$started_at" \
+  --command "make bench  # BENCH_ROUNDS=$ROUNDS BENCH_SECONDS=$SECONDS_PER_RUN"
+log "done in $(( $(date +%s) - started_at ))s; raw results in $OUT/, tables in BENCHMARKS.md"
