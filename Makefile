@@ -9,6 +9,10 @@
 #   make unit         cargo test --workspace
 #   make integration  pytest tests/ against a real Envoy in Docker
 #   make test         unit + integration, then stop the engine if this run started it
+#   make edge         edge/dist/: the core for edge workers (wasm-bindgen + wasm-opt); see the edge section
+#   make run-edge     the edge worker in workerd in front of the demo origin
+#   make test-edge    node:test + Miniflare against the edge worker (part of make test, after integration)
+#   make run-fleet    fleet mode demo: 3 etcd members + 2 Envoys (--concurrency 2) + origin; see the fleet section
 #   make lint         rustfmt check + clippy (host and wasm32-wasip1)
 #   make clean        cargo clean + dist/
 #
@@ -95,7 +99,7 @@ unit:
 	@echo "[unit] $(UNIT_CMD)"
 	@$(UNIT_CMD)
 
-integration-setup: deps-py deps-sys build docker-up image
+integration-setup: deps-py deps-sys fleet-setup build docker-up image
 
 integration: integration-setup
 	@echo "[integration] pytest $(PYTEST_PATHS) (Envoy image $(ENVOY_IMAGE))"
@@ -120,6 +124,7 @@ test:
 	  echo "[integration] pytest $(PYTEST_PATHS) (Envoy image $(ENVOY_IMAGE))"; \
 	  $(PYTEST_CMD) || rc=$$?; \
 	fi; \
+	if [[ $$rc == 0 ]]; then $(MAKE) test-edge || rc=$$?; fi; \
 	exit $$rc
 
 lint:
@@ -129,10 +134,12 @@ lint:
 	@cargo clippy --workspace --all-targets -- -D warnings
 	@echo "[lint] clippy ($(WASM_TARGET), idemgate-filter)"
 	@cargo clippy -p idemgate-filter --target $(WASM_TARGET) -- -D warnings
+	@echo "[lint] clippy (wasm32-unknown-unknown, idemgate-edge)"
+	@cargo clippy -p idemgate-edge --target wasm32-unknown-unknown -- -D warnings
 
 clean:
 	cargo clean
-	rm -rf dist/*.wasm tests/__pycache__
+	rm -rf dist/*.wasm tests/__pycache__ edge/dist
 
 # ------------------------------------------------------------------------------------ bench
 # make bench   idemgate's cost against Envoy itself, side by side (not part of `make test`):
@@ -147,3 +154,90 @@ clean:
 .PHONY: bench
 bench:
 	@bench/run.sh
+
+# ------------------------------------------------------------------------------------- edge
+# make edge        edge/dist/: idemgate-edge (the core for edge workers) through wasm-bindgen,
+#                  --target module (workerd, Cloudflare Workers; edge/dist/module) and
+#                  --target web (other runtimes; edge/dist/web), shrunk by wasm-opt (npm binaryen)
+# make run-edge    the worker in workerd (npm) in front of the demo origin (tests/origin.py on
+#                  :8080), Durable Objects on local disk; curl lines to try; Ctrl-C stops it all
+# make test-edge   node:test + Miniflare 4 (edge/test/): every conformance vector, 100
+#                  concurrent duplicates, persistence across a restart, bad inputs, plus a raw
+#                  `workerd serve` smoke test of edge/worker/workerd.capnp and a wrangler dry run
+#
+# wasm-bindgen-cli is installed once (cargo install, ~3 min) at exactly the version of the
+# wasm-bindgen crate in Cargo.lock, into $(IDEMGATE_CACHE)/wasm-bindgen-<version>. npm
+# packages are pinned in edge/package.json + package-lock.json and installed with npm ci.
+# Variables: EDGE_TEST_ARGS (extra node --test arguments, e.g. --test-name-pattern=...).
+EDGE_WASM := target/wasm32-unknown-unknown/edge/idemgate_edge.wasm
+WASM_BINDGEN_VERSION = $(shell awk '/^name = "wasm-bindgen"$$/ {getline; gsub(/"/, "", $$3); print $$3; exit}' Cargo.lock)
+WASM_BINDGEN = $(IDEMGATE_CACHE)/wasm-bindgen-$(WASM_BINDGEN_VERSION)/bin/wasm-bindgen
+# The features rustc enables by default for wasm32-unknown-unknown.
+WASM_OPT_FLAGS := -Oz --strip-debug --strip-producers --enable-bulk-memory \
+  --enable-nontrapping-float-to-int --enable-sign-ext --enable-mutable-globals \
+  --enable-reference-types --enable-multivalue
+EDGE_TEST_ARGS ?=
+
+.PHONY: edge edge-deps edge-npm run-edge test-edge
+
+edge-npm:
+	@command -v npm >/dev/null || { echo "[edge] npm not found (Node.js >= 20.3 is needed)"; exit 1; }
+	@if [[ ! -f edge/node_modules/.package-lock.json || edge/package-lock.json -nt edge/node_modules/.package-lock.json ]]; then \
+	  echo "[edge] npm ci (edge/package-lock.json)"; \
+	  (cd edge && npm ci --no-audit --no-fund --loglevel=error); \
+	fi
+
+edge-deps: deps-rust edge-npm
+	@v="$(WASM_BINDGEN_VERSION)"; \
+	[[ -n "$$v" ]] || { echo "[edge] no wasm-bindgen in Cargo.lock"; exit 1; }; \
+	if ! "$(WASM_BINDGEN)" --version 2>/dev/null | grep -qx "wasm-bindgen $$v"; then \
+	  echo "[edge] cargo install wasm-bindgen-cli $$v into $(IDEMGATE_CACHE)/wasm-bindgen-$$v (once, ~3 min)"; \
+	  cargo install wasm-bindgen-cli --version "$$v" --root "$(IDEMGATE_CACHE)/wasm-bindgen-$$v" --quiet; \
+	fi
+
+edge: edge-deps
+	@echo "[edge] cargo build --profile edge --target wasm32-unknown-unknown -p idemgate-edge"
+	@cargo build --profile edge --target wasm32-unknown-unknown -p idemgate-edge
+	@stamp="edge/dist/.built-from"; want="$$(sha256sum $(EDGE_WASM) | cut -c1-64) wasm-bindgen $(WASM_BINDGEN_VERSION)"; \
+	if [[ -f "$$stamp" && "$$(cat "$$stamp")" == "$$want" && -f edge/dist/module/idemgate_edge_bg.wasm && -f edge/dist/web/idemgate_edge_bg.wasm ]]; then \
+	  echo "[edge] edge/dist/ is up to date ($$(stat -c %s edge/dist/module/idemgate_edge_bg.wasm) bytes of wasm)"; exit 0; \
+	fi; \
+	$(MAKE) edge-dist && echo "$$want" > "$$stamp"
+
+.PHONY: edge-dist
+edge-dist:
+	@rm -rf edge/dist/module edge/dist/web
+	@echo "[edge] wasm-bindgen $(WASM_BINDGEN_VERSION) --target module / --target web"
+	@"$(WASM_BINDGEN)" --target module --out-dir edge/dist/module $(EDGE_WASM)
+	@"$(WASM_BINDGEN)" --target web --out-dir edge/dist/web $(EDGE_WASM)
+	@echo "[edge] wasm-opt -Oz"
+	@raw=$$(stat -c %s edge/dist/module/idemgate_edge_bg.wasm); \
+	edge/node_modules/.bin/wasm-opt $(WASM_OPT_FLAGS) edge/dist/module/idemgate_edge_bg.wasm -o edge/dist/module/idemgate_edge_bg.wasm; \
+	cp edge/dist/module/idemgate_edge_bg.wasm edge/dist/web/idemgate_edge_bg.wasm; \
+	size=$$(stat -c %s edge/dist/module/idemgate_edge_bg.wasm); gz=$$(gzip -9 -c edge/dist/module/idemgate_edge_bg.wasm | wc -c); \
+	echo "[edge] edge/dist/{module,web}/idemgate_edge_bg.wasm: $$size bytes ($$gz gzipped; $$raw before wasm-opt)"
+
+run-edge: edge
+	@scripts/run-edge.sh
+
+test-edge: edge
+	@echo "[test-edge] node --test edge/test/ (Miniflare $$(node -p 'require("./edge/node_modules/miniflare/package.json").version'))"
+	@cd edge && XDG_CONFIG_HOME="$${TMPDIR:-/tmp}/idemgate-edge-xdg" WRANGLER_SEND_METRICS=false \
+	  node --test --test-concurrency=2 $(EDGE_TEST_ARGS) test/
+
+# ------------------------------------------------------------------------------------ fleet
+# make fleet-setup  Debian's etcd-server (etcd 3.4) via apt when no `etcd` is on PATH; part of
+#                   integration-setup, so tests/test_fleet.py runs in `make test` (it skips
+#                   itself when etcd is missing)
+# make run-fleet    fleet mode in the foreground (envoy/fleet/run.sh): etcd members on
+#                   127.0.0.1:2379/22379/32379 (data in a temp dir), origin :8080/:8081, Envoys
+#                   :10000 (admin 9901) and :10001 (admin 9902) sharing etcd; Ctrl-C stops it all
+.PHONY: fleet-setup run-fleet
+fleet-setup:
+	@if ! command -v etcd >/dev/null; then \
+	  echo "[fleet] apt-get install etcd-server"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server >/dev/null; \
+	fi
+
+run-fleet: fleet-setup build
+	@envoy/fleet/run.sh

@@ -261,6 +261,7 @@ def test_blocks_have_exactly_the_rust_fields() -> None:
         "RawScope": props("scope"),
         "RawErrors": props("errors"),
         "RawStore": props("store"),
+        "RawEtcd": props("etcd"),
         "RawCorrelation": props("correlation"),
         "RawMatch": props("match"),
         "RawRateLimit": props("rateLimit"),

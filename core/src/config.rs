@@ -167,6 +167,20 @@ struct RawStore {
     capacity: Option<u64>,
     probes: Option<u64>,
     namespace: Option<String>,
+    etcd: Option<RawEtcd>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawEtcd {
+    cluster: Option<String>,
+    prefix: Option<String>,
+    authority: Option<String>,
+    timeout_millis: Option<u64>,
+    retries: Option<u64>,
+    fail_policy: Option<String>,
+    lease_bucket_seconds: Option<u64>,
+    max_value_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -479,6 +493,36 @@ pub struct Correlation {
     pub generate: bool,
 }
 
+/// What fleet mode does when etcd cannot decide a claim (unreachable, no quorum, timeouts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailPolicy {
+    /// Answer 503 with `Retry-After`; nothing is executed.
+    Closed,
+    /// Forward the request without idempotency.
+    Open,
+}
+
+/// Fleet mode: etcd (v3 JSON gateway) is the authoritative store of claims and records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdSpec {
+    /// Envoy cluster name of the etcd members.
+    pub cluster: String,
+    /// Key prefix in etcd (ends with `/`).
+    pub prefix: String,
+    /// `:authority` of the calls.
+    pub authority: String,
+    /// Timeout of one etcd call, milliseconds.
+    pub timeout_ms: u64,
+    /// Extra attempts after a failed call (same owner token).
+    pub retries: u32,
+    /// What to do when etcd cannot decide.
+    pub fail_policy: FailPolicy,
+    /// Width of a lease bucket, milliseconds.
+    pub lease_bucket_ms: u64,
+    /// Largest encoded record written to etcd.
+    pub max_value_bytes: u64,
+}
+
 /// A validated configuration. Build it with [`Config::from_json`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -490,6 +534,8 @@ pub struct Config {
     pub store_probes: u32,
     /// Prefix of the store's keys and of metric names.
     pub store_namespace: String,
+    /// Fleet mode (etcd as the authoritative store), if configured.
+    pub store_etcd: Option<EtcdSpec>,
     /// Correlation id header, if any.
     pub correlation: Option<Correlation>,
     /// The default rule.
@@ -506,6 +552,7 @@ impl Default for Config {
             store_capacity: 10_000,
             store_probes: 8,
             store_namespace: "idemgate".into(),
+            store_etcd: None,
             correlation: None,
             default_rule: Rule::fallback(),
             routes: Vec::new(),
@@ -642,6 +689,10 @@ impl Config {
                 format!("must be 1..=64 characters of [A-Za-z0-9_-], got {store_namespace:?}"),
             ));
         }
+        let store_etcd = match store.etcd {
+            None => None,
+            Some(e) => Some(validate_etcd(e)?),
+        };
         let correlation = match correlation {
             None => None,
             Some(c) => Some(Correlation {
@@ -657,6 +708,7 @@ impl Config {
             store_capacity: u32::try_from(store_capacity).unwrap_or(u32::MAX),
             store_probes: u32::try_from(store_probes).unwrap_or(1),
             store_namespace,
+            store_etcd,
             correlation,
             default_rule,
             routes: rules,
@@ -884,6 +936,67 @@ fn merge(base: &RawRule, over: RawRule) -> RawRule {
         errors: over.errors.or_else(|| base.errors.clone()),
         rate_limit: over.rate_limit.or_else(|| base.rate_limit.clone()),
     }
+}
+
+fn validate_etcd(e: RawEtcd) -> Result<EtcdSpec, ConfigError> {
+    let name = |path: &str, v: Option<String>, default: &str| -> Result<String, ConfigError> {
+        let v = v.unwrap_or_else(|| default.to_string());
+        if v.is_empty() || v.len() > 255 || !v.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError::new(
+                path,
+                format!("must be 1..=255 printable ASCII characters, got {v:?}"),
+            ));
+        }
+        Ok(v)
+    };
+    let cluster = name("store.etcd.cluster", e.cluster, "etcd")?;
+    let authority = name("store.etcd.authority", e.authority, "etcd")?;
+    let prefix = name("store.etcd.prefix", e.prefix, "/idemgate/")?;
+    if !prefix.starts_with('/') || !prefix.ends_with('/') {
+        return Err(ConfigError::new(
+            "store.etcd.prefix",
+            format!("must start and end with \"/\", got {prefix:?}"),
+        ));
+    }
+    let timeout_ms = bounded(
+        "store.etcd.timeoutMillis",
+        e.timeout_millis.unwrap_or(500),
+        10,
+        60_000,
+    )?;
+    let retries = bounded("store.etcd.retries", e.retries.unwrap_or(2), 0, 10)?;
+    let fail_policy = match e.fail_policy.as_deref().unwrap_or("closed") {
+        "closed" => FailPolicy::Closed,
+        "open" => FailPolicy::Open,
+        other => {
+            return Err(ConfigError::new(
+                "store.etcd.failPolicy",
+                format!("must be \"closed\" or \"open\", got {other:?}"),
+            ))
+        }
+    };
+    let bucket_s = bounded(
+        "store.etcd.leaseBucketSeconds",
+        e.lease_bucket_seconds.unwrap_or(60),
+        2,
+        86_400,
+    )?;
+    let max_value_bytes = bounded(
+        "store.etcd.maxValueBytes",
+        e.max_value_bytes.unwrap_or(1_000_000),
+        1_024,
+        1_100_000,
+    )?;
+    Ok(EtcdSpec {
+        cluster,
+        prefix,
+        authority,
+        timeout_ms,
+        retries: u32::try_from(retries).unwrap_or(0),
+        fail_policy,
+        lease_bucket_ms: bucket_s.saturating_mul(1000),
+        max_value_bytes,
+    })
 }
 
 fn bounded(path: &str, value: u64, lo: u64, hi: u64) -> Result<u64, ConfigError> {
@@ -1807,5 +1920,65 @@ mod tests {
         assert_eq!(hooks.on_duplicate.status, 200);
         assert_eq!(c.rule_for("POST", "/other").unwrap().name, "default");
         assert_eq!(c.rule_at(c.rule_index(hooks)).name, "hooks");
+    }
+
+    #[test]
+    fn store_etcd_block() {
+        assert_eq!(Config::default().store_etcd, None);
+        let c = Config::from_json(r#"{"store": {"etcd": {}}}"#).unwrap();
+        let e = c.store_etcd.unwrap();
+        assert_eq!(e.cluster, "etcd");
+        assert_eq!(e.prefix, "/idemgate/");
+        assert_eq!(e.authority, "etcd");
+        assert_eq!(e.timeout_ms, 500);
+        assert_eq!(e.retries, 2);
+        assert_eq!(e.fail_policy, FailPolicy::Closed);
+        assert_eq!(e.lease_bucket_ms, 60_000);
+        assert_eq!(e.max_value_bytes, 1_000_000);
+        let c = Config::from_json(
+            r#"{"store": {"namespace": "n", "etcd": {"cluster": "kv", "prefix": "/a/b/", "timeoutMillis": 250,
+                "retries": 0, "failPolicy": "open", "leaseBucketSeconds": 6, "maxValueBytes": 4096, "authority": "etcd.local"}}}"#,
+        )
+        .unwrap();
+        let e = c.store_etcd.unwrap();
+        assert_eq!(
+            (e.cluster.as_str(), e.prefix.as_str(), e.authority.as_str()),
+            ("kv", "/a/b/", "etcd.local")
+        );
+        assert_eq!(
+            (
+                e.timeout_ms,
+                e.retries,
+                e.lease_bucket_ms,
+                e.max_value_bytes
+            ),
+            (250, 0, 6_000, 4096)
+        );
+        assert_eq!(e.fail_policy, FailPolicy::Open);
+        let err = |json: &str| Config::from_json(json).unwrap_err().to_string();
+        assert_eq!(
+            err(r#"{"store": {"etcd": {"failPolicy": "maybe"}}}"#),
+            "store.etcd.failPolicy: must be \"closed\" or \"open\", got \"maybe\""
+        );
+        assert_eq!(
+            err(r#"{"store": {"etcd": {"timeoutMillis": 0}}}"#),
+            "store.etcd.timeoutMillis: must be 10..=60000, got 0"
+        );
+        assert_eq!(
+            err(r#"{"store": {"etcd": {"prefix": "idemgate"}}}"#),
+            "store.etcd.prefix: must start and end with \"/\", got \"idemgate\""
+        );
+        assert_eq!(
+            err(r#"{"store": {"etcd": {"maxValueBytes": 2000000}}}"#),
+            "store.etcd.maxValueBytes: must be 1024..=1100000, got 2000000"
+        );
+        assert_eq!(
+            err(r#"{"store": {"etcd": {"leaseBucketSeconds": 1}}}"#),
+            "store.etcd.leaseBucketSeconds: must be 2..=86400, got 1"
+        );
+        assert!(err(r#"{"store": {"etcd": {"clustr": "x"}}}"#)
+            .starts_with("store.etcd.clustr: unknown field"));
+        assert!(err(r#"{"store": {"etcd": {"cluster": ""}}}"#)
+            .starts_with("store.etcd.cluster: must be 1..=255"));
     }
 }

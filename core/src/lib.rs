@@ -36,6 +36,7 @@ pub mod config;
 pub mod decision;
 pub mod error;
 pub mod fingerprint;
+pub mod fleet;
 pub mod headers;
 pub mod key;
 pub mod problem;

@@ -32,6 +32,7 @@ use std::time::UNIX_EPOCH;
 
 use idemgate_core::config::ConcurrentAction;
 use idemgate_core::decision::Request;
+use idemgate_core::fleet::{self, Call, ClaimFlow, Fleet, FleetHandle, Step};
 use idemgate_core::problem::{self, AnswerContext, LocalAnswer};
 use idemgate_core::ratelimit::{self, RateHeaders};
 use idemgate_core::store::{Begun, CasStore, ClaimHandle, Events, Expect, SlotTable, StoreError};
@@ -52,7 +53,12 @@ const GATE_HEADER: &str = "x-idemgate-gate";
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> {
+        Box::new(Root {
+            id,
+            ..Root::default()
+        })
+    });
 }}
 
 thread_local! {
@@ -215,6 +221,7 @@ enum Role {
 
 #[derive(Default)]
 struct Root {
+    id: u32,
     role: Role,
     shared: Option<Rc<Shared>>,
 }
@@ -222,7 +229,15 @@ struct Root {
 /// How often waiting requests look at the store again.
 const WAIT_POLL_MS: u32 = 10;
 
-impl Context for Root {}
+/// How often the root context dispatches queued fleet completions and releases.
+const FLEET_TICK_MS: u32 = 10;
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, token: u32, _n: usize, body_size: usize, _t: usize) {
+        let (status, body) = call_answer(body_size);
+        fleet_op_answered(token, status, &body);
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -258,7 +273,13 @@ impl RootContext for Root {
                 let waits = config
                     .rules()
                     .any(|r| r.on_concurrent.action == ConcurrentAction::Wait);
-                if waits {
+                if config.store_etcd.is_some() {
+                    // Fleet mode: completions and releases are dispatched from the root
+                    // context's tick (a stream's own calls die with it).
+                    let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(
+                        u64::from(FLEET_TICK_MS),
+                    ));
+                } else if waits {
                     let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(
                         u64::from(WAIT_POLL_MS),
                     ));
@@ -286,6 +307,7 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         poll_waiters();
+        drain_fleet_ops(self.id);
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -488,8 +510,12 @@ enum Phase {
     Waiting(Rc<RefCell<Settled>>),
     /// Forwarded with a claim; waiting for the response.
     Forwarded(usize, ClaimHandle),
+    /// Fleet mode: waiting for etcd to decide the claim (the gate holds the request).
+    FleetClaim(Box<FleetClaim>),
+    /// Fleet mode: forwarded with a claim in etcd; waiting for the response.
+    FleetForwarded(usize, Box<FleetHandle>),
     /// Capturing the response.
-    Capturing(ClaimHandle, ResponseCapture),
+    Capturing(Held, ResponseCapture),
     /// Answered locally or finished.
     Done,
 }
@@ -509,15 +535,27 @@ struct Reader {
 }
 
 impl Context for Reader {
+    fn on_http_call_response(&mut self, token: u32, _n: usize, body_size: usize, _t: usize) {
+        let (status, body) = call_answer(body_size);
+        self.fleet_answered(token, status, &body);
+    }
+
     fn on_done(&mut self) -> bool {
         self.settle();
         match std::mem::replace(&mut self.phase, Phase::Done) {
-            Phase::Forwarded(_, h) | Phase::Capturing(h, _) => {
+            Phase::Forwarded(_, h) | Phase::Capturing(Held::Local(h), _) => {
                 // No complete response: the outcome is unknown (reset, timeout, client gone).
                 // The claim stays until its lease lapses; then a retry goes through.
                 self.shared.metrics.inc("not_stored_incomplete");
                 log::debug!(
                     "idemgate: key {} left in flight until its lease lapses",
+                    h.key_id.to_hex()
+                );
+            }
+            Phase::FleetForwarded(_, h) | Phase::Capturing(Held::Fleet(h), _) => {
+                self.shared.metrics.inc("not_stored_incomplete");
+                log::debug!(
+                    "idemgate: key {} left in flight in etcd until its lease lapses",
                     h.key_id.to_hex()
                 );
             }
@@ -613,6 +651,9 @@ impl Reader {
             owner: fresh_token(),
             expires_in_ms: resolved.expires_in_ms,
         };
+        if s.config.store_etcd.is_some() {
+            return self.conclude_fleet(rule_idx, &resolved, request, token);
+        }
         let table = s.table();
         let (begun, events) = match table.begin(rule, resolved.key_id, &request, now_ms()) {
             Ok(r) => r,
@@ -717,9 +758,13 @@ impl Reader {
     }
 
     fn settle_response(&mut self) {
-        let Phase::Capturing(handle, capture) = std::mem::replace(&mut self.phase, Phase::Done)
-        else {
-            return;
+        let (handle, capture) = match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Capturing(Held::Local(h), c) => (h, c),
+            Phase::Capturing(Held::Fleet(h), c) => {
+                settle_fleet_response(&self.shared, h, c);
+                return;
+            }
+            _ => return,
         };
         let s = self.shared.clone();
         let table = s.table();
@@ -918,9 +963,10 @@ impl HttpContext for Reader {
                 }
             }
         }
-        let Phase::Forwarded(rule_idx, handle) = std::mem::replace(&mut self.phase, Phase::Done)
-        else {
-            return Action::Continue;
+        let (rule_idx, handle) = match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Forwarded(r, h) => (r, Held::Local(h)),
+            Phase::FleetForwarded(r, h) => (r, Held::Fleet(h)),
+            _ => return Action::Continue,
         };
         let headers = hostcalls::get_map_bytes(MapType::HttpResponseHeaders).unwrap_or_default();
         let status = headers
@@ -939,7 +985,7 @@ impl HttpContext for Reader {
             self.shared.metrics.inc("not_stored_incomplete");
             log::debug!(
                 "idemgate: local response {status} for key {}; claim left to its lease",
-                handle.key_id.to_hex()
+                handle.key_id().to_hex()
             );
             return Action::Continue;
         }
@@ -999,5 +1045,508 @@ impl Reader {
             Vec::new()
         };
         self.body_complete(pending, Some(token), &body)
+    }
+}
+
+// ------------------------------------------------------------------------------ fleet mode
+
+/// A claim held by a forwarded request: in shared data (local mode) or in etcd (fleet).
+enum Held {
+    Local(ClaimHandle),
+    Fleet(Box<FleetHandle>),
+}
+
+impl Held {
+    fn key_id(&self) -> idemgate_core::KeyId {
+        match self {
+            Held::Local(h) => h.key_id,
+            Held::Fleet(h) => h.key_id,
+        }
+    }
+}
+
+/// A claim waiting for etcd.
+struct FleetClaim {
+    rule: usize,
+    gate: Option<u64>,
+    flow: ClaimFlow,
+    /// Token of the call in flight.
+    call: u32,
+    /// The call in flight is a lease grant for this deadline.
+    granting: Option<u64>,
+}
+
+/// Status and body of the http call being answered (`None`: no answer, e.g. a timeout).
+fn call_answer(body_size: usize) -> (Option<u16>, Vec<u8>) {
+    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .and_then(|v| v.parse::<u16>().ok());
+    let body = if body_size > 0 {
+        hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    (status, body)
+}
+
+/// Dispatches `call` to the etcd cluster from the current context.
+fn dispatch(spec: &idemgate_core::config::EtcdSpec, call: &Call) -> Result<u32, String> {
+    hostcalls::dispatch_http_call(
+        &spec.cluster,
+        vec![
+            (":method", "POST"),
+            (":path", call.path),
+            (":authority", &spec.authority),
+            ("content-type", "application/json"),
+        ],
+        Some(&call.body),
+        vec![],
+        std::time::Duration::from_millis(spec.timeout_ms),
+    )
+    .map_err(|e| format!("dispatch to cluster {:?} failed: {e:?}", spec.cluster))
+}
+
+fn cached_lease(s: &Shared, deadline: u64) -> Option<i64> {
+    let spec = s.config.store_etcd.as_ref()?;
+    let key = fleet::lease_cache_key(&s.config.store_namespace, deadline, spec.lease_bucket_ms);
+    match hostcalls::get_shared_data(&key) {
+        Ok((Some(v), _)) => fleet::parse_lease_cache(&v, deadline),
+        _ => None,
+    }
+}
+
+fn cache_lease(s: &Shared, deadline: u64, lease: i64) {
+    if let Some(spec) = s.config.store_etcd.as_ref() {
+        let key = fleet::lease_cache_key(&s.config.store_namespace, deadline, spec.lease_bucket_ms);
+        let value = fleet::lease_cache_value(deadline, lease);
+        let _ = hostcalls::set_shared_data(&key, Some(value.as_bytes()), None);
+    }
+}
+
+fn cache_completed(s: &Shared, key_id: &idemgate_core::KeyId, record: &idemgate_core::Record) {
+    if let Some(f) = Fleet::new(&s.config) {
+        let value = fleet::cache_value(key_id, record);
+        if f.value_policy(value.len()) == fleet::ValuePolicy::Store {
+            let _ = hostcalls::set_shared_data(&f.cache_key(key_id), Some(&value), None);
+        }
+    }
+}
+
+impl Reader {
+    /// Fleet mode: answer from the local cache of completed records when it can (never a
+    /// claim), else ask etcd; the request is paused until etcd answers.
+    fn conclude_fleet(
+        &mut self,
+        rule_idx: usize,
+        resolved: &Resolved,
+        request: Request,
+        token: Option<u64>,
+    ) -> Action {
+        let s = self.shared.clone();
+        let Some(f) = Fleet::new(&s.config) else {
+            return Action::Continue;
+        };
+        let rule = s.config.rule_at(rule_idx);
+        let now = now_ms();
+        if let Ok((Some(bytes), _)) = hostcalls::get_shared_data(&f.cache_key(&resolved.key_id)) {
+            if let Some(rec) = fleet::cache_lookup(&bytes, &resolved.key_id, now) {
+                match idemgate_core::decide(rule, &request, Some(&rec), now) {
+                    idemgate_core::Decision::Replay(stored) => {
+                        s.metrics.inc("fleet_cache_hits");
+                        return self.fleet_answer(rule_idx, token, Some(stored), None);
+                    }
+                    idemgate_core::Decision::Reject(r) => {
+                        s.metrics.inc("fleet_cache_hits");
+                        return self.fleet_answer(rule_idx, token, None, Some(r));
+                    }
+                    // Expired or otherwise claimable: only etcd may grant a claim.
+                    _ => {}
+                }
+            }
+        }
+        s.metrics.inc("fleet_claims");
+        let flow = ClaimFlow::start(&f, rule, resolved.key_id, request, now);
+        let mut claim = Box::new(FleetClaim {
+            rule: rule_idx,
+            gate: token,
+            flow,
+            call: 0,
+            granting: None,
+        });
+        match self.fleet_next(&mut claim, None) {
+            Some(action) => action,
+            None => {
+                self.phase = Phase::FleetClaim(claim);
+                Action::Pause
+            }
+        }
+    }
+
+    /// Sends the claim's next call: a grant when no lease is known for `need_lease`
+    /// (or for the flow's deadline), else the claim txn. `Some(action)` when it ended.
+    fn fleet_next(&mut self, claim: &mut FleetClaim, need_lease: Option<u64>) -> Option<Action> {
+        let s = self.shared.clone();
+        let spec = s.config.store_etcd.as_ref()?;
+        let deadline = need_lease.unwrap_or_else(|| claim.flow.deadline());
+        let lease = if need_lease.is_some() {
+            None
+        } else {
+            cached_lease(&s, deadline)
+        };
+        let call = match lease {
+            Some(id) => {
+                claim.granting = None;
+                claim.flow.call(id)
+            }
+            None => {
+                claim.granting = Some(deadline);
+                s.metrics.inc("fleet_leases");
+                fleet::grant_call(fleet::lease_ttl_seconds(deadline, now_ms()))
+            }
+        };
+        match dispatch(spec, &call) {
+            Ok(t) => {
+                claim.call = t;
+                None
+            }
+            Err(e) => Some(self.fleet_unavailable(claim, e, false)),
+        }
+    }
+
+    fn fleet_answered(&mut self, token: u32, status: Option<u16>, body: &[u8]) {
+        let Phase::FleetClaim(mut claim) = std::mem::replace(&mut self.phase, Phase::Done) else {
+            return;
+        };
+        if claim.call != token {
+            self.phase = Phase::FleetClaim(claim);
+            return;
+        }
+        let s = self.shared.clone();
+        let rule = s.config.rule_at(claim.rule);
+        let step = if let Some(deadline) = claim.granting.take() {
+            match fleet::parse_grant(status, body) {
+                Ok(lease) => {
+                    cache_lease(&s, deadline, lease);
+                    Step::Send(claim.flow.call(lease))
+                }
+                Err(e) => {
+                    s.metrics.inc("fleet_errors");
+                    Step::Unavailable {
+                        reason: format!("lease grant: {e}"),
+                        maybe_claimed: false,
+                    }
+                }
+            }
+        } else {
+            let step = claim.flow.on_answer(rule, status, body, now_ms());
+            if status != Some(200) {
+                s.metrics.inc("fleet_errors");
+            }
+            step
+        };
+        let action = match step {
+            Step::Send(call) => match s
+                .config
+                .store_etcd
+                .as_ref()
+                .map(|spec| dispatch(spec, &call))
+            {
+                Some(Ok(t)) => {
+                    claim.call = t;
+                    self.phase = Phase::FleetClaim(claim);
+                    return;
+                }
+                Some(Err(e)) => self.fleet_unavailable(&claim, e, true),
+                None => return,
+            },
+            Step::NeedLease { deadline } => match self.fleet_next(&mut claim, Some(deadline)) {
+                None => {
+                    self.phase = Phase::FleetClaim(claim);
+                    return;
+                }
+                Some(a) => a,
+            },
+            Step::Forward(handle) => self.fleet_forward(claim.rule, claim.gate, handle),
+            Step::Answer {
+                decision,
+                completed,
+            } => {
+                if let Some(rec) = &completed {
+                    cache_completed(&s, &claim.flow.key_id(), rec);
+                }
+                match decision {
+                    idemgate_core::Decision::Replay(stored) => {
+                        self.fleet_answer(claim.rule, claim.gate, Some(stored), None)
+                    }
+                    idemgate_core::Decision::Reject(r) => {
+                        self.fleet_answer(claim.rule, claim.gate, None, Some(r))
+                    }
+                    _ => self.fleet_answer(
+                        claim.rule,
+                        claim.gate,
+                        None,
+                        Some(Rejection::Conflict {
+                            retry_after_s: rule.on_concurrent.retry_after_s,
+                        }),
+                    ),
+                }
+            }
+            Step::Unavailable {
+                reason,
+                maybe_claimed,
+            } => self.fleet_unavailable(&claim, reason, maybe_claimed),
+        };
+        if action == Action::Continue {
+            let _ = hostcalls::resume_http_request();
+        }
+    }
+
+    /// Replays or rejects (fleet mode), charging the rate limit as local mode does.
+    fn fleet_answer(
+        &mut self,
+        rule_idx: usize,
+        gate: Option<u64>,
+        stored: Option<idemgate_core::StoredResponse>,
+        rejection: Option<Rejection>,
+    ) -> Action {
+        let s = self.shared.clone();
+        let rule = s.config.rule_at(rule_idx);
+        if let Some(t) = gate {
+            GATES.with(|g| g.borrow_mut().remove(&t));
+        }
+        let cost = match &stored {
+            Some(_) => u32::from(
+                s.config
+                    .rule_at(self.deferred_charge.as_ref().map_or(0, |(r, _)| *r))
+                    .rate_limit
+                    .as_ref()
+                    .is_some_and(|r| r.charge_replays),
+            ),
+            None => 1,
+        };
+        if let Some((limit_rule, limited)) = self.deferred(cost) {
+            return self.reject(s.config.rule_at(limit_rule), limited);
+        }
+        match (stored, rejection) {
+            (Some(stored), _) => {
+                s.metrics.inc("replayed");
+                self.respond(problem::replay(rule, &stored, &self.ctx))
+            }
+            (None, Some(r)) => self.reject(rule, r),
+            (None, None) => self.reject(
+                rule,
+                Rejection::StoreUnavailable {
+                    retry_after_s: 1,
+                    reason: "no decision",
+                },
+            ),
+        }
+    }
+
+    fn fleet_forward(&mut self, rule_idx: usize, gate: Option<u64>, handle: FleetHandle) -> Action {
+        let s = self.shared.clone();
+        let rule = s.config.rule_at(rule_idx);
+        if let Some((limit_rule, limited)) = self.deferred(1) {
+            queue_fleet_op(&s, FleetOp::Release(Box::new(handle)));
+            if let Some(t) = gate {
+                GATES.with(|g| g.borrow_mut().remove(&t));
+            }
+            return self.reject(s.config.rule_at(limit_rule), limited);
+        }
+        if let Some(t) = gate {
+            if let Err(detail) = release_gate(self.id, t) {
+                queue_fleet_op(&s, FleetOp::Release(Box::new(handle)));
+                log::error!("idemgate: {detail}");
+                return self.reject(rule, Rejection::Misconfigured { detail });
+            }
+        }
+        s.metrics.inc("forwarded");
+        self.phase = Phase::FleetForwarded(rule_idx, Box::new(handle));
+        Action::Continue
+    }
+
+    /// etcd could not decide: the fail policy answers.
+    fn fleet_unavailable(&mut self, claim: &FleetClaim, reason: String, maybe: bool) -> Action {
+        let s = self.shared.clone();
+        let rule = s.config.rule_at(claim.rule);
+        log::warn!("idemgate: etcd could not decide a claim: {reason}");
+        if maybe {
+            if let Some(call) = claim.flow.abandon_call() {
+                queue_fleet_op(&s, FleetOp::Abandon(call));
+            }
+        }
+        let open = Fleet::new(&s.config).is_some_and(|f| f.fails_open());
+        if open {
+            s.metrics.inc("fleet_fail_open");
+            if let Some(t) = claim.gate {
+                if let Err(detail) = release_gate(self.id, t) {
+                    return self.reject(rule, Rejection::Misconfigured { detail });
+                }
+            }
+            let _ = self.deferred(1);
+            self.phase = Phase::Done;
+            return Action::Continue;
+        }
+        s.metrics.inc("fleet_fail_closed");
+        if let Some(t) = claim.gate {
+            GATES.with(|g| g.borrow_mut().remove(&t));
+        }
+        self.reject(
+            rule,
+            Rejection::StoreUnavailable {
+                retry_after_s: 1,
+                reason: "etcd unavailable",
+            },
+        )
+    }
+}
+
+/// Work for the root context: completions, releases and abandons outlive their streams.
+enum FleetOp {
+    Complete {
+        handle: Box<FleetHandle>,
+        call: Call,
+        record: Box<idemgate_core::Record>,
+        attempts_left: u32,
+    },
+    Release(Box<FleetHandle>),
+    Abandon(Call),
+}
+
+struct QueuedOp {
+    shared: Rc<Shared>,
+    op: FleetOp,
+}
+
+thread_local! {
+    static FLEET_QUEUE: RefCell<Vec<QueuedOp>> = const { RefCell::new(Vec::new()) };
+    static FLEET_PENDING: RefCell<HashMap<u32, QueuedOp>> = RefCell::new(HashMap::new());
+}
+
+fn queue_fleet_op(shared: &Rc<Shared>, op: FleetOp) {
+    FLEET_QUEUE.with(|q| {
+        q.borrow_mut().push(QueuedOp {
+            shared: shared.clone(),
+            op,
+        })
+    });
+}
+
+/// Completion of a forwarded request in fleet mode: queued for the root context.
+fn settle_fleet_response(s: &Rc<Shared>, handle: Box<FleetHandle>, capture: ResponseCapture) {
+    let Some(f) = Fleet::new(&s.config) else {
+        return;
+    };
+    match capture.finish() {
+        Ok(stored) => match fleet::complete_call(&f, &handle, &stored) {
+            Ok(call) => {
+                let record = fleet::completed_record(&handle, &stored);
+                queue_fleet_op(
+                    s,
+                    FleetOp::Complete {
+                        handle,
+                        call,
+                        record: Box::new(record),
+                        attempts_left: f.spec.retries,
+                    },
+                );
+            }
+            Err(_) => {
+                s.metrics.inc("not_stored_too_large");
+                log::warn!("idemgate: record for key {} exceeds store.etcd.maxValueBytes; not stored, key held until its lease lapses", handle.key_id.to_hex());
+            }
+        },
+        Err(NotStored::Status(_)) => {
+            s.metrics.inc("not_stored_status");
+            queue_fleet_op(s, FleetOp::Release(handle));
+        }
+        Err(NotStored::TooLarge) => {
+            s.metrics.inc("not_stored_too_large");
+        }
+    }
+}
+
+/// Dispatches queued fleet work from the root context (so its answers come back here).
+fn drain_fleet_ops(root: u32) {
+    let ops = FLEET_QUEUE.with(|q| std::mem::take(&mut *q.borrow_mut()));
+    if ops.is_empty() {
+        return;
+    }
+    let _ = hostcalls::set_effective_context(root);
+    for q in ops {
+        let Some(spec) = q.shared.config.store_etcd.clone() else {
+            continue;
+        };
+        let call = match &q.op {
+            FleetOp::Complete { call, .. } => call.clone(),
+            FleetOp::Release(h) => fleet::release_call(h),
+            FleetOp::Abandon(c) => c.clone(),
+        };
+        match dispatch(&spec, &call) {
+            Ok(t) => FLEET_PENDING.with(|p| {
+                p.borrow_mut().insert(t, q);
+            }),
+            Err(e) => {
+                q.shared.metrics.inc("fleet_errors");
+                log::error!("idemgate: {e}");
+            }
+        }
+    }
+}
+
+/// An answer to root-context fleet work.
+fn fleet_op_answered(token: u32, status: Option<u16>, body: &[u8]) {
+    let Some(q) = FLEET_PENDING.with(|p| p.borrow_mut().remove(&token)) else {
+        return;
+    };
+    let s = q.shared.clone();
+    match q.op {
+        FleetOp::Complete {
+            handle,
+            call,
+            record,
+            attempts_left,
+        } => match fleet::complete_outcome(&handle, status, body) {
+            Ok(fleet::Completion::Stored) => {
+                s.metrics.inc("stored");
+                cache_completed(&s, &handle.key_id, &record);
+            }
+            Ok(fleet::Completion::Lost) => {
+                s.metrics.inc("lost_claims");
+                log::warn!(
+                    "idemgate: key {} was taken over in etcd before its response completed",
+                    handle.key_id.to_hex()
+                );
+            }
+            Err(e) => {
+                s.metrics.inc("fleet_errors");
+                if attempts_left > 0 {
+                    queue_fleet_op(
+                        &s,
+                        FleetOp::Complete {
+                            handle,
+                            call,
+                            record,
+                            attempts_left: attempts_left - 1,
+                        },
+                    );
+                } else {
+                    s.metrics.inc("store_errors");
+                    log::error!(
+                        "idemgate: completion of key {} not stored: {e}; key held until its lease lapses",
+                        handle.key_id.to_hex()
+                    );
+                }
+            }
+        },
+        FleetOp::Release(_) | FleetOp::Abandon(_) => {
+            if status != Some(200) {
+                s.metrics.inc("fleet_errors");
+            }
+        }
     }
 }

@@ -32,6 +32,12 @@ pub const COUNTERS: &[&str] = &[
     "misconfigured",
     "rate_limited",
     "rate_evictions",
+    "fleet_claims",
+    "fleet_cache_hits",
+    "fleet_leases",
+    "fleet_errors",
+    "fleet_fail_open",
+    "fleet_fail_closed",
 ];
 
 /// Gauges, in definition order.

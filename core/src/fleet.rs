@@ -1,0 +1,1265 @@
+//! Fleet mode: etcd as the authoritative store, sans-IO.
+//!
+//! Many Envoys share one etcd cluster (v3 JSON gateway: `/v3/kv/txn`, `/v3/kv/range`,
+//! `/v3/lease/grant`; keys and values base64). This module builds every request body and
+//! turns every answer into an outcome; the host only dispatches the calls and feeds the
+//! answers back. Decisions are [`decide_waiting`]'s, exactly as in local mode.
+//!
+//! - **Claim** = one txn: `create_revision == 0` → put the in-flight [`Record`] (with the
+//!   lease of its expiry bucket), else range the key. When the key exists, the record found
+//!   is decided on: replay, reject, or take over (lapsed lease, expired record) with a txn on
+//!   its `mod_revision`. The record carries the claim's owner token, so a retry after an
+//!   ambiguous timeout that did commit finds its own record and forwards ("mine").
+//! - **Complete** = txn `mod_revision == <claim's revision>` → put the completed record.
+//!   A completed record whose encoding exceeds `maxValueBytes` is not written (see
+//!   [`ValuePolicy`]): the key stays claimed until its lease lapses, as with a response over
+//!   `maxResponseBytes` in local mode.
+//! - **Release** = txn `mod_revision == <revision>` → delete. **Abandon** (a claim that may
+//!   have committed while every attempt timed out) = txn `value == <our record>` → delete.
+//! - **Leases** are shared per time bucket: a key expiring at `e` is attached to the lease of
+//!   deadline `D = ceil(e / W) · W`, granted with TTL `D − now`, so etcd deletes the key in
+//!   `[e, e + W)` (plus etcd's rounding to whole seconds), never before it expires.
+//! - **Cache**: completed records are cached in Envoy's shared data, direct-mapped over
+//!   `store.capacity` slots; the cache answers replays and rejections, never a claim.
+//!
+//! ```
+//! use idemgate_core::fleet::{lease_deadline, Fleet};
+//! use idemgate_core::Config;
+//! let config = Config::from_json(r#"{"store": {"etcd": {"leaseBucketSeconds": 60}}}"#).unwrap();
+//! let fleet = Fleet::new(&config).unwrap();
+//! assert_eq!(lease_deadline(61_000, 60_000), 120_000);
+//! assert!(fleet.key(&idemgate_core::KeyId([0; 16])).starts_with("/idemgate/idemgate/"));
+//! ```
+use serde_json::{json, Value};
+
+use crate::clock::Millis;
+use crate::config::{Config, EtcdSpec, FailPolicy, Rule};
+use crate::decision::{decide_waiting, Claim, Decision, Rejection, Request};
+use crate::key::KeyId;
+use crate::record::{Record, StoredResponse};
+
+/// Path of the txn endpoint.
+pub const TXN_PATH: &str = "/v3/kv/txn";
+/// Path of the range endpoint.
+pub const RANGE_PATH: &str = "/v3/kv/range";
+/// Path of the lease grant endpoint.
+pub const GRANT_PATH: &str = "/v3/lease/grant";
+
+/// Takeover rounds (the record changed under us again and again) before giving up.
+const MAX_ROUNDS: u32 = 8;
+
+/// One HTTP call to etcd: `POST <path>` with a JSON body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    /// Endpoint path.
+    pub path: &'static str,
+    /// JSON body.
+    pub body: Vec<u8>,
+}
+
+/// Why an etcd answer is not usable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EtcdError {
+    /// No answer (timeout, reset, no healthy member) or an etcd error (no leader, no
+    /// quorum, request timed out): retry, then apply the fail policy.
+    Unavailable(String),
+    /// The lease named in a put does not exist (lapsed, or granted by a lost cluster).
+    LeaseNotFound,
+    /// An answer that is not what etcd sends.
+    Malformed(String),
+}
+
+impl std::fmt::Display for EtcdError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EtcdError::Unavailable(s) => write!(f, "etcd unavailable: {s}"),
+            EtcdError::LeaseNotFound => write!(f, "etcd: requested lease not found"),
+            EtcdError::Malformed(s) => write!(f, "etcd answer malformed: {s}"),
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------ base64
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 with padding.
+pub fn b64_encode(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk.first().copied().unwrap_or(0),
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                let idx = usize::try_from((n >> (18 - 6 * i)) & 63).unwrap_or(0);
+                out.push(char::from(*B64.get(idx).unwrap_or(&b'A')));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Decodes standard base64 (padding optional); `None` on any invalid input.
+pub fn b64_decode(text: &str) -> Option<Vec<u8>> {
+    let trimmed = text.trim_end_matches('=');
+    if text.len() - trimmed.len() > 2 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(trimmed.len() * 3 / 4);
+    let mut acc: u32 = 0;
+    let mut bits = 0u32;
+    for c in trimmed.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push(u8::try_from((acc >> bits) & 0xff).unwrap_or(0));
+        }
+    }
+    if bits >= 6 {
+        return None; // a lone sextet cannot encode a byte
+    }
+    Some(out)
+}
+
+// ------------------------------------------------------------------------------ leases
+
+/// Deadline of the lease bucket a key expiring at `expires_at` belongs to: the first
+/// multiple of `bucket_ms` at or after it. `expires_at ≤ deadline < expires_at + bucket_ms`.
+pub fn lease_deadline(expires_at: Millis, bucket_ms: u64) -> Millis {
+    let w = bucket_ms.max(1);
+    expires_at.div_ceil(w).saturating_mul(w)
+}
+
+/// TTL (whole seconds, rounded up, at least 1) to grant at `now` for a lease that must
+/// live until `deadline`.
+pub fn lease_ttl_seconds(deadline: Millis, now: Millis) -> u64 {
+    deadline.saturating_sub(now).div_ceil(1000).max(1)
+}
+
+/// Body of `POST /v3/lease/grant` for `ttl_s` seconds.
+pub fn grant_call(ttl_s: u64) -> Call {
+    Call {
+        path: GRANT_PATH,
+        body: json!({"TTL": ttl_s.to_string()}).to_string().into_bytes(),
+    }
+}
+
+/// The lease id of a grant answer.
+pub fn parse_grant(status: Option<u16>, body: &[u8]) -> Result<i64, EtcdError> {
+    let v = answer(status, body)?;
+    if let Some(e) = v
+        .get("error")
+        .and_then(Value::as_str)
+        .filter(|e| !e.is_empty())
+    {
+        return Err(EtcdError::Unavailable(e.to_string()));
+    }
+    let id = int(v.get("ID")).ok_or_else(|| EtcdError::Malformed("grant without ID".into()))?;
+    if id <= 0 {
+        return Err(EtcdError::Malformed(format!("lease id {id}")));
+    }
+    Ok(id)
+}
+
+/// Shared-data key caching the lease of `deadline` for one Envoy (16 keys, reused
+/// round-robin by bucket).
+pub fn lease_cache_key(namespace: &str, deadline: Millis, bucket_ms: u64) -> String {
+    format!("{namespace}:fl:{}", (deadline / bucket_ms.max(1)) % 16)
+}
+
+/// Value cached under [`lease_cache_key`].
+pub fn lease_cache_value(deadline: Millis, lease: i64) -> String {
+    format!("{deadline}:{lease}")
+}
+
+/// The lease id cached for `deadline`, if the cached value is for that deadline.
+pub fn parse_lease_cache(bytes: &[u8], deadline: Millis) -> Option<i64> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let (d, id) = text.split_once(':')?;
+    (d.parse::<u64>().ok()? == deadline)
+        .then(|| id.parse::<i64>().ok())
+        .flatten()
+        .filter(|id| *id > 0)
+}
+
+// ------------------------------------------------------------------------------ answers
+
+/// The JSON of a 200 answer, or why there is none.
+fn answer(status: Option<u16>, body: &[u8]) -> Result<Value, EtcdError> {
+    let Some(status) = status else {
+        return Err(EtcdError::Unavailable(
+            "no answer (timeout, reset or no healthy member)".into(),
+        ));
+    };
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let message = parsed
+        .as_ref()
+        .and_then(|v| v.get("message").or_else(|| v.get("error")))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    if message.contains("lease not found") {
+        return Err(EtcdError::LeaseNotFound);
+    }
+    if status != 200 {
+        return Err(EtcdError::Unavailable(format!(
+            "HTTP {status}{}{message}",
+            if message.is_empty() { "" } else { ": " }
+        )));
+    }
+    match parsed {
+        Some(v @ Value::Object(_)) => {
+            // 200 with an embedded gRPC error (the gateway's streaming form).
+            if let Some(err) = v.get("error") {
+                if !err.is_null() && err.as_str() != Some("") {
+                    return Err(EtcdError::Unavailable(format!("etcd error: {err}")));
+                }
+            }
+            Ok(v)
+        }
+        _ => Err(EtcdError::Malformed("not a JSON object".into())),
+    }
+}
+
+/// An int64 as the gateway writes it (a string) or as a number.
+fn int(v: Option<&Value>) -> Option<i64> {
+    match v? {
+        Value::String(s) => s.parse().ok(),
+        Value::Number(n) => n.as_i64(),
+        _ => None,
+    }
+}
+
+/// A key-value as etcd returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kv {
+    /// Revision of the last write.
+    pub mod_revision: i64,
+    /// The value (decoded from base64).
+    pub value: Vec<u8>,
+    /// Attached lease (0: none).
+    pub lease: i64,
+}
+
+fn kv_of(v: &Value) -> Result<Kv, EtcdError> {
+    let value = match v.get("value").and_then(Value::as_str) {
+        None => Vec::new(),
+        Some(s) => b64_decode(s).ok_or_else(|| EtcdError::Malformed("value not base64".into()))?,
+    };
+    Ok(Kv {
+        mod_revision: int(v.get("mod_revision"))
+            .ok_or_else(|| EtcdError::Malformed("kv without mod_revision".into()))?,
+        value,
+        lease: int(v.get("lease")).unwrap_or(0),
+    })
+}
+
+fn first_kv(range: Option<&Value>) -> Result<Option<Kv>, EtcdError> {
+    match range
+        .and_then(|r| r.get("kvs"))
+        .and_then(Value::as_array)
+        .and_then(|a| a.first())
+    {
+        None => Ok(None),
+        Some(kv) => kv_of(kv).map(Some),
+    }
+}
+
+/// What a txn answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnResult {
+    /// Whether the compare held (the success branch ran).
+    pub succeeded: bool,
+    /// The cluster revision after the txn (the revision of our put when it succeeded).
+    pub revision: i64,
+    /// On failure, the key as the failure branch's range found it (`None`: absent).
+    pub current: Option<Kv>,
+}
+
+/// Parses a txn answer.
+pub fn parse_txn(status: Option<u16>, body: &[u8]) -> Result<TxnResult, EtcdError> {
+    let v = answer(status, body)?;
+    let revision = int(v.get("header").and_then(|h| h.get("revision")))
+        .ok_or_else(|| EtcdError::Malformed("txn without header.revision".into()))?;
+    let succeeded = v.get("succeeded").and_then(Value::as_bool).unwrap_or(false);
+    let range = v
+        .get("responses")
+        .and_then(Value::as_array)
+        .and_then(|a| a.first())
+        .and_then(|r| r.get("response_range"));
+    let current = if succeeded { None } else { first_kv(range)? };
+    Ok(TxnResult {
+        succeeded,
+        revision,
+        current,
+    })
+}
+
+/// Parses a range answer: the key's value and revision, if present.
+pub fn parse_range(status: Option<u16>, body: &[u8]) -> Result<Option<Kv>, EtcdError> {
+    let v = answer(status, body)?;
+    first_kv(Some(&v))
+}
+
+// ------------------------------------------------------------------------------ requests
+
+/// Fleet settings bound to a configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Fleet<'a> {
+    /// The `store.etcd` block.
+    pub spec: &'a EtcdSpec,
+    namespace: &'a str,
+    capacity: u32,
+}
+
+/// Whether a completed record may be written to etcd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValuePolicy {
+    /// Small enough: write it.
+    Store,
+    /// Over `maxValueBytes` (etcd refuses requests over its limit, 1.5 MiB by default):
+    /// not written; the key stays claimed until its lease lapses, then a retry goes through.
+    Hold,
+}
+
+impl<'a> Fleet<'a> {
+    /// Fleet mode of `config`, when `store.etcd` is set.
+    pub fn new(config: &'a Config) -> Option<Self> {
+        config.store_etcd.as_ref().map(|spec| Self {
+            spec,
+            namespace: &config.store_namespace,
+            capacity: config.store_capacity.max(1),
+        })
+    }
+
+    /// The etcd key of a key id: `<prefix><namespace>/<hex>`.
+    pub fn key(&self, key_id: &KeyId) -> String {
+        format!("{}{}/{}", self.spec.prefix, self.namespace, key_id.to_hex())
+    }
+
+    /// Whether the fail policy forwards without idempotency.
+    pub fn fails_open(&self) -> bool {
+        self.spec.fail_policy == FailPolicy::Open
+    }
+
+    /// The lease deadline for a claim.
+    pub fn deadline_of(&self, claim: &Claim) -> Millis {
+        lease_deadline(claim.expires_at, self.spec.lease_bucket_ms)
+    }
+
+    /// Whether an encoded record of `len` bytes may be written.
+    pub fn value_policy(&self, len: usize) -> ValuePolicy {
+        if u64::try_from(len).unwrap_or(u64::MAX) <= self.spec.max_value_bytes {
+            ValuePolicy::Store
+        } else {
+            ValuePolicy::Hold
+        }
+    }
+
+    /// `POST /v3/kv/range` for the key.
+    pub fn lookup_call(&self, key: &str) -> Call {
+        Call {
+            path: RANGE_PATH,
+            body: json!({"key": b64_encode(key.as_bytes())})
+                .to_string()
+                .into_bytes(),
+        }
+    }
+
+    /// Shared-data key of the cache slot of `key_id`.
+    pub fn cache_key(&self, key_id: &KeyId) -> String {
+        format!(
+            "{}:fc:{}",
+            self.namespace,
+            key_id.slot_seed() % u64::from(self.capacity)
+        )
+    }
+}
+
+fn put_op(key: &str, value: &[u8], lease: i64) -> Value {
+    let put = if lease > 0 {
+        json!({"key": b64_encode(key.as_bytes()), "value": b64_encode(value), "lease": lease.to_string()})
+    } else {
+        json!({"key": b64_encode(key.as_bytes()), "value": b64_encode(value)})
+    };
+    json!({ "request_put": put })
+}
+
+fn range_op(key: &str) -> Value {
+    json!({"request_range": {"key": b64_encode(key.as_bytes())}})
+}
+
+/// A txn: `compare` → `success`, else range the key.
+fn txn(compare: Value, success: Value, key: &str) -> Call {
+    Call {
+        path: TXN_PATH,
+        body: json!({"compare": [compare], "success": [success], "failure": [range_op(key)]})
+            .to_string()
+            .into_bytes(),
+    }
+}
+
+/// The write a claim attempt is conditioned on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// The key must not exist.
+    Create,
+    /// The key must still be at this revision (takeover of a lapsed or expired record).
+    Revision(i64),
+}
+
+fn compare(key: &str, expect: Expect) -> Value {
+    let k = b64_encode(key.as_bytes());
+    match expect {
+        Expect::Create => {
+            json!({"key": k, "target": "CREATE", "result": "EQUAL", "create_revision": "0"})
+        }
+        Expect::Revision(rev) => {
+            json!({"key": k, "target": "MOD", "result": "EQUAL", "mod_revision": rev.to_string()})
+        }
+    }
+}
+
+/// The claim txn: `expect` → put `record` with `lease`, else range.
+pub fn claim_call(key: &str, expect: Expect, record: &Record, lease: i64) -> Call {
+    txn(
+        compare(key, expect),
+        put_op(key, &record.encode(), lease),
+        key,
+    )
+}
+
+// ------------------------------------------------------------------------------ claim
+
+/// A won claim in etcd: forward, then complete or release at `mod_revision`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetHandle {
+    /// The etcd key.
+    pub key: String,
+    /// The key id.
+    pub key_id: KeyId,
+    /// Revision of our in-flight record.
+    pub mod_revision: i64,
+    /// Lease of the key (its expiry bucket).
+    pub lease: i64,
+    /// The claim written.
+    pub claim: Claim,
+}
+
+/// What to do next with a claim in progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Dispatch this call and feed the answer to [`ClaimFlow::on_answer`].
+    Send(Call),
+    /// A lease living until `deadline` is needed (none cached, or the cached one is gone):
+    /// grant one, then call [`ClaimFlow::call`] with it.
+    NeedLease {
+        /// The lease deadline (see [`lease_deadline`]).
+        deadline: Millis,
+    },
+    /// The claim is ours: forward.
+    Forward(FleetHandle),
+    /// Answer without forwarding (replay, mismatch, duplicate, in flight); `completed` is
+    /// the completed record found, to cache.
+    Answer {
+        /// A `Replay` or `Reject` decision.
+        decision: Decision,
+        /// The completed record behind the decision, if any.
+        completed: Option<Record>,
+    },
+    /// etcd could not decide: apply the fail policy. `maybe_claimed`: an attempt may have
+    /// committed ([`ClaimFlow::abandon_call`] removes it).
+    Unavailable {
+        /// Why.
+        reason: String,
+        /// Whether an attempt may have written our record.
+        maybe_claimed: bool,
+    },
+}
+
+/// A claim in progress: which write is attempted, with which owner token.
+#[derive(Debug, Clone)]
+pub struct ClaimFlow {
+    key: String,
+    key_id: KeyId,
+    request: Request,
+    claim: Claim,
+    expect: Expect,
+    lease: i64,
+    bucket_ms: u64,
+    retries: u32,
+    attempts_left: u32,
+    rounds: u32,
+    sent: bool,
+    /// Whether a sent attempt got no clear answer (it may have committed).
+    ambiguous: bool,
+}
+
+impl ClaimFlow {
+    /// Starts claiming `key_id` for `request` at `now`: the caller obtains the lease for
+    /// [`ClaimFlow::deadline`], then dispatches [`ClaimFlow::call`].
+    pub fn start(
+        fleet: &Fleet<'_>,
+        rule: &Rule,
+        key_id: KeyId,
+        request: Request,
+        now: Millis,
+    ) -> Self {
+        let claim = match decide_waiting(rule, &request, None, now, None) {
+            Decision::Forward { claim, .. } => claim,
+            // decide() on an absent record always forwards; keep a sane claim regardless.
+            _ => Claim {
+                owner: request.owner,
+                lease_until: now.saturating_add(rule.lease_ms),
+                expires_at: now.saturating_add(rule.ttl_ms),
+                fingerprint: request.fingerprint,
+            },
+        };
+        Self {
+            key: fleet.key(&key_id),
+            key_id,
+            request,
+            claim,
+            expect: Expect::Create,
+            lease: 0,
+            bucket_ms: fleet.spec.lease_bucket_ms,
+            retries: fleet.spec.retries,
+            attempts_left: fleet.spec.retries,
+            rounds: 0,
+            sent: false,
+            ambiguous: false,
+        }
+    }
+
+    /// The deadline of the lease the current attempt needs.
+    pub fn deadline(&self) -> Millis {
+        lease_deadline(self.claim.expires_at, self.bucket_ms)
+    }
+
+    /// The claim being attempted.
+    pub fn claim(&self) -> &Claim {
+        &self.claim
+    }
+
+    /// The etcd key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The key id.
+    pub fn key_id(&self) -> KeyId {
+        self.key_id
+    }
+
+    /// The txn of the current attempt, with `lease` (the lease of [`ClaimFlow::deadline`]).
+    pub fn call(&mut self, lease: i64) -> Call {
+        self.lease = lease;
+        self.sent = true;
+        claim_call(&self.key, self.expect, &self.claim.record(), lease)
+    }
+
+    fn resend(&mut self) -> Step {
+        Step::Send(claim_call(
+            &self.key,
+            self.expect,
+            &self.claim.record(),
+            self.lease,
+        ))
+    }
+
+    /// The call removing our record if an attempt committed unseen (after
+    /// [`Step::Unavailable`] with `maybe_claimed`): txn `value == <our record>` → delete.
+    pub fn abandon_call(&self) -> Option<Call> {
+        if !self.sent {
+            return None;
+        }
+        let k = b64_encode(self.key.as_bytes());
+        let cmp = json!({"key": k, "target": "VALUE", "result": "EQUAL",
+            "value": b64_encode(&self.claim.record().encode())});
+        Some(Call {
+            path: TXN_PATH,
+            body: json!({"compare": [cmp], "success": [{"request_delete_range": {"key": k}}], "failure": []})
+                .to_string()
+                .into_bytes(),
+        })
+    }
+
+    /// Feeds the answer to the last call (`status` `None`: no answer, e.g. a timeout).
+    pub fn on_answer(
+        &mut self,
+        rule: &Rule,
+        status: Option<u16>,
+        body: &[u8],
+        now: Millis,
+    ) -> Step {
+        let result = match parse_txn(status, body) {
+            Ok(r) => r,
+            Err(EtcdError::LeaseNotFound) => {
+                return Step::NeedLease {
+                    deadline: self.deadline(),
+                }
+            }
+            Err(e) => {
+                if matches!(e, EtcdError::Unavailable(_)) {
+                    self.ambiguous = true;
+                }
+                if self.attempts_left > 0 {
+                    self.attempts_left -= 1;
+                    // Same owner token: if the lost attempt committed, the retry finds it.
+                    return self.resend();
+                }
+                return Step::Unavailable {
+                    reason: e.to_string(),
+                    maybe_claimed: self.ambiguous,
+                };
+            }
+        };
+        if result.succeeded {
+            return Step::Forward(self.handle(result.revision));
+        }
+        self.rounds += 1;
+        if self.rounds > MAX_ROUNDS {
+            return Step::Unavailable {
+                reason: "too much contention on the key in etcd".into(),
+                maybe_claimed: self.ambiguous,
+            };
+        }
+        self.attempts_left = self.retries;
+        let Some(kv) = result.current else {
+            // Deleted between compare and range (released, or its lease ran out): create.
+            self.expect = Expect::Create;
+            return self.resend();
+        };
+        let record = Record::decode(&kv.value).ok();
+        if let Some(Record::InFlight { owner, .. }) = &record {
+            if *owner == self.request.owner {
+                // An earlier attempt committed before its answer was lost: the claim is ours.
+                return Step::Forward(self.handle(kv.mod_revision));
+            }
+        }
+        // An undecodable value is never trusted: it is taken over like a vacant key.
+        match decide_waiting(rule, &self.request, record.as_ref(), now, None) {
+            Decision::Forward { claim, .. } => {
+                let before = self.deadline();
+                self.claim = claim;
+                self.expect = Expect::Revision(kv.mod_revision);
+                if self.deadline() != before || self.lease <= 0 {
+                    Step::NeedLease {
+                        deadline: self.deadline(),
+                    }
+                } else {
+                    self.resend()
+                }
+            }
+            Decision::Wait { .. } => Step::Answer {
+                // Fleet mode does not park requests: a key in flight is a conflict.
+                decision: Decision::Reject(Rejection::Conflict {
+                    retry_after_s: rule.on_concurrent.retry_after_s,
+                }),
+                completed: None,
+            },
+            decision => Step::Answer {
+                decision,
+                completed: record.filter(|r| matches!(r, Record::Completed { .. })),
+            },
+        }
+    }
+
+    fn handle(&self, mod_revision: i64) -> FleetHandle {
+        FleetHandle {
+            key: self.key.clone(),
+            key_id: self.key_id,
+            mod_revision,
+            lease: self.lease,
+            claim: self.claim,
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------ complete
+
+/// The completed record of a handle's claim.
+pub fn completed_record(handle: &FleetHandle, response: &StoredResponse) -> Record {
+    Record::Completed {
+        owner: handle.claim.owner,
+        expires_at: handle.claim.expires_at,
+        fingerprint: handle.claim.fingerprint,
+        response: response.clone(),
+    }
+}
+
+/// The completion txn, or `Err(ValuePolicy::Hold)` when the record is over
+/// `maxValueBytes`.
+pub fn complete_call(
+    fleet: &Fleet<'_>,
+    handle: &FleetHandle,
+    response: &StoredResponse,
+) -> Result<Call, ValuePolicy> {
+    let value = completed_record(handle, response).encode();
+    match fleet.value_policy(value.len()) {
+        ValuePolicy::Hold => Err(ValuePolicy::Hold),
+        ValuePolicy::Store => Ok(txn(
+            compare(&handle.key, Expect::Revision(handle.mod_revision)),
+            put_op(&handle.key, &value, handle.lease),
+            &handle.key,
+        )),
+    }
+}
+
+/// How a completion ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completion {
+    /// The record is stored.
+    Stored,
+    /// The claim was lost (its lease lapsed and another request took the key).
+    Lost,
+}
+
+/// Parses the answer to [`complete_call`]; a failed compare whose current record is our
+/// completed record (an earlier attempt committed) counts as stored.
+pub fn complete_outcome(
+    handle: &FleetHandle,
+    status: Option<u16>,
+    body: &[u8],
+) -> Result<Completion, EtcdError> {
+    let r = parse_txn(status, body)?;
+    if r.succeeded {
+        return Ok(Completion::Stored);
+    }
+    let mine = r
+        .current
+        .and_then(|kv| Record::decode(&kv.value).ok())
+        .is_some_and(
+            |rec| matches!(rec, Record::Completed { owner, .. } if owner == handle.claim.owner),
+        );
+    Ok(if mine {
+        Completion::Stored
+    } else {
+        Completion::Lost
+    })
+}
+
+/// The release txn: delete the key if it still holds our claim.
+pub fn release_call(handle: &FleetHandle) -> Call {
+    let k = b64_encode(handle.key.as_bytes());
+    Call {
+        path: TXN_PATH,
+        body: json!({"compare": [compare(&handle.key, Expect::Revision(handle.mod_revision))],
+            "success": [{"request_delete_range": {"key": k}}], "failure": []})
+        .to_string()
+        .into_bytes(),
+    }
+}
+
+// ------------------------------------------------------------------------------ cache
+
+/// Encodes a completed record for the local cache slot of `key_id`.
+pub fn cache_value(key_id: &KeyId, record: &Record) -> Vec<u8> {
+    let enc = record.encode();
+    let mut out = Vec::with_capacity(16 + enc.len());
+    out.extend_from_slice(&key_id.0);
+    out.extend_from_slice(&enc);
+    out
+}
+
+/// The completed record cached for `key_id`, if the slot holds it and it is live at `now`.
+pub fn cache_lookup(bytes: &[u8], key_id: &KeyId, now: Millis) -> Option<Record> {
+    let (id, rest) = (bytes.get(..16)?, bytes.get(16..)?);
+    if id != key_id.0 {
+        return None;
+    }
+    match Record::decode(rest).ok()? {
+        r @ Record::Completed { expires_at, .. } if expires_at > now => Some(r),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fingerprint::Fingerprint;
+
+    fn cfg(extra: &str) -> Config {
+        Config::from_json(&format!(
+            r#"{{"ttlSeconds": 60, "leaseSeconds": 10, "store": {{"namespace": "ns", "etcd": {{"leaseBucketSeconds": 30, "retries": 1, "maxValueBytes": 2048 {extra}}}}}}}"#
+        ))
+        .unwrap()
+    }
+
+    fn req(fp: u8, owner: u64) -> Request {
+        Request {
+            fingerprint: Fingerprint([fp; 32]),
+            owner,
+            expires_in_ms: None,
+        }
+    }
+
+    fn body_of(call: &Call) -> Value {
+        serde_json::from_slice(&call.body).unwrap()
+    }
+
+    fn succeeded(rev: i64) -> Vec<u8> {
+        format!(r#"{{"header":{{"cluster_id":"1","member_id":"2","revision":"{rev}","raft_term":"2"}},"succeeded":true,"responses":[{{"response_put":{{"header":{{"revision":"{rev}"}}}}}}]}}"#).into_bytes()
+    }
+
+    fn failed_with(rev: i64, value: Option<&[u8]>) -> Vec<u8> {
+        match value {
+            Some(v) => format!(r#"{{"header":{{"revision":"{rev}","raft_term":"2"}},"responses":[{{"response_range":{{"header":{{"revision":"{rev}"}},"kvs":[{{"key":"eA==","create_revision":"5","mod_revision":"{}","version":"1","value":"{}","lease":"77"}}],"count":"1"}}}}]}}"#, rev - 1, b64_encode(v)).into_bytes(),
+            None => format!(r#"{{"header":{{"revision":"{rev}"}},"responses":[{{"response_range":{{"header":{{"revision":"{rev}"}}}}}}]}}"#).into_bytes(),
+        }
+    }
+
+    #[test]
+    fn base64_round_trips_and_rejects_garbage() {
+        for n in 0..40u8 {
+            let bytes: Vec<u8> = (0..n).map(|i| i.wrapping_mul(37)).collect();
+            assert_eq!(b64_decode(&b64_encode(&bytes)).unwrap(), bytes);
+        }
+        assert_eq!(b64_encode(b"hello"), "aGVsbG8=");
+        assert_eq!(b64_encode(b"/t/a"), "L3QvYQ==");
+        assert_eq!(b64_decode("aGVsbG8").unwrap(), b"hello");
+        assert_eq!(b64_decode("a"), None);
+        assert_eq!(b64_decode("a$=="), None);
+        assert_eq!(b64_decode("a==="), None);
+    }
+
+    #[test]
+    fn lease_buckets_never_expire_early_and_never_drift_past_a_bucket() {
+        let w = 30_000;
+        for e in [1u64, 29_999, 30_000, 30_001, 59_999, 1_700_000_000_123] {
+            let d = lease_deadline(e, w);
+            assert!(d >= e && d < e + w, "{e} -> {d}");
+            assert_eq!(d % w, 0);
+        }
+        // TTL granted now keeps the lease until the deadline (rounded up to seconds)
+        assert_eq!(lease_ttl_seconds(60_000, 1_500), 59);
+        assert_eq!(lease_ttl_seconds(60_000, 60_000), 1);
+        assert_eq!(lease_ttl_seconds(60_000, 99_000), 1);
+        let g = body_of(&grant_call(59));
+        assert_eq!(g, json!({"TTL": "59"}));
+        let ok = br#"{"header":{"revision":"1"},"ID":"2324035573703736837","TTL":"59"}"#;
+        assert_eq!(
+            parse_grant(Some(200), ok).unwrap(),
+            2_324_035_573_703_736_837
+        );
+        assert!(matches!(
+            parse_grant(Some(200), br#"{"header":{}}"#),
+            Err(EtcdError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_grant(None, b""),
+            Err(EtcdError::Unavailable(_))
+        ));
+        // the per-Envoy lease cache: bounded keys, values checked against the deadline
+        assert_eq!(lease_cache_key("ns", 60_000, w), "ns:fl:2");
+        assert_eq!(lease_cache_key("ns", 60_000 + 16 * w, w), "ns:fl:2");
+        let v = lease_cache_value(60_000, 42);
+        assert_eq!(parse_lease_cache(v.as_bytes(), 60_000), Some(42));
+        assert_eq!(parse_lease_cache(v.as_bytes(), 90_000), None);
+        assert_eq!(parse_lease_cache(b"junk", 60_000), None);
+    }
+
+    #[test]
+    fn claim_on_absent_key_forwards() {
+        let c = cfg("");
+        let f = Fleet::new(&c).unwrap();
+        let rule = &c.default_rule;
+        let k = KeyId([1; 16]);
+        let mut flow = ClaimFlow::start(&f, rule, k, req(1, 9), 1_000);
+        assert_eq!(flow.deadline(), 90_000); // expires 61_000 → bucket of 30 s
+        assert_eq!(flow.key(), format!("/idemgate/ns/{}", k.to_hex()));
+        let call = flow.call(77);
+        assert_eq!(call.path, TXN_PATH);
+        let b = body_of(&call);
+        let key64 = b64_encode(flow.key().as_bytes());
+        assert_eq!(
+            b["compare"][0],
+            json!({"key": key64, "target": "CREATE", "result": "EQUAL", "create_revision": "0"})
+        );
+        assert_eq!(b["success"][0]["request_put"]["lease"], "77");
+        let stored = b64_decode(b["success"][0]["request_put"]["value"].as_str().unwrap()).unwrap();
+        assert_eq!(Record::decode(&stored).unwrap(), flow.claim().record());
+        assert_eq!(b["failure"][0]["request_range"]["key"], key64);
+        match flow.on_answer(rule, Some(200), &succeeded(12), 1_010) {
+            Step::Forward(h) => {
+                assert_eq!(h.mod_revision, 12);
+                assert_eq!(h.lease, 77);
+                assert_eq!(h.claim.owner, 9);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn in_flight_elsewhere_conflicts_completed_replays_or_mismatches() {
+        let c = cfg("");
+        let f = Fleet::new(&c).unwrap();
+        let rule = &c.default_rule;
+        let k = KeyId([2; 16]);
+        let other = Record::InFlight {
+            owner: 5,
+            lease_until: 20_000,
+            expires_at: 70_000,
+            fingerprint: Fingerprint([1; 32]),
+        };
+        let mut flow = ClaimFlow::start(&f, rule, k, req(1, 9), 1_000);
+        flow.call(77);
+        assert_eq!(
+            flow.on_answer(
+                rule,
+                Some(200),
+                &failed_with(30, Some(&other.encode())),
+                1_000
+            ),
+            Step::Answer {
+                decision: Decision::Reject(Rejection::Conflict { retry_after_s: 1 }),
+                completed: None
+            }
+        );
+        let done = Record::Completed {
+            owner: 5,
+            expires_at: 70_000,
+            fingerprint: Fingerprint([1; 32]),
+            response: StoredResponse {
+                status: 201,
+                headers: vec![("content-type".into(), b"text/plain".to_vec())],
+                body: b"made".to_vec(),
+            },
+        };
+        let mut flow = ClaimFlow::start(&f, rule, k, req(1, 10), 2_000);
+        flow.call(77);
+        match flow.on_answer(
+            rule,
+            Some(200),
+            &failed_with(31, Some(&done.encode())),
+            2_000,
+        ) {
+            Step::Answer {
+                decision: Decision::Replay(r),
+                completed: Some(rec),
+            } => {
+                assert_eq!(r.body, b"made");
+                assert_eq!(rec, done);
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut flow = ClaimFlow::start(&f, rule, k, req(2, 11), 2_000);
+        flow.call(77);
+        assert!(matches!(
+            flow.on_answer(
+                rule,
+                Some(200),
+                &failed_with(31, Some(&done.encode())),
+                2_000
+            ),
+            Step::Answer {
+                decision: Decision::Reject(Rejection::Mismatch),
+                ..
+            }
+        ));
+        // wait policy: fleet mode answers 409 instead of parking
+        let w = Config::from_json(
+            r#"{"onConcurrent": {"action": "wait", "waitMillis": 500}, "store": {"etcd": {}}}"#,
+        )
+        .unwrap();
+        let fw = Fleet::new(&w).unwrap();
+        let mut flow = ClaimFlow::start(&fw, &w.default_rule, k, req(1, 12), 1_000);
+        flow.call(1);
+        assert!(matches!(
+            flow.on_answer(
+                &w.default_rule,
+                Some(200),
+                &failed_with(30, Some(&other.encode())),
+                1_000
+            ),
+            Step::Answer {
+                decision: Decision::Reject(Rejection::Conflict { .. }),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn lapsed_lease_or_expired_record_is_taken_over_on_mod_revision() {
+        let c = cfg("");
+        let f = Fleet::new(&c).unwrap();
+        let rule = &c.default_rule;
+        let k = KeyId([3; 16]);
+        let stale = Record::InFlight {
+            owner: 5,
+            lease_until: 20_000,
+            expires_at: 70_000,
+            fingerprint: Fingerprint([1; 32]),
+        };
+        let mut flow = ClaimFlow::start(&f, rule, k, req(1, 9), 1_000);
+        flow.call(77);
+        // at 25_000 the lease has lapsed; the new claim expires at 85_000, same bucket (90_000)
+        let step = flow.on_answer(
+            rule,
+            Some(200),
+            &failed_with(40, Some(&stale.encode())),
+            25_000,
+        );
+        let Step::Send(call) = step else {
+            panic!("{step:?}")
+        };
+        let b = body_of(&call);
+        assert_eq!(b["compare"][0]["target"], "MOD");
+        assert_eq!(b["compare"][0]["mod_revision"], "39");
+        assert_eq!(b["success"][0]["request_put"]["lease"], "77");
+        assert!(matches!(
+            flow.on_answer(rule, Some(200), &succeeded(41), 25_010),
+            Step::Forward(FleetHandle {
+                mod_revision: 41,
+                ..
+            })
+        ));
+        // an expired completed record at a later time needs a lease of another bucket
+        let old = Record::Completed {
+            owner: 5,
+            expires_at: 61_000,
+            fingerprint: Fingerprint([1; 32]),
+            response: StoredResponse::default(),
+        };
+        let mut flow = ClaimFlow::start(&f, rule, k, req(1, 10), 1_000);
+        flow.call(77);
+        assert_eq!(
+            flow.on_answer(
+                rule,
+                Some(200),
+                &failed_with(50, Some(&old.encode())),
+                62_000
+            ),
+            Step::NeedLease { deadline: 150_000 }
+        );
+        let b = body_of(&flow.call(88));
+        assert_eq!(b["compare"][0]["mod_revision"], "49");
+        assert_eq!(b["success"][0]["request_put"]["lease"], "88");
+        // garbage in etcd is never trusted: taken over like a vacant key
+        let mut flow = ClaimFlow::start(&f, rule, k, req(1, 11), 1_000);
+        flow.call(77);
+        assert!(matches!(
+            flow.on_answer(rule, Some(200), &failed_with(60, Some(b"garbage")), 1_000),
+            Step::Send(_)
+        ));
+        // deleted between compare and range: create again
+        let mut flow = ClaimFlow::start(&f, rule, k, req(1, 12), 1_000);
+        flow.call(77);
+        let Step::Send(call) = flow.on_answer(rule, Some(200), &failed_with(61, None), 1_000)
+        else {
+            panic!()
+        };
+        assert_eq!(body_of(&call)["compare"][0]["target"], "CREATE");
+    }
+
+    #[test]
+    fn ambiguous_timeout_that_committed_is_recognised_as_mine() {
+        let c = cfg("");
+        let f = Fleet::new(&c).unwrap();
+        let rule = &c.default_rule;
+        let k = KeyId([4; 16]);
+        let mut flow = ClaimFlow::start(&f, rule, k, req(1, 9), 1_000);
+        let first = flow.call(77);
+        // timeout: the same txn (same owner token) is sent again
+        let Step::Send(again) = flow.on_answer(rule, None, b"", 1_500) else {
+            panic!()
+        };
+        assert_eq!(again, first);
+        // the first attempt had committed: the retry's compare fails and finds our record
+        let ours = flow.claim().record();
+        match flow.on_answer(
+            rule,
+            Some(200),
+            &failed_with(20, Some(&ours.encode())),
+            1_600,
+        ) {
+            Step::Forward(h) => assert_eq!(h.mod_revision, 19),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unavailable_after_retries_with_abandon_and_lease_not_found() {
+        let c = cfg("");
+        let f = Fleet::new(&c).unwrap();
+        let rule = &c.default_rule;
+        let k = KeyId([5; 16]);
+        let mut flow = ClaimFlow::start(&f, rule, k, req(1, 9), 1_000);
+        assert_eq!(flow.abandon_call(), None);
+        flow.call(77);
+        let no_leader =
+            br#"{"error":"etcdserver: no leader","message":"etcdserver: no leader","code":14}"#;
+        assert!(matches!(
+            flow.on_answer(rule, Some(503), no_leader, 1_000),
+            Step::Send(_)
+        ));
+        match flow.on_answer(rule, None, b"", 1_500) {
+            Step::Unavailable {
+                maybe_claimed: true,
+                reason,
+            } => assert!(reason.contains("no answer"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        let ab = body_of(&flow.abandon_call().unwrap());
+        assert_eq!(ab["compare"][0]["target"], "VALUE");
+        assert_eq!(
+            b64_decode(ab["compare"][0]["value"].as_str().unwrap()).unwrap(),
+            flow.claim().record().encode()
+        );
+        assert!(ab["success"][0]["request_delete_range"]["key"].is_string());
+        // a lease that vanished: grant another, then the same attempt
+        let mut flow = ClaimFlow::start(&f, rule, k, req(1, 10), 1_000);
+        flow.call(77);
+        let nf = br#"{"error":"etcdserver: requested lease not found","message":"etcdserver: requested lease not found","code":5}"#;
+        assert_eq!(
+            flow.on_answer(rule, Some(404), nf, 1_000),
+            Step::NeedLease { deadline: 90_000 }
+        );
+        assert_eq!(
+            body_of(&flow.call(99))["success"][0]["request_put"]["lease"],
+            "99"
+        );
+        // malformed answers are errors, never panics
+        for junk in [
+            &b""[..],
+            b"[]",
+            b"{",
+            br#"{"header":{}}"#,
+            br#"{"header":{"revision":"x"}}"#,
+        ] {
+            assert!(parse_txn(Some(200), junk).is_err());
+        }
+        assert!(parse_txn(
+            Some(200),
+            br#"{"header":{"revision":"3"},"responses":[{"response_range":{"kvs":[{"mod_revision":"2","value":"!!"}]}}]}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn completion_release_and_value_policy() {
+        let c = cfg("");
+        let f = Fleet::new(&c).unwrap();
+        let rule = &c.default_rule;
+        let k = KeyId([6; 16]);
+        let mut flow = ClaimFlow::start(&f, rule, k, req(1, 9), 1_000);
+        flow.call(77);
+        let Step::Forward(h) = flow.on_answer(rule, Some(200), &succeeded(12), 1_000) else {
+            panic!()
+        };
+        let resp = StoredResponse {
+            status: 201,
+            headers: vec![],
+            body: b"made".to_vec(),
+        };
+        let b = body_of(&complete_call(&f, &h, &resp).unwrap());
+        assert_eq!(b["compare"][0]["target"], "MOD");
+        assert_eq!(b["compare"][0]["mod_revision"], "12");
+        assert_eq!(b["success"][0]["request_put"]["lease"], "77");
+        let v = b64_decode(b["success"][0]["request_put"]["value"].as_str().unwrap()).unwrap();
+        assert_eq!(Record::decode(&v).unwrap(), completed_record(&h, &resp));
+        assert_eq!(
+            complete_outcome(&h, Some(200), &succeeded(13)),
+            Ok(Completion::Stored)
+        );
+        // a retried completion whose first attempt committed
+        assert_eq!(
+            complete_outcome(
+                &h,
+                Some(200),
+                &failed_with(14, Some(&completed_record(&h, &resp).encode()))
+            ),
+            Ok(Completion::Stored)
+        );
+        // someone else took the key over
+        let theirs = Record::InFlight {
+            owner: 1,
+            lease_until: 1,
+            expires_at: 2,
+            fingerprint: Fingerprint([0; 32]),
+        };
+        assert_eq!(
+            complete_outcome(&h, Some(200), &failed_with(14, Some(&theirs.encode()))),
+            Ok(Completion::Lost)
+        );
+        assert!(complete_outcome(&h, None, b"").is_err());
+        // too large for etcd: held, not written
+        let big = StoredResponse {
+            status: 200,
+            headers: vec![],
+            body: vec![0; 4096],
+        };
+        assert_eq!(complete_call(&f, &h, &big), Err(ValuePolicy::Hold));
+        assert_eq!(f.value_policy(2048), ValuePolicy::Store);
+        assert_eq!(f.value_policy(2049), ValuePolicy::Hold);
+        let r = body_of(&release_call(&h));
+        assert_eq!(r["compare"][0]["mod_revision"], "12");
+        assert!(r["success"][0]["request_delete_range"]["key"].is_string());
+        let l = body_of(&f.lookup_call("/k"));
+        assert_eq!(l, json!({"key": "L2s="}));
+        let found = parse_range(
+            Some(200),
+            br#"{"header":{"revision":"3"},"kvs":[{"key":"L2s=","mod_revision":"3","value":"aGk=","lease":"7"}],"count":"1"}"#,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            found,
+            Kv {
+                mod_revision: 3,
+                value: b"hi".to_vec(),
+                lease: 7
+            }
+        );
+        assert_eq!(
+            parse_range(Some(200), br#"{"header":{"revision":"3"}}"#),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn cache_answers_only_live_completed_records_of_its_key() {
+        let c = cfg("");
+        let f = Fleet::new(&c).unwrap();
+        let k = KeyId([7; 16]);
+        let done = Record::Completed {
+            owner: 1,
+            expires_at: 5_000,
+            fingerprint: Fingerprint([1; 32]),
+            response: StoredResponse {
+                status: 200,
+                headers: vec![],
+                body: b"x".to_vec(),
+            },
+        };
+        let v = cache_value(&k, &done);
+        assert_eq!(cache_lookup(&v, &k, 4_999), Some(done.clone()));
+        assert_eq!(cache_lookup(&v, &k, 5_000), None);
+        assert_eq!(cache_lookup(&v, &KeyId([8; 16]), 0), None);
+        assert_eq!(cache_lookup(b"short", &k, 0), None);
+        let inflight = Record::InFlight {
+            owner: 1,
+            lease_until: 9,
+            expires_at: 9_000,
+            fingerprint: Fingerprint([1; 32]),
+        };
+        assert_eq!(cache_lookup(&cache_value(&k, &inflight), &k, 0), None);
+        assert!(f.cache_key(&k).starts_with("ns:fc:"));
+        assert!(!f.fails_open());
+    }
+}

@@ -1,0 +1,52 @@
+// The idemgate core (Rust, wasm-bindgen) and the configuration, parsed once per isolate.
+//
+// The configuration is the same JSON document as the Envoy filter's, from the environment
+// binding IDEMGATE_CONFIG (a JSON string, or an object when set as a wrangler [vars]
+// table). Absent or empty, it gives the defaults, as an empty filter configuration does.
+// A refused configuration never throws out of the worker: every request gets a 500
+// problem naming the field, and the log says it once per isolate.
+import * as core from "../dist/module/idemgate_edge.js";
+
+export { core };
+
+let current = { source: undefined, engine: null, error: null };
+
+/** `{engine}` for a valid configuration, `{error}` (a one-line message) otherwise. */
+export function engineFor(env) {
+  let source = env.IDEMGATE_CONFIG;
+  if (source === undefined || source === null) source = "";
+  else if (typeof source !== "string") source = JSON.stringify(source);
+  if (current.source === source) return current;
+  let engine = null;
+  let error = null;
+  try {
+    engine = new core.Engine(source);
+    console.log(`idemgate: configured (${engine.summary})`);
+  } catch (e) {
+    error = `invalid configuration: ${e && e.message ? e.message : String(e)}`;
+    console.error(`idemgate: ${error}`);
+  }
+  if (current.engine) current.engine.free();
+  current = { source, engine, error };
+  return current;
+}
+
+/** A Response from a core answer (and frees it). */
+export function toResponse(answer) {
+  const headers = new Headers();
+  const flat = answer.headers;
+  for (let i = 0; i + 1 < flat.length; i += 2) headers.append(flat[i], flat[i + 1]);
+  const status = answer.status;
+  const body = NULL_BODY.has(status) ? null : answer.body;
+  answer.free();
+  return new Response(body, { status, headers });
+}
+
+export const NULL_BODY = new Set([101, 204, 205, 304]);
+
+/** Headers as the flat list `[name, value, …]` the core takes. */
+export function flat(headers) {
+  const out = [];
+  for (const [name, value] of headers) out.push(name, value);
+  return out;
+}

@@ -1,0 +1,350 @@
+"""Fleet mode: exactly-once across two Envoys (Docker, --network host, --concurrency 2)
+sharing a three-member etcd 3.4 cluster (Debian etcd-server, processes on loopback, data
+in a temp dir, stopped by PID at the end).
+
+Each Envoy has three listeners over the same etcd cluster: `closed` (failPolicy closed),
+`open` (failPolicy open) and `short` (ttl 2 s, lease buckets of 2 s). Skipped when no
+`etcd` binary is installed (`make fleet-setup` installs Debian's etcd-server).
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from harness import REPO_ROOT, Envoy, Origin, build_envoy_config, free_port, listener
+from httpclient import Resp, send
+
+ETCD = shutil.which("etcd")
+pytestmark = pytest.mark.skipif(ETCD is None, reason="etcd not installed (make fleet-setup)")
+
+FLAGS_FILE = REPO_ROOT / "envoy" / "fleet" / "etcd.flags"
+CONCURRENCY = 2
+
+
+def etcd_flags() -> list[str]:
+    return [
+        line.strip()
+        for line in FLAGS_FILE.read_text().splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+
+
+class Member:
+    def __init__(self, name: str, client: int, peer: int, data: Path) -> None:
+        self.name, self.client, self.peer, self.data = name, client, peer, data
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = data.with_suffix(".log")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.client}"
+
+    def start(self, cluster: str) -> None:
+        cmd = [
+            str(ETCD), "--name", self.name, "--data-dir", str(self.data),
+            "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+            "--listen-peer-urls", f"http://127.0.0.1:{self.peer}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer}",
+            "--initial-cluster", cluster, "--initial-cluster-state", "new",
+            "--initial-cluster-token", "idemgate-test", *etcd_flags(),
+        ]
+        log = open(self.log, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.proc = None
+
+    def call(self, path: str, doc: dict[str, Any], timeout: float = 2) -> dict[str, Any]:
+        req = urllib.request.Request(self.url + path, data=json.dumps(doc).encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def status(self) -> dict[str, Any] | None:
+        try:
+            return self.call("/v3/maintenance/status", {}, timeout=1)
+        except Exception:
+            return None
+
+
+class Cluster:
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="idemgate-etcd-"))
+        self.members = [
+            Member(f"m{i}", free_port(), free_port(), self.dir / f"m{i}") for i in range(3)
+        ]
+        self.spec = ",".join(f"{m.name}=http://127.0.0.1:{m.peer}" for m in self.members)
+
+    def start(self, members: list[Member] | None = None) -> None:
+        for m in members or self.members:
+            m.start(self.spec)
+        self.wait_leader()
+
+    def wait_leader(self, timeout: float = 30) -> Member:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for m in self.members:
+                if m.proc is None:
+                    continue
+                st = m.status()
+                if st and st.get("leader") and st["leader"] == st["header"]["member_id"]:
+                    try:  # a write goes through: the cluster has quorum
+                        m.call("/v3/kv/put", {"key": b64("/probe"), "value": b64("1")})
+                        return m
+                    except Exception:
+                        pass
+            time.sleep(0.1)
+        raise TimeoutError("etcd cluster elected no leader:\n" + "\n".join(
+            m.log.read_text(errors="replace")[-2000:] for m in self.members if m.log.exists()))
+
+    def leader(self) -> Member:
+        return self.wait_leader()
+
+    def any_live(self) -> Member:
+        return next(m for m in self.members if m.proc is not None)
+
+    def stop(self) -> None:
+        for m in self.members:
+            m.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def b64(s: str | bytes) -> str:
+    return base64.b64encode(s.encode() if isinstance(s, str) else s).decode()
+
+
+def etcd_listener(name: str, port: int, fail: str, **rule: Any) -> dict[str, Any]:
+    cfg = {
+        "store": {"namespace": name, "etcd": {
+            "cluster": "etcd", "prefix": "/idemgate/", "timeoutMillis": 400, "retries": 2,
+            "failPolicy": fail, "leaseBucketSeconds": rule.pop("bucket", 60), "authority": "etcd"}},
+        **rule,
+    }
+    return listener(name, port, cfg)
+
+
+def bootstrap(listeners: list[dict[str, Any]], origin_port: int, admin_port: int, cluster: Cluster) -> dict[str, Any]:
+    cfg = build_envoy_config(listeners, origin_port, admin_port)
+    cfg["static_resources"]["clusters"].append({
+        "name": "etcd",
+        "type": "STATIC",
+        "connect_timeout": "0.25s",
+        "lb_policy": "ROUND_ROBIN",
+        "load_assignment": {"cluster_name": "etcd", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": m.client}}}}
+            for m in cluster.members]}]},
+        "health_checks": [{
+            "timeout": "0.5s", "interval": "1s", "no_traffic_interval": "1s",
+            "unhealthy_threshold": 2, "healthy_threshold": 1,
+            "http_health_check": {"path": "/version"}}],
+        "outlier_detection": {
+            "split_external_local_origin_errors": True, "consecutive_local_origin_failure": 2,
+            "base_ejection_time": "2s", "max_ejection_percent": 67},
+    })
+    return cfg
+
+
+class Fleet:
+    def __init__(self, cluster: Cluster, origin: Origin, envoys: list[Envoy]) -> None:
+        self.cluster, self.origin, self.envoys = cluster, origin, envoys
+
+    def port(self, i: int, name: str) -> int:
+        return self.envoys[i % len(self.envoys)].port(name)
+
+
+@pytest.fixture(scope="module")
+def fleet(docker_engine: None) -> Iterator[Fleet]:
+    cluster = Cluster()
+    origin = Origin(verbose=False)
+    envoys: list[Envoy] = []
+    try:
+        cluster.start()
+        origin.start()
+        for _ in range(2):
+            ls = [
+                etcd_listener("closed", free_port(), "closed"),
+                etcd_listener("open", free_port(), "open"),
+                etcd_listener("short", free_port(), "closed", ttlSeconds=2, leaseSeconds=2, bucket=2),
+            ]
+            admin = free_port()
+            e = Envoy(ls, origin_port=origin.port, admin_port=admin, concurrency=CONCURRENCY,
+                      config=bootstrap(ls, origin.port, admin, cluster), component_log_level="wasm:info")
+            envoys.append(e.start())
+        yield Fleet(cluster, origin, envoys)
+    finally:
+        for e in envoys:
+            e.stop()
+        origin.stop()
+        cluster.stop()
+
+
+def post(port: int, path: str, key: str, body: bytes = b'{"a":1}', timeout: float = 20) -> Resp:
+    return send(port, "POST", path, body, {"idempotency-key": key, "content-type": "application/json"},
+                timeout=timeout)
+
+
+def executions(origin: Origin, prefix: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in origin.requests():
+        path = r["path"].split("?")[0]
+        if path.startswith(prefix) and r.get("body_complete"):
+            out[path] = out.get(path, 0) + 1
+    return out
+
+
+def storm(f: Fleet, jobs: list[tuple[int, str, str]], workers: int = 64) -> list[tuple[str, Resp]]:
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        futs = [(path, pool.submit(post, f.port(i, "closed"), path, key)) for i, path, key in jobs]
+        return [(path, fut.result()) for path, fut in futs]
+
+
+def check_answers(results: list[tuple[str, Resp]], allow_503: bool = False) -> None:
+    """Every answer is the first execution's (origin or identical replay), a 409, or (when
+    allowed) a 503, the last two with Retry-After."""
+    first: dict[str, Resp] = {}
+    for path, r in results:
+        if r.status == 200:
+            first.setdefault(path, r)
+            assert r.body == first[path].body, (r, first[path])
+        else:
+            assert r.status in ((409, 503) if allow_503 else (409,)), r
+            assert r.header("retry-after"), r
+
+
+def test_same_key_storm_over_both_envoys_executes_once(fleet: Fleet) -> None:
+    path = f"/fleet/one/{uuid.uuid4().hex}?delay=0.3"
+    key = uuid.uuid4().hex
+    t0 = time.monotonic()
+    results = storm(fleet, [(i, path, key) for i in range(200)], workers=100)
+    check_answers(results)
+    assert executions(fleet.origin, path.split("?")[0]) == {path.split("?")[0]: 1}
+    # retries after completion replay it on both Envoys, identically
+    time.sleep(0.2)
+    again = [post(fleet.port(i, "closed"), path, key) for i in range(4)]
+    assert all(r.status == 200 and r.header("idempotent-replayed") == "true" for r in again), again
+    assert len({r.body for r in again} | {r.body for _, r in results if r.status == 200}) == 1
+    print(f"200 same-key requests in {time.monotonic() - t0:.2f}s: "
+          f"{sum(1 for _, r in results if r.status == 200)} 200, {sum(1 for _, r in results if r.status == 409)} 409")
+
+
+def test_fifty_keys_twenty_each(fleet: Fleet) -> None:
+    base = f"/fleet/many/{uuid.uuid4().hex}"
+    jobs = [(i * 20 + j, f"{base}/{i}?delay=0.1", f"k{i}-{base}") for i in range(50) for j in range(20)]
+    t0 = time.monotonic()
+    results = storm(fleet, jobs, workers=100)
+    check_answers(results)
+    counts = executions(fleet.origin, base)
+    assert len(counts) == 50 and set(counts.values()) == {1}, counts
+    print(f"50 keys x 20 in {time.monotonic() - t0:.2f}s")
+
+
+def test_leader_killed_mid_storm_never_executes_twice(fleet: Fleet) -> None:
+    base = f"/fleet/election/{uuid.uuid4().hex}"
+    leader = fleet.cluster.leader()
+    jobs = [(i * 10 + j, f"{base}/{i}?delay=0.05", f"e{i}-{base}") for i in range(60) for j in range(10)]
+
+    def kill_soon() -> None:
+        time.sleep(0.3)
+        leader.stop(signal.SIGKILL)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as k:
+        killer = k.submit(kill_soon)
+        results = storm(fleet, jobs, workers=40)
+        killer.result()
+    try:
+        check_answers(results, allow_503=True)
+        counts = executions(fleet.origin, base)
+        assert counts and max(counts.values()) == 1, counts
+        # after the election, every key settles: a retry replays or (if never executed) runs once
+        fleet.cluster.wait_leader()
+        time.sleep(1.5)
+        for i in range(60):
+            path = f"{base}/{i}?delay=0.05"
+            r = post(fleet.port(i, "closed"), path, f"e{i}-{base}")
+            assert r.status in (200, 409, 503), r
+        counts = executions(fleet.origin, base)
+        assert max(counts.values()) == 1, counts
+        statuses = sorted({r.status for _, r in results})
+        print(f"election storm: statuses {statuses}, {len(counts)} keys executed")
+    finally:
+        leader.start(fleet.cluster.spec)
+        fleet.cluster.wait_leader()
+
+
+def test_all_members_down_follows_fail_policy_then_resumes(fleet: Fleet) -> None:
+    base = f"/fleet/down/{uuid.uuid4().hex}"
+    for m in fleet.cluster.members:
+        m.stop()
+    try:
+        r = post(fleet.port(0, "closed"), f"{base}/closed", "c1")
+        assert r.status == 503 and r.header("retry-after"), r
+        assert r.json()["type"].endswith("/store-unavailable")
+        assert executions(fleet.origin, f"{base}/closed") == {}
+        r = post(fleet.port(1, "open"), f"{base}/open", "o1")
+        assert r.status == 200 and r.header("idempotent-replayed") is None, r
+        assert executions(fleet.origin, f"{base}/open") == {f"{base}/open": 1}
+    finally:
+        fleet.cluster.start()
+    deadline = time.monotonic() + 20
+    while True:
+        r = post(fleet.port(0, "closed"), f"{base}/closed", "c1")
+        if r.status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert r.status == 200, r
+    time.sleep(0.3)  # the completion reaches etcd right after the response
+    again = post(fleet.port(1, "closed"), f"{base}/closed", "c1")
+    assert again.status == 200 and again.header("idempotent-replayed") == "true", again
+    assert again.body == r.body
+    assert executions(fleet.origin, f"{base}/closed") == {f"{base}/closed": 1}
+
+
+def test_keys_expire_within_ttl_plus_bucket_width(fleet: Fleet) -> None:
+    base = f"/fleet/expiry/{uuid.uuid4().hex}"
+    key = uuid.uuid4().hex
+    r = post(fleet.port(0, "short"), base, key)
+    assert r.status == 200, r
+    done = time.monotonic()
+    time.sleep(0.3)
+    assert post(fleet.port(1, "short"), base, key).header("idempotent-replayed") == "true"
+    member = fleet.cluster.any_live()
+    prefix = b64("/idemgate/short/")
+    end = b64("/idemgate/short0")
+
+    def live_keys() -> int:
+        return int(member.call("/v3/kv/range", {"key": prefix, "range_end": end, "count_only": True})
+                   .get("count", 0))
+
+    assert live_keys() >= 1
+    # ttl 2 s + bucket 2 s (+ 1 s: etcd's whole-second TTLs and its lease expiry sweep)
+    while live_keys() > 0:
+        assert time.monotonic() - done < 2 + 2 + 1.5, "key outlived ttl + bucket width"
+        time.sleep(0.1)
+    gone = time.monotonic() - done
+    assert gone >= 1.5, f"key deleted {gone:.2f}s after completion, before its ttl"
+    # expired: the key is executed again
+    r2 = post(fleet.port(1, "short"), base, key)
+    assert r2.status == 200 and r2.header("idempotent-replayed") is None, r2
+    assert executions(fleet.origin, base) == {base: 2}
+    print(f"etcd key gone {gone:.2f}s after completion (ttl 2s, bucket 2s)")
