@@ -127,7 +127,7 @@ test:
 	if [[ $$rc == 0 ]]; then $(MAKE) test-edge || rc=$$?; fi; \
 	exit $$rc
 
-lint:
+lint: deps-rust
 	@echo "[lint] cargo fmt --check"
 	@cargo fmt --all -- --check
 	@echo "[lint] clippy (host)"
