@@ -2,7 +2,7 @@
 envoy/profiles/ in a real Envoy (Docker, --concurrency 4).
 
 Each profile is loaded as it is, and once more as the "short" variant (ttlSeconds and
-leaseSeconds set to 2) for the scenarios that need a key to expire within the test.
+leaseSeconds set to 4) for the scenarios that need a key to expire within the test.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ def variant_config(name: str, short: bool) -> dict[str, Any]:
     cfg = copy.deepcopy(PROFILES[name])
     cfg.setdefault("store", {})["namespace"] = f"{name}-short" if short else name
     if short:
-        cfg["ttlSeconds"] = 2
-        cfg["leaseSeconds"] = 2
+        cfg["ttlSeconds"] = 4
+        cfg["leaseSeconds"] = 4
         for route in cfg.get("routes", []):
             route.pop("ttlSeconds", None)
             route.pop("leaseSeconds", None)

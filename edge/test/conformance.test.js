@@ -1,6 +1,6 @@
 // Every conformance vector in tests/conformance/*.json against the edge worker, with the
 // profile it names from envoy/profiles/ (and its "short" variant: ttlSeconds and
-// leaseSeconds 2), as tests/test_conformance.py runs them against Envoy: same statuses,
+// leaseSeconds 4), as tests/test_conformance.py runs them against Envoy: same statuses,
 // headers, bodies and origin executions. Scenarios run concurrently (each has its own
 // keys and run id), so the sleeps of the expiry scenarios overlap.
 import assert from "node:assert/strict";
@@ -27,8 +27,8 @@ function variantConfig(name, short) {
   const cfg = structuredClone(PROFILES[name]);
   cfg.store = { ...(cfg.store ?? {}), namespace: short ? `${name}-short` : name };
   if (short) {
-    cfg.ttlSeconds = 2;
-    cfg.leaseSeconds = 2;
+    cfg.ttlSeconds = 4;
+    cfg.leaseSeconds = 4;
     for (const route of cfg.routes ?? []) {
       delete route.ttlSeconds;
       delete route.leaseSeconds;
