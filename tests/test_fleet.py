@@ -2,9 +2,11 @@
 sharing a three-member etcd 3.4 cluster (Debian etcd-server, processes on loopback, data
 in a temp dir, stopped by PID at the end).
 
-Each Envoy has three listeners over the same etcd cluster: `closed` (failPolicy closed),
-`open` (failPolicy open) and `short` (ttl 2 s, lease buckets of 2 s). Skipped when no
-`etcd` binary is installed (`make fleet-setup` installs Debian's etcd-server).
+Each Envoy has five listeners over the same etcd cluster: `closed` (failPolicy closed),
+`open` (failPolicy open), `short` (ttl 2 s, lease buckets of 2 s), `keep` (leaseSeconds 2:
+in-flight leases of 2 s kept alive from the root context) and `wait` (onConcurrent wait,
+2.5 s). Skipped when no `etcd` binary is installed (`make fleet-setup` installs Debian's
+etcd-server).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ pytestmark = pytest.mark.skipif(ETCD is None, reason="etcd not installed (make f
 
 FLAGS_FILE = REPO_ROOT / "envoy" / "fleet" / "etcd.flags"
 CONCURRENCY = 2
+WAIT_MS = 2500
 
 
 def etcd_flags() -> list[str]:
@@ -186,6 +189,9 @@ def fleet(docker_engine: None) -> Iterator[Fleet]:
                 etcd_listener("closed", free_port(), "closed"),
                 etcd_listener("open", free_port(), "open"),
                 etcd_listener("short", free_port(), "closed", ttlSeconds=2, leaseSeconds=2, bucket=2),
+                etcd_listener("keep", free_port(), "closed", leaseSeconds=2),
+                etcd_listener("wait", free_port(), "closed",
+                              onConcurrent={"action": "wait", "waitMillis": WAIT_MS}),
             ]
             admin = free_port()
             e = Envoy(ls, origin_port=origin.port, admin_port=admin, concurrency=CONCURRENCY,
@@ -348,3 +354,103 @@ def test_keys_expire_within_ttl_plus_bucket_width(fleet: Fleet) -> None:
     assert r2.status == 200 and r2.header("idempotent-replayed") is None, r2
     assert executions(fleet.origin, base) == {base: 2}
     print(f"etcd key gone {gone:.2f}s after completion (ttl 2s, bucket 2s)")
+
+
+def namespace_kvs(member: Member, namespace: str) -> list[dict[str, Any]]:
+    prefix = f"/idemgate/{namespace}/"
+    end = prefix[:-1] + chr(ord("/") + 1)
+    return member.call("/v3/kv/range", {"key": b64(prefix), "range_end": b64(end)}).get("kvs", [])
+
+
+def lease_ttl(member: Member, lease: str) -> tuple[int, int]:
+    """(remaining TTL, granted TTL) of a lease; remaining -1 when it is gone."""
+    r = member.call("/v3/lease/timetolive", {"ID": lease})
+    return int(r.get("TTL", -1)), int(r.get("grantedTTL", 0))
+
+
+def test_in_flight_claim_outlives_its_lease_only_because_it_is_refreshed(fleet: Fleet) -> None:
+    """leaseSeconds 2, origin latency 5 s: the in-flight record rides a 2 s etcd lease that
+    the claiming Envoy keeps alive from its root context; a duplicate on the other Envoy
+    3.5 s in (past the record's lease and past the etcd lease's TTL) still finds it in
+    flight. Without the keep-alives etcd would have deleted it (or the record's lapsed
+    lease would let the duplicate take over): a second execution."""
+    path = f"/fleet/keep/{uuid.uuid4().hex}"
+    key = uuid.uuid4().hex
+    member = fleet.cluster.any_live()
+    before = {kv["key"] for kv in namespace_kvs(member, "keep")}
+    keepalives0 = sum(e.stats(r"fleet_keepalives").get("wasmcustom.idemgate.keep.fleet_keepalives", 0)
+                      for e in fleet.envoys)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        t0 = time.monotonic()
+        first = pool.submit(post, fleet.port(0, "keep"), path + "?delay=5", key)
+        time.sleep(3.5)
+        new = [kv for kv in namespace_kvs(member, "keep") if kv["key"] not in before]
+        assert len(new) == 1, new
+        ttl, granted = lease_ttl(member, new[0]["lease"])
+        assert granted == 2 and ttl > 0, (ttl, granted)  # the short in-flight lease, alive
+        dup = post(fleet.port(1, "keep"), path + "?delay=5", key)
+        assert dup.status == 409 and dup.header("retry-after"), dup
+        r = first.result()
+    assert r.status == 200 and time.monotonic() - t0 >= 5, r
+    time.sleep(0.3)  # the completion reaches etcd right after the response
+    again = post(fleet.port(1, "keep"), path + "?delay=5", key)
+    assert again.status == 200 and again.header("idempotent-replayed") == "true", again
+    assert again.body == r.body
+    assert executions(fleet.origin, path) == {path: 1}
+    # completed: the record moved to its expiry bucket's lease (ttl 1 day, never refreshed)
+    (kv,) = [kv for kv in namespace_kvs(member, "keep") if kv["key"] not in before]
+    assert kv["lease"] != new[0]["lease"]
+    assert lease_ttl(member, kv["lease"])[1] > 86_000
+    keepalives1 = sum(e.stats(r"fleet_keepalives").get("wasmcustom.idemgate.keep.fleet_keepalives", 0)
+                      for e in fleet.envoys)
+    assert keepalives1 - keepalives0 >= 3, (keepalives0, keepalives1)  # ~ every 2/3 s for 5 s
+    # nothing holds the in-flight lease any more: it lapses within its TTL
+    deadline = time.monotonic() + 4
+    while lease_ttl(member, new[0]["lease"])[0] > 0:
+        assert time.monotonic() < deadline, "in-flight lease still refreshed after completion"
+        time.sleep(0.2)
+
+
+def test_wait_policy_duplicate_on_the_other_envoy_gets_the_replay(fleet: Fleet) -> None:
+    path = f"/fleet/wait/{uuid.uuid4().hex}"
+    key = uuid.uuid4().hex
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(lambda: (post(fleet.port(0, "wait"), path + "?delay=1", key), time.monotonic()))
+        time.sleep(0.3)
+        dup = pool.submit(lambda: (post(fleet.port(1, "wait"), path + "?delay=1", key), time.monotonic()))
+        (r1, t1), (r2, t2) = first.result(), dup.result()
+    assert r1.status == 200 and r1.header("idempotent-replayed") is None, r1
+    assert r2.status == 200 and r2.header("idempotent-replayed") == "true", r2
+    assert r2.body == r1.body
+    assert t2 >= t1 - 0.05, "the duplicate was answered before the first completed"
+    assert t2 - t1 < 0.5, f"the duplicate waited {t2 - t1:.2f}s after the first completed"
+    assert executions(fleet.origin, path) == {path: 1}
+    waited = fleet.envoys[1].stats(r"\.wait\.waited$")
+    assert waited.get("wasmcustom.idemgate.wait.waited", 0) >= 1, waited
+
+
+def test_wait_policy_released_key_is_claimed_and_bound_answers_409(fleet: Fleet) -> None:
+    # the first answer is not stored (500): the key is released and the waiter claims it
+    path = f"/fleet/wait-release/{uuid.uuid4().hex}"
+    key = uuid.uuid4().hex
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(post, fleet.port(0, "wait"), path + "?delay=1&status=500", key)
+        time.sleep(0.3)
+        dup = pool.submit(post, fleet.port(1, "wait"), path + "?delay=0.1&status=500", key)
+        r1, r2 = first.result(), dup.result()
+    assert r1.status == 500 and r2.status == 500, (r1, r2)
+    assert r2.header("idempotent-replayed") is None
+    assert r1.header("x-origin-execution") != r2.header("x-origin-execution")
+    assert executions(fleet.origin, path) == {path: 2}
+    # still in flight when the wait runs out: 409 with Retry-After after ~waitMillis
+    path = f"/fleet/wait-bound/{uuid.uuid4().hex}"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(post, fleet.port(0, "wait"), path + "?delay=4", key)
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        dup = post(fleet.port(1, "wait"), path + "?delay=4", key)
+        waited = time.monotonic() - t0
+        assert dup.status == 409 and dup.header("retry-after"), dup
+        assert WAIT_MS / 1000 - 0.2 <= waited < WAIT_MS / 1000 + 1, waited
+        assert first.result().status == 200
+    assert executions(fleet.origin, path) == {path: 1}
