@@ -11,130 +11,22 @@ etcd-server).
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
-import json
-import os
-import shutil
 import signal
-import subprocess
-import tempfile
 import time
-import urllib.request
 import uuid
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from harness import REPO_ROOT, Envoy, Origin, build_envoy_config, free_port, listener
+from etcd_cluster import ETCD, Cluster, Member, b64
+from harness import Envoy, Origin, build_envoy_config, free_port, listener
 from httpclient import Resp, send
 
-ETCD = shutil.which("etcd")
 pytestmark = pytest.mark.skipif(ETCD is None, reason="etcd not installed (make fleet-setup)")
 
-FLAGS_FILE = REPO_ROOT / "envoy" / "fleet" / "etcd.flags"
 CONCURRENCY = 2
 WAIT_MS = 2500
-
-
-def etcd_flags() -> list[str]:
-    return [
-        line.strip()
-        for line in FLAGS_FILE.read_text().splitlines()
-        if line.strip() and not line.strip().startswith("#")
-    ]
-
-
-class Member:
-    def __init__(self, name: str, client: int, peer: int, data: Path) -> None:
-        self.name, self.client, self.peer, self.data = name, client, peer, data
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = data.with_suffix(".log")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.client}"
-
-    def start(self, cluster: str) -> None:
-        cmd = [
-            str(ETCD), "--name", self.name, "--data-dir", str(self.data),
-            "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
-            "--listen-peer-urls", f"http://127.0.0.1:{self.peer}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer}",
-            "--initial-cluster", cluster, "--initial-cluster-state", "new",
-            "--initial-cluster-token", "idemgate-test", *etcd_flags(),
-        ]
-        log = open(self.log, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        self.proc = None
-
-    def call(self, path: str, doc: dict[str, Any], timeout: float = 2) -> dict[str, Any]:
-        req = urllib.request.Request(self.url + path, data=json.dumps(doc).encode(), method="POST")
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read())
-
-    def status(self) -> dict[str, Any] | None:
-        try:
-            return self.call("/v3/maintenance/status", {}, timeout=1)
-        except Exception:
-            return None
-
-
-class Cluster:
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="idemgate-etcd-"))
-        self.members = [
-            Member(f"m{i}", free_port(), free_port(), self.dir / f"m{i}") for i in range(3)
-        ]
-        self.spec = ",".join(f"{m.name}=http://127.0.0.1:{m.peer}" for m in self.members)
-
-    def start(self, members: list[Member] | None = None) -> None:
-        for m in members or self.members:
-            m.start(self.spec)
-        self.wait_leader()
-
-    def wait_leader(self, timeout: float = 30) -> Member:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for m in self.members:
-                if m.proc is None:
-                    continue
-                st = m.status()
-                if st and st.get("leader") and st["leader"] == st["header"]["member_id"]:
-                    try:  # a write goes through: the cluster has quorum
-                        m.call("/v3/kv/put", {"key": b64("/probe"), "value": b64("1")})
-                        return m
-                    except Exception:
-                        pass
-            time.sleep(0.1)
-        raise TimeoutError("etcd cluster elected no leader:\n" + "\n".join(
-            m.log.read_text(errors="replace")[-2000:] for m in self.members if m.log.exists()))
-
-    def leader(self) -> Member:
-        return self.wait_leader()
-
-    def any_live(self) -> Member:
-        return next(m for m in self.members if m.proc is not None)
-
-    def stop(self) -> None:
-        for m in self.members:
-            m.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def b64(s: str | bytes) -> str:
-    return base64.b64encode(s.encode() if isinstance(s, str) else s).decode()
 
 
 def etcd_listener(name: str, port: int, fail: str, **rule: Any) -> dict[str, Any]:
