@@ -303,6 +303,28 @@ def test_in_flight_claim_outlives_its_lease_only_because_it_is_refreshed(fleet: 
         time.sleep(0.2)
 
 
+def test_unknown_outcome_stops_the_refresh_and_the_key_lapses_within_its_lease(fleet: Fleet) -> None:
+    """The origin resets the connection: Envoy answers itself, the outcome is unknown and the
+    claim stays, but its in-flight lease is no longer kept alive for it: the key is free again
+    within leaseSeconds (2 s) plus etcd's expiry sweep, and a retry executes."""
+    path = f"/fleet/unknown/{uuid.uuid4().hex}"
+    key = uuid.uuid4().hex
+    r = post(fleet.port(0, "keep"), path + "?reset=1", key)
+    assert r.status == 503 and r.header("idempotent-replayed") is None, r
+    t0 = time.monotonic()
+    held = post(fleet.port(1, "keep"), path, key)
+    assert held.status == 409, held
+    while True:
+        again = post(fleet.port(1, "keep"), path, key)
+        if again.status == 200:
+            break
+        assert again.status == 409 and time.monotonic() - t0 < 2 + 2.5, (again, time.monotonic() - t0)
+        time.sleep(0.2)
+    assert again.header("idempotent-replayed") is None
+    assert executions(fleet.origin, path) == {path: 2}  # the reset one read the body too
+    print(f"unknown outcome: key free again {time.monotonic() - t0:.2f}s later (leaseSeconds 2)")
+
+
 def test_wait_policy_duplicate_on_the_other_envoy_gets_the_replay(fleet: Fleet) -> None:
     path = f"/fleet/wait/{uuid.uuid4().hex}"
     key = uuid.uuid4().hex

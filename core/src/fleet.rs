@@ -16,9 +16,15 @@
 //!   `maxResponseBytes` in local mode.
 //! - **Release** = txn `mod_revision == <revision>` → delete. **Abandon** (a claim that may
 //!   have committed while every attempt timed out) = txn `value == <our record>` → delete.
-//! - **Leases** are shared per time bucket: a key expiring at `e` is attached to the lease of
-//!   deadline `D = ceil(e / W) · W`, granted with TTL `D − now`, so etcd deletes the key in
-//!   `[e, e + W)` (plus etcd's rounding to whole seconds), never before it expires.
+//! - **Leases** are shared, never one per key. A completed record expiring at `e` is
+//!   attached to the expiry lease of deadline `D = ceil(e / W) · W`, granted with TTL
+//!   `D − now` and never refreshed, so etcd deletes the key in `[e, e + W)` (plus etcd's
+//!   rounding to whole seconds), never before it expires. An in-flight record rides a short
+//!   [`InFlightLease`] (the rule's lease) that the root context keeps alive
+//!   ([`KeepAlives`], `/v3/lease/keepalive`) while the claim is unsettled: the key is held
+//!   as long as its Envoy lives, and freed within one TTL when it dies.
+//! - **Wait**: a key in flight under `onConcurrent: wait` gives [`Step::Wait`]; the host
+//!   re-polls with [`ClaimFlow::repoll`] (the claim txn again) until replay, claim, or 409.
 //! - **Cache**: completed records are cached in Envoy's shared data, direct-mapped over
 //!   `store.capacity` slots; the cache answers replays and rejections, never a claim.
 //!
