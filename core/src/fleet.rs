@@ -1094,6 +1094,29 @@ mod tests {
         }
     }
 
+    /// Another request's records for the key (fingerprint 1, expiring at 70 s).
+    fn theirs_in_flight(lease_until: u64) -> Record {
+        Record::InFlight {
+            owner: 5,
+            lease_until,
+            expires_at: 70_000,
+            fingerprint: Fingerprint([1; 32]),
+        }
+    }
+
+    fn theirs_completed() -> Record {
+        Record::Completed {
+            owner: 5,
+            expires_at: 70_000,
+            fingerprint: Fingerprint([1; 32]),
+            response: StoredResponse {
+                status: 201,
+                headers: vec![("content-type".into(), b"text/plain".to_vec())],
+                body: b"made".to_vec(),
+            },
+        }
+    }
+
     fn body_of(call: &Call) -> Value {
         serde_json::from_slice(&call.body).unwrap()
     }
@@ -1290,12 +1313,7 @@ mod tests {
         let f = Fleet::new(&c).unwrap();
         let rule = &c.default_rule;
         let k = KeyId([2; 16]);
-        let other = Record::InFlight {
-            owner: 5,
-            lease_until: 20_000,
-            expires_at: 70_000,
-            fingerprint: Fingerprint([1; 32]),
-        };
+        let other = theirs_in_flight(20_000);
         let mut flow = ClaimFlow::start(&f, rule, k, req(1, 9), 1_000);
         flow.call(77, 66);
         assert_eq!(
@@ -1310,16 +1328,7 @@ mod tests {
                 completed: None
             }
         );
-        let done = Record::Completed {
-            owner: 5,
-            expires_at: 70_000,
-            fingerprint: Fingerprint([1; 32]),
-            response: StoredResponse {
-                status: 201,
-                headers: vec![("content-type".into(), b"text/plain".to_vec())],
-                body: b"made".to_vec(),
-            },
-        };
+        let done = theirs_completed();
         let mut flow = ClaimFlow::start(&f, rule, k, req(1, 10), 2_000);
         flow.call(77, 66);
         match flow.on_answer(
@@ -1362,13 +1371,7 @@ mod tests {
         let fw = Fleet::new(&w).unwrap();
         let rule = &w.default_rule;
         let k = KeyId([9; 16]);
-        let other = Record::InFlight {
-            owner: 5,
-            lease_until: 2_000,
-            expires_at: 70_000,
-            fingerprint: Fingerprint([1; 32]),
-        };
-        let in_flight = failed_with(30, Some(&other.encode()));
+        let in_flight = failed_with(30, Some(&theirs_in_flight(2_000).encode()));
         let mut flow = ClaimFlow::start(&fw, rule, k, req(1, 12), 1_000);
         flow.call(1, 66);
         assert_eq!(
@@ -1397,16 +1400,7 @@ mod tests {
             }
         );
         // completed meanwhile: the waiter replays it
-        let done = Record::Completed {
-            owner: 5,
-            expires_at: 70_000,
-            fingerprint: Fingerprint([1; 32]),
-            response: StoredResponse {
-                status: 201,
-                headers: vec![],
-                body: b"made".to_vec(),
-            },
-        };
+        let done = theirs_completed();
         let mut flow = ClaimFlow::start(&fw, rule, k, req(1, 13), 1_000);
         flow.call(1, 66);
         flow.on_answer(rule, Some(200), &in_flight, 1_000);
@@ -1452,12 +1446,7 @@ mod tests {
         let f = Fleet::new(&c).unwrap();
         let rule = &c.default_rule;
         let k = KeyId([3; 16]);
-        let stale = Record::InFlight {
-            owner: 5,
-            lease_until: 20_000,
-            expires_at: 70_000,
-            fingerprint: Fingerprint([1; 32]),
-        };
+        let stale = theirs_in_flight(20_000);
         // attached to an in-flight lease, the key is held while etcd has it, even past the
         // record's own lease: its Envoy is refreshing the lease
         let mut flow = ClaimFlow::start(&f, rule, k, req(1, 8), 1_000);
