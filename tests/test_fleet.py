@@ -32,7 +32,7 @@ WAIT_MS = 2500
 def etcd_listener(name: str, port: int, fail: str, **rule: Any) -> dict[str, Any]:
     cfg = {
         "store": {"namespace": name, "etcd": {
-            "cluster": "etcd", "prefix": "/idemgate/", "timeoutMillis": 400, "retries": 2,
+            "cluster": "etcd", "prefix": "/idemgate/", "timeoutMillis": 1000, "retries": 2,
             "failPolicy": fail, "leaseBucketSeconds": rule.pop("bucket", 60), "authority": "etcd"}},
         **rule,
     }

@@ -291,6 +291,29 @@ impl Lease {
     }
 }
 
+/// The in-flight leases claims under a rule with `lease_ms` will need around `now`, for the
+/// root context to grant ahead of them so that a claim rarely waits for a grant (and the
+/// claims of a new window do not all grant at once): the current one, and the next once its
+/// window is less than a fifth of a window (at most 1 s) away (granted earlier, it would run
+/// short before its window ends).
+///
+/// Expiry leases are not granted ahead: etcd 3.4 restarts a lease's TTL when it restores it
+/// after a restart or an election (checkpoints come every 5 minutes), so a lease granted
+/// before such an event could outlive its deadline; granted when a claim needs it, it
+/// rarely predates one. (An in-flight lease restarted that way costs at most one short TTL.)
+pub fn leases_ahead(lease_ms: u64, now: Millis) -> [Option<Lease>; 2] {
+    let cur = InFlightLease::at(lease_ms, now);
+    let window = cur.ttl_s * 500;
+    let next_start = (cur.generation + 1).saturating_mul(window);
+    let next = (next_start.saturating_sub(now) <= (window / 5).min(1000)).then_some(
+        Lease::InFlight(InFlightLease {
+            ttl_s: cur.ttl_s,
+            generation: cur.generation + 1,
+        }),
+    );
+    [Some(Lease::InFlight(cur)), next]
+}
+
 /// Body of `POST /v3/lease/keepalive` for `lease`.
 pub fn keepalive_call(lease: i64) -> Call {
     Call {
@@ -886,7 +909,16 @@ impl ClaimFlow {
     ) -> Step {
         let result = match parse_txn(status, body) {
             Ok(r) => r,
-            Err(EtcdError::LeaseNotFound) => return Step::NeedLeases { fresh: true },
+            Err(EtcdError::LeaseNotFound) => {
+                self.rounds += 1;
+                if self.rounds > MAX_ROUNDS {
+                    return Step::Unavailable {
+                        reason: "etcd keeps losing the leases granted".into(),
+                        maybe_claimed: self.ambiguous,
+                    };
+                }
+                return Step::NeedLeases { fresh: true };
+            }
             Err(e) => {
                 if matches!(e, EtcdError::Unavailable(_)) {
                     self.ambiguous = true;
@@ -1218,6 +1250,17 @@ mod tests {
             body_of(&Lease::Expiry { deadline: 60_000 }.grant_call(1_500)),
             json!({"TTL": "59"})
         );
+        // granted ahead by the root context: the current and (close to its window) the
+        // next in-flight lease
+        assert_eq!(
+            leases_ahead(10_000, 12_345),
+            [Some(Lease::InFlight(l)), None]
+        );
+        assert_eq!(
+            leases_ahead(10_000, 14_000)[1],
+            Some(Lease::InFlight(InFlightLease::at(10_000, 15_000)))
+        );
+        assert_eq!(leases_ahead(10_000, 13_999)[1], None);
         // keep-alive calls and answers (the gateway's stream form, TTL 0 = gone)
         let k = keepalive_call(7);
         assert_eq!(k.path, KEEPALIVE_PATH);
@@ -1593,6 +1636,13 @@ mod tests {
             body_of(&flow.call(99, 66))["success"][0]["request_put"]["lease"],
             "99"
         );
+        // ... but not forever
+        let mut last = Step::NeedLeases { fresh: true };
+        for _ in 0..MAX_ROUNDS {
+            flow.call(99, 66);
+            last = flow.on_answer(rule, Some(404), nf, 1_000);
+        }
+        assert!(matches!(last, Step::Unavailable { .. }), "{last:?}");
         // malformed answers are errors, never panics
         for junk in [
             &b""[..],

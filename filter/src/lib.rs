@@ -226,6 +226,8 @@ struct Root {
     id: u32,
     role: Role,
     shared: Option<Rc<Shared>>,
+    /// Fleet mode: when leases were last granted ahead.
+    granted_ahead_at: u64,
 }
 
 /// How often waiting requests look at the store again.
@@ -317,9 +319,14 @@ impl RootContext for Root {
         if let Some(s) = &self.shared {
             if s.config.store_etcd.is_some() {
                 poll_fleet_waiters(self.id);
-                let due = s.keepalives.borrow_mut().due(now_ms());
+                let now = now_ms();
+                let due = s.keepalives.borrow_mut().due(now);
                 for lease in due {
                     queue_fleet_op(s, FleetOp::KeepAlive(lease));
+                }
+                if now.saturating_sub(self.granted_ahead_at) >= GRANT_AHEAD_MS {
+                    self.granted_ahead_at = now;
+                    grant_ahead(s, now);
                 }
             }
         }
@@ -1230,6 +1237,36 @@ fn cache_lease(s: &Shared, lease: Lease, id: i64) {
     }
 }
 
+/// How often the root context looks for leases to grant ahead of the claims.
+const GRANT_AHEAD_MS: u64 = 200;
+
+thread_local! {
+    /// Leases this worker is granting ahead (answers pending).
+    static GRANTING_AHEAD: RefCell<Vec<Lease>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Grants, from the root context, the in-flight leases the rules' claims are about to need
+/// and that no worker of this Envoy has cached yet, so that claims rarely wait for a grant
+/// (and do not all grant the same lease at once when a window begins).
+fn grant_ahead(s: &Rc<Shared>, now: u64) {
+    let mut seen: Vec<u64> = Vec::new();
+    for rule in s.config.rules() {
+        if seen.contains(&rule.lease_ms) {
+            continue;
+        }
+        seen.push(rule.lease_ms);
+        let ahead = fleet::leases_ahead(rule.lease_ms, now);
+        for lease in ahead.into_iter().flatten() {
+            let pending = GRANTING_AHEAD.with(|g| g.borrow().contains(&lease));
+            if !pending && cached_lease(s, lease).is_none() {
+                GRANTING_AHEAD.with(|g| g.borrow_mut().push(lease));
+                s.metrics.inc("fleet_leases");
+                queue_fleet_op(s, FleetOp::Grant(lease));
+            }
+        }
+    }
+}
+
 /// A forwarded claim's in-flight lease no longer needs keeping alive for it.
 fn unhold(s: &Shared, handle: &FleetHandle) {
     s.keepalives.borrow_mut().release(handle.inflight_lease);
@@ -1525,6 +1562,8 @@ enum FleetOp {
     Release(Box<FleetHandle>),
     Abandon(Call),
     KeepAlive(i64),
+    /// A lease granted ahead of the claims that will need it.
+    Grant(Lease),
 }
 
 struct QueuedOp {
@@ -1598,6 +1637,7 @@ fn drain_fleet_ops(root: u32) {
             FleetOp::Release(h) => fleet::release_call(h),
             FleetOp::Abandon(c) => c.clone(),
             FleetOp::KeepAlive(lease) => fleet::keepalive_call(*lease),
+            FleetOp::Grant(lease) => lease.grant_call(now_ms()),
         };
         match dispatch(&spec, &call) {
             Ok(t) => FLEET_PENDING.with(|p| {
@@ -1616,6 +1656,9 @@ fn drain_fleet_ops(root: u32) {
                             .keepalives
                             .borrow_mut()
                             .answered(*lease, &failed, now_ms());
+                    }
+                    FleetOp::Grant(lease) => {
+                        GRANTING_AHEAD.with(|g| g.borrow_mut().retain(|l| l != lease))
                     }
                     FleetOp::Abandon(_) => {}
                 }
@@ -1681,6 +1724,16 @@ fn fleet_op_answered(token: u32, status: Option<u16>, body: &[u8]) {
         FleetOp::Abandon(_) => {
             if status != Some(200) {
                 s.metrics.inc("fleet_errors");
+            }
+        }
+        FleetOp::Grant(lease) => {
+            GRANTING_AHEAD.with(|g| g.borrow_mut().retain(|l| *l != lease));
+            match fleet::parse_grant(status, body) {
+                Ok(id) => cache_lease(&s, lease, id),
+                Err(e) => {
+                    s.metrics.inc("fleet_errors");
+                    log::debug!("idemgate: lease grant ahead of claims: {e}");
+                }
             }
         }
         FleetOp::KeepAlive(lease) => {
