@@ -17,6 +17,11 @@ One Envoy container (`--concurrency 1`, so one worker thread does all the work) 
     body      diagnostic, 64 KiB only: bench/probe buffers the body and copies it into the VM
     hash      diagnostic, 64 KiB only: bench/probe as `body`, plus SHA-256 of the body
     upstream  diagnostic: wrk straight to the upstream listener (its share of the CPU)
+    fleet_first   idemgate in fleet mode (store.etcd): a new key per request, claimed and
+              completed in etcd (a local cluster of --etcd-members processes on loopback,
+              started before Envoy, stopped by PID); compared with `first` (local mode)
+    fleet_replay  fleet mode, one key: replays answered from the shared-data cache of
+              completed records (no etcd round trip); compared with `replay`
     wait      scenario 5, not a wrk run: idemgate with onConcurrent {action: wait} in front
               of a second upstream that answers after --slow-ms (the `fault` filter's
               fixed delay). Per trial one first request, then --waiters duplicates sent
@@ -31,7 +36,9 @@ Everything is loopback; every run is bounded (wrk -d, plus a subprocess timeout)
 Per run: requests/s, p50/p99 latency (wrk), Envoy CPU per request = delta of the
 container's cgroup CPU time (or utime+stime of the Envoy process) / requests, and for
 idemgate listeners the deltas of its counters (forwarded, replayed, stored, ...), which
-prove that replays are replays and first requests are forwarded.
+prove that replays are replays and first requests are forwarded. Fleet rows also report
+etcd's CPU per request (all members, from /proc; etcd runs on wrk's CPU, so Envoy's CPU stays
+its own).
 
 Writes JSON (--out) that bench/report.py turns into tables.
 """
@@ -86,9 +93,20 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "body": {"title": "floor + buffer body + copy into VM [diag]", "mode": "unique", "sizes": ["64KiB"]},
     "hash": {"title": "floor + buffer + copy + SHA-256 [diag]", "mode": "unique", "sizes": ["64KiB"]},
     "upstream": {"title": "upstream listener alone [diag]", "mode": "unique"},
+    "fleet_first": {"title": "3f idemgate fleet (etcd) first requests", "mode": "unique", "ns": "fleetfirst",
+                    "fleet": True},
+    "fleet_replay": {"title": "4f idemgate fleet (etcd) replays (one key)", "mode": "fixed", "ns": "fleetreplay",
+                     "fleet": True},
     "wait": {"title": "5 concurrent duplicates, wait policy", "mode": "wait", "ns": "wait", "sizes": []},
 }
 WAIT_MILLIS = 5000
+# store.etcd of the fleet rows (the Envoy cluster "etcd" lists the bench's members).
+ETCD_SPEC = {"cluster": "etcd", "authority": "etcd", "prefix": "/idemgate-bench/", "timeoutMillis": 1000,
+             "retries": 2, "failPolicy": "closed"}
+
+
+def is_fleet(sid: str) -> bool:
+    return bool(SCENARIOS.get(sid, {}).get("fleet"))
 
 
 def log(msg: str) -> None:
@@ -176,10 +194,12 @@ def scenario_filters(sid: str) -> list[dict[str, Any]]:
         cfg["store"]["probes"] = 1
     if sid == "wait":
         cfg["onConcurrent"] = {"action": "wait", "waitMillis": WAIT_MILLIS}
+    if SCENARIOS[sid].get("fleet"):
+        cfg["store"]["etcd"] = dict(ETCD_SPEC)
     return harness.idemgate_filters({"name": sid, "idemgate_config": cfg, "vm_id": f"idemgate-{sid}"})
 
 
-def bootstrap(ports: dict[str, int], admin_port: int) -> dict[str, Any]:
+def bootstrap(ports: dict[str, int], admin_port: int, etcd_ports: list[int] | None = None) -> dict[str, Any]:
     upstream = _listener(
         "upstream",
         ports["upstream"],
@@ -231,6 +251,14 @@ def bootstrap(ports: dict[str, int], admin_port: int) -> dict[str, Any]:
         listeners.append(
             _listener(sid, port, {"route": {"cluster": cluster, "timeout": "15s"}}, scenario_filters(sid))
         )
+    if etcd_ports:
+        clusters.append({
+            "name": "etcd",
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": "etcd", "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": _addr(p)}} for p in etcd_ports]}]},
+        })
     return {
         "node": {"id": "idemgate-bench", "cluster": "idemgate-bench"},
         "admin": {"address": _addr(admin_port)},
@@ -409,6 +437,8 @@ def check_scenarios(envoy: BenchEnvoy, ports: dict[str, int], tag: str) -> list[
         for size_label, size in SIZES.items():
             key = replay_key(tag, size_label)
             s1, h1, _ = post(port, key, size)
+            if is_fleet(sid):
+                time.sleep(0.2)  # the completion is written to etcd from the root context's tick
             s2, h2, b2 = post(port, key, size)
             if s1 != 200 or h1.get("idempotent-replayed") or s2 != 200 or h2.get("idempotent-replayed") != "true":
                 raise RuntimeError(f"{sid} priming {size_label}: {s1} {h1} / {s2} {h2}")
@@ -457,15 +487,21 @@ def measure(envoy: BenchEnvoy, sid: str, port: int, size: int, size_label: str, 
             seconds: float, wrk_cpu: str | None, retry: bool = False) -> dict[str, Any]:
     sc = SCENARIOS[sid]
     before_c = envoy.counters() if "ns" in sc else {}
+    etcd = ETCD_CLUSTER[0]
+    etcd0 = etcd.cpu_ns() if etcd is not None else 0
     before, busy0, kids0 = envoy.cpu_ns(), busy_ns(), children_cpu_ns()
     res = run_wrk(port, sc["mode"], prefix, size, seconds, wrk_cpu)
     after, busy1, kids1 = envoy.cpu_ns(), busy_ns(), children_cpu_ns()
+    etcd_ns = (etcd.cpu_ns() - etcd0) if etcd is not None else 0
     after_c = envoy.counters() if "ns" in sc else {}
     wall_ns = res["duration_us"] * 1000
     res["wrk_cpu_util"] = (kids1 - kids0) / wall_ns
-    # Busy CPU time not spent by Envoy or wrk (other processes, and kernel work such as
-    # loopback softirqs accounted outside both), in CPUs.
-    res["other_load"] = max(0, (busy1 - busy0) - (after - before) - (kids1 - kids0)) / wall_ns
+    res["etcd_cpu_util"] = etcd_ns / wall_ns
+    if sc.get("fleet"):
+        res["etcd_cpu_us_per_req"] = etcd_ns / 1000 / max(1, res["requests"])
+    # Busy CPU time not spent by Envoy, wrk or the bench's etcd (other processes, and kernel
+    # work such as loopback softirqs accounted outside them), in CPUs.
+    res["other_load"] = max(0, (busy1 - busy0) - (after - before) - (kids1 - kids0) - etcd_ns) / wall_ns
     if retry and res["other_load"] > OTHER_LOAD_LIMIT and REDO_BUDGET[0] > 0:
         REDO_BUDGET[0] -= 1
         log(f"  {size_label} {sid}: {res['other_load']:.2f} CPUs busy with other work during the run; redoing it once")
@@ -562,6 +598,60 @@ def wait_trials(envoy: "BenchEnvoy", port: int, size: int, trials: int, waiters:
     }
 
 
+# ----------------------------------------------------------------------------- etcd
+
+ETCD_CLUSTER: list[Any] = [None]  # the fleet rows' cluster, while it runs
+
+
+def start_etcd(members: int, cpu: str | None, base_dir: str | None) -> tuple[list[int], dict[str, Any]]:
+    """Starts the fleet rows' etcd cluster (processes on loopback, flags of envoy/fleet/etcd.flags,
+    pinned to `cpu`: wrk's, so that Envoy's CPU stays its own); stopped by PID at exit."""
+    import etcd_cluster  # tests/etcd_cluster.py, shared with tests/test_fleet.py
+
+    if etcd_cluster.ETCD is None:
+        raise SystemExit("fleet rows need etcd (make fleet-setup), or leave them out with BENCH_ONLY")
+    cluster = etcd_cluster.Cluster(size=members, cpu=cpu, base_dir=base_dir)
+    ETCD_CLUSTER[0] = cluster
+    atexit.register(stop_etcd)
+    log(f"starting etcd: {members} member(s) on loopback, data in {cluster.dir}"
+        + (f", pinned to CPU {cpu}" if cpu is not None else ""))
+    cluster.start()
+    fsync_ms = fsync_latency_ms(cluster.dir)
+    log(f"etcd data dir: one 4 KiB O_DSYNC write takes {fsync_ms:.2f} ms (median of 50; etcd syncs its WAL per commit)")
+    version = subprocess.run([etcd_cluster.ETCD, "--version"], capture_output=True, text=True, timeout=30).stdout
+    fs = subprocess.run(["df", "--output=fstype", str(cluster.dir)], capture_output=True, text=True, timeout=30)
+    return [m.client for m in cluster.members], {
+        "members": members,
+        "version": version.splitlines()[0] if version else "etcd ?",
+        "data_fs": fs.stdout.split()[-1] if fs.returncode == 0 and fs.stdout.split() else "?",
+        "cpu": cpu,
+        "fsync_ms": fsync_ms,
+        "flags": etcd_cluster.etcd_flags(),
+    }
+
+
+def fsync_latency_ms(directory: Path, n: int = 50) -> float:
+    """Median time of a 4 KiB O_DSYNC write in `directory` (what every etcd commit waits for)."""
+    path = directory / "fsync-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DSYNC, 0o600)
+    times = []
+    try:
+        for _ in range(n):
+            t = time.perf_counter()
+            os.pwrite(fd, b"x" * 4096, 0)
+            times.append((time.perf_counter() - t) * 1000)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+    return statistics.median(times)
+
+
+def stop_etcd() -> None:
+    cluster, ETCD_CLUSTER[0] = ETCD_CLUSTER[0], None
+    if cluster is not None:
+        cluster.stop()
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -576,6 +666,10 @@ def main() -> int:
     ap.add_argument("--wait-trials", type=int, default=int(os.environ.get("BENCH_WAIT_TRIALS", "20")))
     ap.add_argument("--waiters", type=int, default=CONNECTIONS - 1)
     ap.add_argument("--only", default=os.environ.get("BENCH_ONLY", ""), help="comma-separated scenario ids")
+    ap.add_argument("--etcd-members", type=int, default=int(os.environ.get("BENCH_ETCD_MEMBERS", "3")),
+                    help="etcd members for the fleet rows (processes on loopback)")
+    ap.add_argument("--etcd-dir", default=os.environ.get("BENCH_ETCD_DIR") or None,
+                    help="parent of the etcd data dirs (default: the temp dir)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument(
         "--variant", action="append", default=[], metavar="NAME=WASM:SCENARIOS",
@@ -614,10 +708,14 @@ def main() -> int:
         if not p.is_file():
             raise SystemExit(f"{name} wasm not found: {p}")
 
-    envoy = BenchEnvoy(bootstrap(ports, admin_port), admin_port, wasm, envoy_cpu)
-    atexit.register(envoy.stop)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: sys.exit(130))
+    etcd_ports: list[int] = []
+    etcd_info: dict[str, Any] = {}
+    if any(is_fleet(s) for s in ports):
+        etcd_ports, etcd_info = start_etcd(args.etcd_members, wrk_cpu, args.etcd_dir)
+    envoy = BenchEnvoy(bootstrap(ports, admin_port, etcd_ports), admin_port, wasm, envoy_cpu)
+    atexit.register(envoy.stop)
 
     tag = secrets.token_hex(3)
     log(f"starting Envoy ({harness.envoy_image()}, --concurrency 1"
@@ -632,7 +730,7 @@ def main() -> int:
         envoy.stop()
         selected.remove("wait")
         del ports["wait"], ports["slow_upstream"]
-        envoy = BenchEnvoy(bootstrap(ports, admin_port), admin_port, wasm, envoy_cpu)
+        envoy = BenchEnvoy(bootstrap(ports, admin_port, etcd_ports), admin_port, wasm, envoy_cpu)
         atexit.register(envoy.stop)
         envoy.start()
     log(f"Envoy CPU from {envoy.cpu_source()}")
@@ -685,6 +783,8 @@ def main() -> int:
             k: statistics.median(run[k] for run in runs)
             for k in ("rps", "p50_us", "p99_us", "cpu_us_per_req", "cpu_util", "other_load", "wrk_cpu_util")
         }
+        if all("etcd_cpu_us_per_req" in run for run in runs):
+            entry["median"]["etcd_cpu_us_per_req"] = statistics.median(run["etcd_cpu_us_per_req"] for run in runs)
         entry["redone"] = sum(run.get("redone", 0) for run in runs)
         entry["rps_min"] = min(run["rps"] for run in runs)
         entry["rps_max"] = max(run["rps"] for run in runs)
@@ -723,11 +823,13 @@ def main() -> int:
         "results": results,
         "wait": wait,
         "gauges_end": {k: v for k, v in counters_end.items() if k.endswith("_keys")},
+        "etcd": etcd_info,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     log(f"wrote {args.out}")
     envoy.stop()
+    stop_etcd()
     return 0
 
 

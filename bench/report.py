@@ -23,7 +23,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-ORDER = ["pass", "floor", "floor2", "first", "first_p1", "replay", "body", "hash", "upstream"]
+ORDER = ["pass", "floor", "floor2", "first", "first_p1", "replay", "fleet_first", "fleet_replay", "body", "hash",
+         "upstream"]
+# Fleet rows and the local-mode rows they are compared with.
+FLEET_PAIRS = [("fleet_first", "first"), ("fleet_replay", "replay")]
 
 
 def order_key(sid: str) -> tuple[int, str]:
@@ -172,8 +175,52 @@ def envoy_section(env: dict[str, Any]) -> tuple[list[str], dict[str, float]]:
             f"| {v['median'].get('other_load', 0):.2f} | {v.get('redone', 0)} | {v['errors']} | {ctext} |"
         )
     out.append("")
+    out += fleet_section(env)
     out += wait_section(env)
     return out, facts
+
+
+def fleet_section(env: dict[str, Any]) -> list[str]:
+    """Fleet mode (etcd) against local mode: the same columns as ratios fleet / local."""
+    res = env["results"]
+    pairs = [(size, f, l) for size in sorted({v["size"] for v in res.values()}) for f, l in FLEET_PAIRS
+             if f"{size}/{f}" in res]
+    if not pairs:
+        return []
+    info = env.get("etcd") or {}
+    out = [
+        "#### Fleet mode (etcd) against local mode",
+        "",
+        f"The same Envoy and upstream; `store.etcd` pointing at {info.get('members', '?')} etcd member(s) on loopback "
+        f"({info.get('version', 'etcd ?')}, flags of envoy/fleet/etcd.flags, data on {info.get('data_fs', '?')}"
+        + (f", pinned to CPU {info['cpu']} with wrk" if info.get("cpu") is not None else "")
+        + (f"; a 4 KiB O_DSYNC write in its data dir took {info['fsync_ms']:.2f} ms, and every etcd commit waits "
+           "for one on a quorum of members" if "fsync_ms" in info else "")
+        + "). First requests: a claim txn (in-flight record) before the request goes on, the completion txn from "
+        "the root context's tick after the answer; leases granted once per bucket and kept alive from the tick. "
+        "Replays: answered from the shared-data cache of completed records, no etcd round trip. "
+        "Ratios are fleet / local (req/s above 1 is faster; latency and CPU above 1 cost more). etcd CPU is all "
+        "members' user + system time per request (not in Envoy's column).",
+        "",
+        "| size | fleet row | req/s | ×local | p50 ms | ×local | p99 ms | ×local | Envoy CPU µs/req | ×local "
+        "| etcd CPU µs/req |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for size, f, local in pairs:
+        m = res[f"{size}/{f}"]["median"]
+        ref = res.get(f"{size}/{local}", {}).get("median")
+
+        def r(key: str) -> str:
+            return fmt_ratio(m[key] / ref[key]) if ref and ref.get(key) else "– (local row not run)"
+
+        etcd = m.get("etcd_cpu_us_per_req")
+        out.append(
+            f"| {size} | {env['scenarios'].get(f, f)} | {m['rps']:,.0f} | {r('rps')} | {m['p50_us'] / 1000:.2f} "
+            f"| {r('p50_us')} | {m['p99_us'] / 1000:.2f} | {r('p99_us')} | {m['cpu_us_per_req']:.0f} "
+            f"| {r('cpu_us_per_req')} | {'–' if etcd is None else f'{etcd:.0f}'} |"
+        )
+    out.append("")
+    return out
 
 
 # ------------------------------------------------------------------------------ criterion

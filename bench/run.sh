@@ -12,7 +12,13 @@
 # started it (as `make test` does).
 #
 # Env: BENCH_ROUNDS (5), BENCH_SECONDS (3), BENCH_WARMUP (1), BENCH_ONLY (scenario ids,
-# comma-separated; default all), BENCH_CRITERION_ARGS, BENCH_SKIP_CORE=1, PYTHON.
+# comma-separated; default all), BENCH_CRITERION_ARGS, BENCH_SKIP_CORE=1, PYTHON;
+# BENCH_ETCD_MEMBERS (3) and BENCH_ETCD_DIR (temp dir) for the fleet rows (fleet_first,
+# fleet_replay: a local etcd cluster, `make fleet-setup`).
+#
+# A quick check of some rows (partial tables go to target/bench/BENCHMARKS.partial.md, not
+# BENCHMARKS.md, and the wasm size breakdown is skipped):
+#   BENCH_ONLY=first,replay,fleet_first,fleet_replay BENCH_ROUNDS=1 BENCH_SECONDS=1 BENCH_SKIP_CORE=1 make bench
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -38,11 +44,21 @@ mkdir -p dist/bench "$OUT"
 cp "target/$WASM_TARGET/release/idemgate_bench_floor.wasm" dist/bench/floor.wasm
 cp "target/$WASM_TARGET/release/idemgate_bench_probe.wasm" dist/bench/probe.wasm
 
-log "where the bytes of dist/idemgate.wasm go (an unstripped build of the same source)"
-CARGO_TARGET_DIR=target/bench-unstripped cargo build --quiet --release --target "$WASM_TARGET" \
-  -p idemgate-filter --config 'profile.release.strip=false'
-"$PY" bench/wasm_sizes.py "target/bench-unstripped/$WASM_TARGET/release/idemgate_filter.wasm" \
-  --json "$OUT/wasm-sizes.json" --top 12 >&2
+REPORT=BENCHMARKS.md
+if [[ -n "${BENCH_ONLY:-}" ]]; then
+  REPORT="$OUT/BENCHMARKS.partial.md"
+  rm -f "$REPORT" "$OUT/wasm-sizes.json"
+  log "BENCH_ONLY=$BENCH_ONLY: partial run, tables to $REPORT (BENCHMARKS.md untouched)"
+else
+  log "where the bytes of dist/idemgate.wasm go (an unstripped build of the same source)"
+  CARGO_TARGET_DIR=target/bench-unstripped cargo build --quiet --release --target "$WASM_TARGET" \
+    -p idemgate-filter --config 'profile.release.strip=false'
+  "$PY" bench/wasm_sizes.py "target/bench-unstripped/$WASM_TARGET/release/idemgate_filter.wasm" \
+    --json "$OUT/wasm-sizes.json" --top 12 >&2
+fi
+if [[ -z "${BENCH_ONLY:-}" || ",$BENCH_ONLY," == *,fleet_* ]]; then
+  make --no-print-directory fleet-setup
+fi
 
 if [[ "${BENCH_SKIP_CORE:-0}" != 1 ]]; then
   log "criterion: cargo bench -p idemgate-core --bench core -- $CRITERION_ARGS"
@@ -60,6 +76,6 @@ log "Envoy: $ROUNDS rounds x ${SECONDS_PER_RUN}s per configuration"
 "$PY" bench/report.py --envoy "$OUT/envoy.json" --criterion-log "$OUT/criterion.log" \
   --wasm-sizes "$OUT/wasm-sizes.json" \
   --floor-wasm dist/bench/floor.wasm --idemgate-wasm dist/idemgate.wasm \
-  --started "$started_at" \
+  --started "$started_at" --benchmarks "$REPORT" \
   --command "make bench  # BENCH_ROUNDS=$ROUNDS BENCH_SECONDS=$SECONDS_PER_RUN"
-log "done in $(( $(date +%s) - started_at ))s; raw results in $OUT/, tables in BENCHMARKS.md"
+log "done in $(( $(date +%s) - started_at ))s; raw results in $OUT/, tables in $REPORT"

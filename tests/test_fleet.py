@@ -2,142 +2,37 @@
 sharing a three-member etcd 3.4 cluster (Debian etcd-server, processes on loopback, data
 in a temp dir, stopped by PID at the end).
 
-Each Envoy has three listeners over the same etcd cluster: `closed` (failPolicy closed),
-`open` (failPolicy open) and `short` (ttl 2 s, lease buckets of 2 s). Skipped when no
-`etcd` binary is installed (`make fleet-setup` installs Debian's etcd-server).
+Each Envoy has five listeners over the same etcd cluster: `closed` (failPolicy closed),
+`open` (failPolicy open), `short` (ttl 2 s, lease buckets of 2 s), `keep` (leaseSeconds 2:
+in-flight leases of 2 s kept alive from the root context) and `wait` (onConcurrent wait,
+2.5 s). Skipped when no `etcd` binary is installed (`make fleet-setup` installs Debian's
+etcd-server).
 """
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
-import json
-import os
-import shutil
 import signal
-import subprocess
-import tempfile
 import time
-import urllib.request
 import uuid
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from harness import REPO_ROOT, Envoy, Origin, build_envoy_config, free_port, listener
+from etcd_cluster import ETCD, Cluster, Member, b64
+from harness import Envoy, Origin, build_envoy_config, free_port, listener
 from httpclient import Resp, send
 
-ETCD = shutil.which("etcd")
 pytestmark = pytest.mark.skipif(ETCD is None, reason="etcd not installed (make fleet-setup)")
 
-FLAGS_FILE = REPO_ROOT / "envoy" / "fleet" / "etcd.flags"
 CONCURRENCY = 2
-
-
-def etcd_flags() -> list[str]:
-    return [
-        line.strip()
-        for line in FLAGS_FILE.read_text().splitlines()
-        if line.strip() and not line.strip().startswith("#")
-    ]
-
-
-class Member:
-    def __init__(self, name: str, client: int, peer: int, data: Path) -> None:
-        self.name, self.client, self.peer, self.data = name, client, peer, data
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = data.with_suffix(".log")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.client}"
-
-    def start(self, cluster: str) -> None:
-        cmd = [
-            str(ETCD), "--name", self.name, "--data-dir", str(self.data),
-            "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
-            "--listen-peer-urls", f"http://127.0.0.1:{self.peer}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer}",
-            "--initial-cluster", cluster, "--initial-cluster-state", "new",
-            "--initial-cluster-token", "idemgate-test", *etcd_flags(),
-        ]
-        log = open(self.log, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        self.proc = None
-
-    def call(self, path: str, doc: dict[str, Any], timeout: float = 2) -> dict[str, Any]:
-        req = urllib.request.Request(self.url + path, data=json.dumps(doc).encode(), method="POST")
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read())
-
-    def status(self) -> dict[str, Any] | None:
-        try:
-            return self.call("/v3/maintenance/status", {}, timeout=1)
-        except Exception:
-            return None
-
-
-class Cluster:
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="idemgate-etcd-"))
-        self.members = [
-            Member(f"m{i}", free_port(), free_port(), self.dir / f"m{i}") for i in range(3)
-        ]
-        self.spec = ",".join(f"{m.name}=http://127.0.0.1:{m.peer}" for m in self.members)
-
-    def start(self, members: list[Member] | None = None) -> None:
-        for m in members or self.members:
-            m.start(self.spec)
-        self.wait_leader()
-
-    def wait_leader(self, timeout: float = 30) -> Member:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for m in self.members:
-                if m.proc is None:
-                    continue
-                st = m.status()
-                if st and st.get("leader") and st["leader"] == st["header"]["member_id"]:
-                    try:  # a write goes through: the cluster has quorum
-                        m.call("/v3/kv/put", {"key": b64("/probe"), "value": b64("1")})
-                        return m
-                    except Exception:
-                        pass
-            time.sleep(0.1)
-        raise TimeoutError("etcd cluster elected no leader:\n" + "\n".join(
-            m.log.read_text(errors="replace")[-2000:] for m in self.members if m.log.exists()))
-
-    def leader(self) -> Member:
-        return self.wait_leader()
-
-    def any_live(self) -> Member:
-        return next(m for m in self.members if m.proc is not None)
-
-    def stop(self) -> None:
-        for m in self.members:
-            m.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def b64(s: str | bytes) -> str:
-    return base64.b64encode(s.encode() if isinstance(s, str) else s).decode()
+WAIT_MS = 2500
 
 
 def etcd_listener(name: str, port: int, fail: str, **rule: Any) -> dict[str, Any]:
     cfg = {
         "store": {"namespace": name, "etcd": {
-            "cluster": "etcd", "prefix": "/idemgate/", "timeoutMillis": 400, "retries": 2,
+            "cluster": "etcd", "prefix": "/idemgate/", "timeoutMillis": 1000, "retries": 2,
             "failPolicy": fail, "leaseBucketSeconds": rule.pop("bucket", 60), "authority": "etcd"}},
         **rule,
     }
@@ -186,6 +81,9 @@ def fleet(docker_engine: None) -> Iterator[Fleet]:
                 etcd_listener("closed", free_port(), "closed"),
                 etcd_listener("open", free_port(), "open"),
                 etcd_listener("short", free_port(), "closed", ttlSeconds=2, leaseSeconds=2, bucket=2),
+                etcd_listener("keep", free_port(), "closed", leaseSeconds=2),
+                etcd_listener("wait", free_port(), "closed",
+                              onConcurrent={"action": "wait", "waitMillis": WAIT_MS}),
             ]
             admin = free_port()
             e = Envoy(ls, origin_port=origin.port, admin_port=admin, concurrency=CONCURRENCY,
@@ -348,3 +246,125 @@ def test_keys_expire_within_ttl_plus_bucket_width(fleet: Fleet) -> None:
     assert r2.status == 200 and r2.header("idempotent-replayed") is None, r2
     assert executions(fleet.origin, base) == {base: 2}
     print(f"etcd key gone {gone:.2f}s after completion (ttl 2s, bucket 2s)")
+
+
+def namespace_kvs(member: Member, namespace: str) -> list[dict[str, Any]]:
+    prefix = f"/idemgate/{namespace}/"
+    end = prefix[:-1] + chr(ord("/") + 1)
+    return member.call("/v3/kv/range", {"key": b64(prefix), "range_end": b64(end)}).get("kvs", [])
+
+
+def lease_ttl(member: Member, lease: str) -> tuple[int, int]:
+    """(remaining TTL, granted TTL) of a lease; remaining -1 when it is gone."""
+    r = member.call("/v3/lease/timetolive", {"ID": lease})
+    return int(r.get("TTL", -1)), int(r.get("grantedTTL", 0))
+
+
+def test_in_flight_claim_outlives_its_lease_only_because_it_is_refreshed(fleet: Fleet) -> None:
+    """leaseSeconds 2, origin latency 5 s: the in-flight record rides a 2 s etcd lease that
+    the claiming Envoy keeps alive from its root context; a duplicate on the other Envoy
+    3.5 s in (past the record's lease and past the etcd lease's TTL) still finds it in
+    flight. Without the keep-alives etcd would have deleted it (or the record's lapsed
+    lease would let the duplicate take over): a second execution."""
+    path = f"/fleet/keep/{uuid.uuid4().hex}"
+    key = uuid.uuid4().hex
+    member = fleet.cluster.any_live()
+    before = {kv["key"] for kv in namespace_kvs(member, "keep")}
+    keepalives0 = sum(e.stats(r"fleet_keepalives").get("wasmcustom.idemgate.keep.fleet_keepalives", 0)
+                      for e in fleet.envoys)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        t0 = time.monotonic()
+        first = pool.submit(post, fleet.port(0, "keep"), path + "?delay=5", key)
+        time.sleep(3.5)
+        new = [kv for kv in namespace_kvs(member, "keep") if kv["key"] not in before]
+        assert len(new) == 1, new
+        ttl, granted = lease_ttl(member, new[0]["lease"])
+        assert granted == 2 and ttl > 0, (ttl, granted)  # the short in-flight lease, alive
+        dup = post(fleet.port(1, "keep"), path + "?delay=5", key)
+        assert dup.status == 409 and dup.header("retry-after"), dup
+        r = first.result()
+    assert r.status == 200 and time.monotonic() - t0 >= 5, r
+    time.sleep(0.3)  # the completion reaches etcd right after the response
+    again = post(fleet.port(1, "keep"), path + "?delay=5", key)
+    assert again.status == 200 and again.header("idempotent-replayed") == "true", again
+    assert again.body == r.body
+    assert executions(fleet.origin, path) == {path: 1}
+    # completed: the record moved to its expiry bucket's lease (ttl 1 day, never refreshed)
+    (kv,) = [kv for kv in namespace_kvs(member, "keep") if kv["key"] not in before]
+    assert kv["lease"] != new[0]["lease"]
+    assert lease_ttl(member, kv["lease"])[1] > 86_000
+    keepalives1 = sum(e.stats(r"fleet_keepalives").get("wasmcustom.idemgate.keep.fleet_keepalives", 0)
+                      for e in fleet.envoys)
+    assert keepalives1 - keepalives0 >= 3, (keepalives0, keepalives1)  # ~ every 2/3 s for 5 s
+    # nothing holds the in-flight lease any more: it lapses within its TTL
+    deadline = time.monotonic() + 4
+    while lease_ttl(member, new[0]["lease"])[0] > 0:
+        assert time.monotonic() < deadline, "in-flight lease still refreshed after completion"
+        time.sleep(0.2)
+
+
+def test_unknown_outcome_stops_the_refresh_and_the_key_lapses_within_its_lease(fleet: Fleet) -> None:
+    """The origin resets the connection: Envoy answers itself, the outcome is unknown and the
+    claim stays, but its in-flight lease is no longer kept alive for it: the key is free again
+    within leaseSeconds (2 s) plus etcd's expiry sweep, and a retry executes."""
+    path = f"/fleet/unknown/{uuid.uuid4().hex}"
+    key = uuid.uuid4().hex
+    r = post(fleet.port(0, "keep"), path + "?reset=1", key)
+    assert r.status == 503 and r.header("idempotent-replayed") is None, r
+    t0 = time.monotonic()
+    held = post(fleet.port(1, "keep"), path, key)
+    assert held.status == 409, held
+    while True:
+        again = post(fleet.port(1, "keep"), path, key)
+        if again.status == 200:
+            break
+        assert again.status == 409 and time.monotonic() - t0 < 2 + 2.5, (again, time.monotonic() - t0)
+        time.sleep(0.2)
+    assert again.header("idempotent-replayed") is None
+    assert executions(fleet.origin, path) == {path: 2}  # the reset one read the body too
+    print(f"unknown outcome: key free again {time.monotonic() - t0:.2f}s later (leaseSeconds 2)")
+
+
+def test_wait_policy_duplicate_on_the_other_envoy_gets_the_replay(fleet: Fleet) -> None:
+    path = f"/fleet/wait/{uuid.uuid4().hex}"
+    key = uuid.uuid4().hex
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(lambda: (post(fleet.port(0, "wait"), path + "?delay=1", key), time.monotonic()))
+        time.sleep(0.3)
+        dup = pool.submit(lambda: (post(fleet.port(1, "wait"), path + "?delay=1", key), time.monotonic()))
+        (r1, t1), (r2, t2) = first.result(), dup.result()
+    assert r1.status == 200 and r1.header("idempotent-replayed") is None, r1
+    assert r2.status == 200 and r2.header("idempotent-replayed") == "true", r2
+    assert r2.body == r1.body
+    assert t2 >= t1 - 0.05, "the duplicate was answered before the first completed"
+    assert t2 - t1 < 0.5, f"the duplicate waited {t2 - t1:.2f}s after the first completed"
+    assert executions(fleet.origin, path) == {path: 1}
+    waited = fleet.envoys[1].stats(r"\.wait\.waited$")
+    assert waited.get("wasmcustom.idemgate.wait.waited", 0) >= 1, waited
+
+
+def test_wait_policy_released_key_is_claimed_and_bound_answers_409(fleet: Fleet) -> None:
+    # the first answer is not stored (500): the key is released and the waiter claims it
+    path = f"/fleet/wait-release/{uuid.uuid4().hex}"
+    key = uuid.uuid4().hex
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(post, fleet.port(0, "wait"), path + "?delay=1&status=500", key)
+        time.sleep(0.3)
+        dup = pool.submit(post, fleet.port(1, "wait"), path + "?delay=0.1&status=500", key)
+        r1, r2 = first.result(), dup.result()
+    assert r1.status == 500 and r2.status == 500, (r1, r2)
+    assert r2.header("idempotent-replayed") is None
+    assert r1.header("x-origin-execution") != r2.header("x-origin-execution")
+    assert executions(fleet.origin, path) == {path: 2}
+    # still in flight when the wait runs out: 409 with Retry-After after ~waitMillis
+    path = f"/fleet/wait-bound/{uuid.uuid4().hex}"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(post, fleet.port(0, "wait"), path + "?delay=4", key)
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        dup = post(fleet.port(1, "wait"), path + "?delay=4", key)
+        waited = time.monotonic() - t0
+        assert dup.status == 409 and dup.header("retry-after"), dup
+        assert WAIT_MS / 1000 - 0.2 <= waited < WAIT_MS / 1000 + 1, waited
+        assert first.result().status == 200
+    assert executions(fleet.origin, path) == {path: 1}

@@ -16,9 +16,15 @@
 //!   `maxResponseBytes` in local mode.
 //! - **Release** = txn `mod_revision == <revision>` → delete. **Abandon** (a claim that may
 //!   have committed while every attempt timed out) = txn `value == <our record>` → delete.
-//! - **Leases** are shared per time bucket: a key expiring at `e` is attached to the lease of
-//!   deadline `D = ceil(e / W) · W`, granted with TTL `D − now`, so etcd deletes the key in
-//!   `[e, e + W)` (plus etcd's rounding to whole seconds), never before it expires.
+//! - **Leases** are shared, never one per key. A completed record expiring at `e` is
+//!   attached to the expiry lease of deadline `D = ceil(e / W) · W`, granted with TTL
+//!   `D − now` and never refreshed, so etcd deletes the key in `[e, e + W)` (plus etcd's
+//!   rounding to whole seconds), never before it expires. An in-flight record rides a short
+//!   [`InFlightLease`] (the rule's lease) that the root context keeps alive
+//!   ([`KeepAlives`], `/v3/lease/keepalive`) while the claim is unsettled: the key is held
+//!   as long as its Envoy lives, and freed within one TTL when it dies.
+//! - **Wait**: a key in flight under `onConcurrent: wait` gives [`Step::Wait`]; the host
+//!   re-polls with [`ClaimFlow::repoll`] (the claim txn again) until replay, claim, or 409.
 //! - **Cache**: completed records are cached in Envoy's shared data, direct-mapped over
 //!   `store.capacity` slots; the cache answers replays and rejections, never a claim.
 //!
@@ -34,7 +40,7 @@ use serde_json::{json, Value};
 
 use crate::clock::Millis;
 use crate::config::{Config, EtcdSpec, FailPolicy, Rule};
-use crate::decision::{decide_waiting, Claim, Decision, Rejection, Request};
+use crate::decision::{decide_waiting, Claim, Decision, Request};
 use crate::key::KeyId;
 use crate::record::{Record, StoredResponse};
 
@@ -44,6 +50,12 @@ pub const TXN_PATH: &str = "/v3/kv/txn";
 pub const RANGE_PATH: &str = "/v3/kv/range";
 /// Path of the lease grant endpoint.
 pub const GRANT_PATH: &str = "/v3/lease/grant";
+/// Path of the lease keep-alive endpoint (a stream in gRPC; one message over the gateway).
+pub const KEEPALIVE_PATH: &str = "/v3/lease/keepalive";
+
+/// The shortest lease etcd grants with the election timeout idemgate runs it with (1 s):
+/// etcd raises shorter TTLs to 1.5 × the election timeout, rounded up to whole seconds.
+pub const MIN_LEASE_TTL_S: u64 = 2;
 
 /// Takeover rounds (the record changed under us again and again) before giving up.
 const MAX_ROUNDS: u32 = 8;
@@ -179,22 +191,257 @@ pub fn parse_grant(status: Option<u16>, body: &[u8]) -> Result<i64, EtcdError> {
 /// Shared-data key caching the lease of `deadline` for one Envoy (16 keys, reused
 /// round-robin by bucket).
 pub fn lease_cache_key(namespace: &str, deadline: Millis, bucket_ms: u64) -> String {
-    format!("{namespace}:fl:{}", (deadline / bucket_ms.max(1)) % 16)
+    Lease::Expiry { deadline }.cache_key(namespace, bucket_ms)
 }
 
 /// Value cached under [`lease_cache_key`].
 pub fn lease_cache_value(deadline: Millis, lease: i64) -> String {
-    format!("{deadline}:{lease}")
+    Lease::Expiry { deadline }.cache_value(lease)
 }
 
 /// The lease id cached for `deadline`, if the cached value is for that deadline.
 pub fn parse_lease_cache(bytes: &[u8], deadline: Millis) -> Option<i64> {
-    let text = std::str::from_utf8(bytes).ok()?;
-    let (d, id) = text.split_once(':')?;
-    (d.parse::<u64>().ok()? == deadline)
-        .then(|| id.parse::<i64>().ok())
-        .flatten()
-        .filter(|id| *id > 0)
+    Lease::Expiry { deadline }.parse_cache(bytes)
+}
+
+/// The lease an in-flight record is attached to. Short (the rule's `leaseSeconds`, at
+/// least [`MIN_LEASE_TTL_S`]) and shared by the claims one Envoy begins in the same window
+/// of half that TTL (so a claim attaches to a lease with at least half its TTL left); the
+/// root context keeps it alive ([`KeepAlives`]) while any of those claims is in flight on
+/// this worker, and lets it lapse once none is: a claim whose Envoy died, or whose outcome
+/// is unknown, is gone within one TTL of the last keep-alive. The completion moves the key
+/// to its [`Lease::Expiry`] lease, which is never refreshed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct InFlightLease {
+    /// TTL granted and restored by every keep-alive, seconds.
+    pub ttl_s: u64,
+    /// Index of the half-TTL window the claims using it began in.
+    pub generation: u64,
+}
+
+impl InFlightLease {
+    /// The in-flight lease of a claim begun at `now` under a rule with `lease_ms`.
+    pub fn at(lease_ms: u64, now: Millis) -> Self {
+        let ttl_s = lease_ms.div_ceil(1000).max(MIN_LEASE_TTL_S);
+        Self {
+            ttl_s,
+            generation: now / (ttl_s * 500),
+        }
+    }
+
+    /// How often a held lease is refreshed: three keep-alives per TTL.
+    pub fn refresh_ms(&self) -> u64 {
+        self.ttl_s * 1000 / 3
+    }
+}
+
+/// A lease a claim needs: its in-flight lease and the lease of its expiry bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lease {
+    /// The lease of the expiry bucket ending at `deadline` ([`lease_deadline`]): granted
+    /// with TTL `deadline − now`, never refreshed.
+    Expiry {
+        /// The bucket's deadline.
+        deadline: Millis,
+    },
+    /// An in-flight lease, refreshed while its claims are in flight.
+    InFlight(InFlightLease),
+}
+
+impl Lease {
+    fn tag(&self) -> String {
+        match self {
+            Lease::Expiry { deadline } => deadline.to_string(),
+            Lease::InFlight(l) => format!("i{}.{}", l.ttl_s, l.generation),
+        }
+    }
+
+    /// Shared-data key caching this lease for one Envoy (16 keys per kind and TTL, reused
+    /// round-robin).
+    pub fn cache_key(&self, namespace: &str, bucket_ms: u64) -> String {
+        match self {
+            Lease::Expiry { deadline } => {
+                format!("{namespace}:fl:{}", (deadline / bucket_ms.max(1)) % 16)
+            }
+            Lease::InFlight(l) => format!("{namespace}:fi:{}:{}", l.ttl_s, l.generation % 16),
+        }
+    }
+
+    /// Value cached under [`Lease::cache_key`].
+    pub fn cache_value(&self, lease: i64) -> String {
+        format!("{}:{lease}", self.tag())
+    }
+
+    /// The lease id cached, if the cached value is for this lease.
+    pub fn parse_cache(&self, bytes: &[u8]) -> Option<i64> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let (tag, id) = text.split_once(':')?;
+        (tag == self.tag())
+            .then(|| id.parse::<i64>().ok())
+            .flatten()
+            .filter(|id| *id > 0)
+    }
+
+    /// The grant call for this lease at `now`.
+    pub fn grant_call(&self, now: Millis) -> Call {
+        grant_call(match self {
+            Lease::Expiry { deadline } => lease_ttl_seconds(*deadline, now),
+            Lease::InFlight(l) => l.ttl_s,
+        })
+    }
+}
+
+/// The in-flight leases claims under a rule with `lease_ms` will need around `now`, for the
+/// root context to grant ahead of them so that a claim rarely waits for a grant (and the
+/// claims of a new window do not all grant at once): the current one, and the next once its
+/// window is less than a fifth of a window (at most 1 s) away (granted earlier, it would run
+/// short before its window ends).
+///
+/// Expiry leases are not granted ahead: etcd 3.4 restarts a lease's TTL when it restores it
+/// after a restart or an election (checkpoints come every 5 minutes), so a lease granted
+/// before such an event could outlive its deadline; granted when a claim needs it, it
+/// rarely predates one. (An in-flight lease restarted that way costs at most one short TTL.)
+pub fn leases_ahead(lease_ms: u64, now: Millis) -> [Option<Lease>; 2] {
+    let cur = InFlightLease::at(lease_ms, now);
+    let window = cur.ttl_s * 500;
+    let next_start = (cur.generation + 1).saturating_mul(window);
+    let next = (next_start.saturating_sub(now) <= (window / 5).min(1000)).then_some(
+        Lease::InFlight(InFlightLease {
+            ttl_s: cur.ttl_s,
+            generation: cur.generation + 1,
+        }),
+    );
+    [Some(Lease::InFlight(cur)), next]
+}
+
+/// Body of `POST /v3/lease/keepalive` for `lease`.
+pub fn keepalive_call(lease: i64) -> Call {
+    Call {
+        path: KEEPALIVE_PATH,
+        body: json!({"ID": lease.to_string()}).to_string().into_bytes(),
+    }
+}
+
+/// The TTL a keep-alive restored (`Some`), or `None` when the lease is gone (etcd answers
+/// TTL 0 for a lease it no longer has). The gateway wraps the stream's one message in
+/// `{"result": …}`.
+pub fn parse_keepalive(status: Option<u16>, body: &[u8]) -> Result<Option<u64>, EtcdError> {
+    let first = body
+        .split(|b| *b == b'\n')
+        .find(|l| !l.iter().all(u8::is_ascii_whitespace))
+        .unwrap_or(body);
+    let v = answer(status, first)?;
+    let msg = v.get("result").unwrap_or(&v);
+    let ttl = int(msg.get("TTL")).unwrap_or(0);
+    Ok(u64::try_from(ttl).ok().filter(|t| *t > 0))
+}
+
+/// In-flight leases held by one worker's forwarded claims, and when each is due for a
+/// keep-alive. The root context's tick sends what [`KeepAlives::due`] returns and feeds
+/// each answer to [`KeepAlives::answered`]. A lease no claim holds is forgotten (and lapses
+/// in etcd within its TTL).
+#[derive(Debug, Default)]
+pub struct KeepAlives {
+    held: Vec<Held>,
+}
+
+#[derive(Debug)]
+struct Held {
+    lease: i64,
+    holders: u32,
+    refresh_ms: u64,
+    due: Millis,
+    sent: bool,
+}
+
+/// What a keep-alive answer means for its lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refresh {
+    /// Refreshed; the next one is due in a third of the TTL.
+    Alive,
+    /// etcd no longer has the lease (it lapsed: its in-flight keys are gone); forgotten.
+    Gone,
+    /// No usable answer: retried at the next tick after a short pause.
+    Failed,
+    /// The lease is no longer held (every claim settled meanwhile).
+    Unheld,
+}
+
+impl KeepAlives {
+    /// A forwarded claim attached to `lease` at `now`. A lease this worker did not hold yet
+    /// is refreshed at once: another worker may have granted it up to half a TTL ago.
+    pub fn hold(&mut self, lease: i64, kind: InFlightLease, now: Millis) {
+        if lease <= 0 {
+            return;
+        }
+        match self.held.iter_mut().find(|h| h.lease == lease) {
+            Some(h) => h.holders = h.holders.saturating_add(1),
+            None => self.held.push(Held {
+                lease,
+                holders: 1,
+                refresh_ms: kind.refresh_ms().max(1),
+                due: now,
+                sent: false,
+            }),
+        }
+    }
+
+    /// A claim attached to `lease` settled (completed, released, or ended unknown).
+    pub fn release(&mut self, lease: i64) {
+        if let Some(h) = self.held.iter_mut().find(|h| h.lease == lease) {
+            h.holders = h.holders.saturating_sub(1);
+        }
+        self.held.retain(|h| h.holders > 0);
+    }
+
+    /// Leases due for a keep-alive at `now` (each marked sent until its answer).
+    pub fn due(&mut self, now: Millis) -> Vec<i64> {
+        let mut out = Vec::new();
+        for h in &mut self.held {
+            if !h.sent && h.due <= now {
+                h.sent = true;
+                out.push(h.lease);
+            }
+        }
+        out
+    }
+
+    /// Feeds the answer to the keep-alive of `lease`.
+    pub fn answered(
+        &mut self,
+        lease: i64,
+        outcome: &Result<Option<u64>, EtcdError>,
+        now: Millis,
+    ) -> Refresh {
+        let Some(h) = self.held.iter_mut().find(|h| h.lease == lease) else {
+            return Refresh::Unheld;
+        };
+        h.sent = false;
+        match outcome {
+            Ok(Some(_)) => {
+                h.due = now.saturating_add(h.refresh_ms);
+                Refresh::Alive
+            }
+            Ok(None) => {
+                self.held.retain(|h| h.lease != lease);
+                Refresh::Gone
+            }
+            Err(_) => {
+                h.due = now.saturating_add((h.refresh_ms / 10).clamp(10, 200));
+                Refresh::Failed
+            }
+        }
+    }
+
+    /// Number of leases held.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Whether no lease is held.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
 }
 
 // ------------------------------------------------------------------------------ answers
@@ -455,8 +702,12 @@ pub struct FleetHandle {
     pub key_id: KeyId,
     /// Revision of our in-flight record.
     pub mod_revision: i64,
-    /// Lease of the key (its expiry bucket).
+    /// Lease of the key's expiry bucket (the completed record's).
     pub lease: i64,
+    /// The in-flight lease the claim is attached to (keep it alive while forwarded).
+    pub inflight_lease: i64,
+    /// Which in-flight lease that is.
+    pub inflight: InFlightLease,
     /// The claim written.
     pub claim: Claim,
 }
@@ -466,10 +717,19 @@ pub struct FleetHandle {
 pub enum Step {
     /// Dispatch this call and feed the answer to [`ClaimFlow::on_answer`].
     Send(Call),
-    /// A lease living until `deadline` is needed (none cached, or the cached one is gone):
-    /// grant one, then call [`ClaimFlow::call`] with it.
-    NeedLease {
-        /// The lease deadline (see [`lease_deadline`]).
+    /// The attempt needs leases ([`ClaimFlow::leases`]) other than those it has (a takeover
+    /// moved the claim to another expiry bucket, or a re-poll to another in-flight window),
+    /// or one of them vanished (`fresh`: grant new ones rather than trust the cache); then
+    /// call [`ClaimFlow::call`].
+    NeedLeases {
+        /// Whether cached leases must not be used.
+        fresh: bool,
+    },
+    /// The key is in flight elsewhere and the rule waits (`onConcurrent: wait`): park the
+    /// request and [`ClaimFlow::repoll`] it until it is answered (no later than `deadline`,
+    /// when a still in-flight key answers 409).
+    Wait {
+        /// End of the wait.
         deadline: Millis,
     },
     /// The claim is ours: forward.
@@ -501,6 +761,10 @@ pub struct ClaimFlow {
     claim: Claim,
     expect: Expect,
     lease: i64,
+    inflight: InFlightLease,
+    inflight_lease: i64,
+    lease_ms: u64,
+    wait_deadline: Option<Millis>,
     bucket_ms: u64,
     retries: u32,
     attempts_left: u32,
@@ -537,6 +801,10 @@ impl ClaimFlow {
             claim,
             expect: Expect::Create,
             lease: 0,
+            inflight: InFlightLease::at(rule.lease_ms, now),
+            inflight_lease: 0,
+            lease_ms: rule.lease_ms,
+            wait_deadline: None,
             bucket_ms: fleet.spec.lease_bucket_ms,
             retries: fleet.spec.retries,
             attempts_left: fleet.spec.retries,
@@ -546,9 +814,19 @@ impl ClaimFlow {
         }
     }
 
-    /// The deadline of the lease the current attempt needs.
+    /// The deadline of the expiry lease the current attempt needs.
     pub fn deadline(&self) -> Millis {
         lease_deadline(self.claim.expires_at, self.bucket_ms)
+    }
+
+    /// The leases the current attempt needs: its in-flight lease, then its expiry lease.
+    pub fn leases(&self) -> [Lease; 2] {
+        [
+            Lease::InFlight(self.inflight),
+            Lease::Expiry {
+                deadline: self.deadline(),
+            },
+        ]
     }
 
     /// The claim being attempted.
@@ -566,11 +844,13 @@ impl ClaimFlow {
         self.key_id
     }
 
-    /// The txn of the current attempt, with `lease` (the lease of [`ClaimFlow::deadline`]).
-    pub fn call(&mut self, lease: i64) -> Call {
-        self.lease = lease;
+    /// The txn of the current attempt with the ids of [`ClaimFlow::leases`]: the in-flight
+    /// record is put with the in-flight lease; the expiry lease is kept for the completion.
+    pub fn call(&mut self, inflight_lease: i64, expiry_lease: i64) -> Call {
+        self.inflight_lease = inflight_lease;
+        self.lease = expiry_lease;
         self.sent = true;
-        claim_call(&self.key, self.expect, &self.claim.record(), lease)
+        claim_call(&self.key, self.expect, &self.claim.record(), inflight_lease)
     }
 
     fn resend(&mut self) -> Step {
@@ -578,8 +858,28 @@ impl ClaimFlow {
             &self.key,
             self.expect,
             &self.claim.record(),
-            self.lease,
+            self.inflight_lease,
         ))
+    }
+
+    /// After [`Step::Wait`]: a new attempt at `now` (a create txn whose failure branch
+    /// reads the key), for a claim that starts now if it wins.
+    pub fn repoll(&mut self, rule: &Rule, now: Millis) -> Step {
+        let before = self.leases();
+        if let Decision::Forward { claim, .. } =
+            decide_waiting(rule, &self.request, None, now, None)
+        {
+            self.claim = claim;
+        }
+        self.inflight = InFlightLease::at(self.lease_ms, now);
+        self.expect = Expect::Create;
+        self.attempts_left = self.retries;
+        self.rounds = 0;
+        if self.leases() != before || self.lease <= 0 || self.inflight_lease <= 0 {
+            Step::NeedLeases { fresh: false }
+        } else {
+            self.resend()
+        }
     }
 
     /// The call removing our record if an attempt committed unseen (after
@@ -610,9 +910,14 @@ impl ClaimFlow {
         let result = match parse_txn(status, body) {
             Ok(r) => r,
             Err(EtcdError::LeaseNotFound) => {
-                return Step::NeedLease {
-                    deadline: self.deadline(),
+                self.rounds += 1;
+                if self.rounds > MAX_ROUNDS {
+                    return Step::Unavailable {
+                        reason: "etcd keeps losing the leases granted".into(),
+                        maybe_claimed: self.ambiguous,
+                    };
                 }
+                return Step::NeedLeases { fresh: true };
             }
             Err(e) => {
                 if matches!(e, EtcdError::Unavailable(_)) {
@@ -645,34 +950,43 @@ impl ClaimFlow {
             self.expect = Expect::Create;
             return self.resend();
         };
-        let record = Record::decode(&kv.value).ok();
-        if let Some(Record::InFlight { owner, .. }) = &record {
+        let mut record = Record::decode(&kv.value).ok();
+        if let Some(Record::InFlight {
+            owner, lease_until, ..
+        }) = &mut record
+        {
             if *owner == self.request.owner {
                 // An earlier attempt committed before its answer was lost: the claim is ours.
                 return Step::Forward(self.handle(kv.mod_revision));
             }
+            if kv.lease != 0 {
+                // Attached to an in-flight lease that its Envoy keeps alive: the key is held
+                // as long as etcd has it, whatever the record's own lease says.
+                *lease_until = Millis::MAX;
+            }
         }
         // An undecodable value is never trusted: it is taken over like a vacant key.
-        match decide_waiting(rule, &self.request, record.as_ref(), now, None) {
+        match decide_waiting(
+            rule,
+            &self.request,
+            record.as_ref(),
+            now,
+            self.wait_deadline,
+        ) {
             Decision::Forward { claim, .. } => {
-                let before = self.deadline();
+                let before = self.leases();
                 self.claim = claim;
                 self.expect = Expect::Revision(kv.mod_revision);
-                if self.deadline() != before || self.lease <= 0 {
-                    Step::NeedLease {
-                        deadline: self.deadline(),
-                    }
+                if self.leases() != before || self.lease <= 0 || self.inflight_lease <= 0 {
+                    Step::NeedLeases { fresh: false }
                 } else {
                     self.resend()
                 }
             }
-            Decision::Wait { .. } => Step::Answer {
-                // Fleet mode does not park requests: a key in flight is a conflict.
-                decision: Decision::Reject(Rejection::Conflict {
-                    retry_after_s: rule.on_concurrent.retry_after_s,
-                }),
-                completed: None,
-            },
+            Decision::Wait { deadline } => {
+                self.wait_deadline = Some(deadline);
+                Step::Wait { deadline }
+            }
             decision => Step::Answer {
                 decision,
                 completed: record.filter(|r| matches!(r, Record::Completed { .. })),
@@ -686,6 +1000,8 @@ impl ClaimFlow {
             key_id: self.key_id,
             mod_revision,
             lease: self.lease,
+            inflight_lease: self.inflight_lease,
+            inflight: self.inflight,
             claim: self.claim,
         }
     }
@@ -792,6 +1108,7 @@ pub fn cache_lookup(bytes: &[u8], key_id: &KeyId, now: Millis) -> Option<Record>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decision::Rejection;
     use crate::fingerprint::Fingerprint;
 
     fn cfg(extra: &str) -> Config {
@@ -809,6 +1126,29 @@ mod tests {
         }
     }
 
+    /// Another request's records for the key (fingerprint 1, expiring at 70 s).
+    fn theirs_in_flight(lease_until: u64) -> Record {
+        Record::InFlight {
+            owner: 5,
+            lease_until,
+            expires_at: 70_000,
+            fingerprint: Fingerprint([1; 32]),
+        }
+    }
+
+    fn theirs_completed() -> Record {
+        Record::Completed {
+            owner: 5,
+            expires_at: 70_000,
+            fingerprint: Fingerprint([1; 32]),
+            response: StoredResponse {
+                status: 201,
+                headers: vec![("content-type".into(), b"text/plain".to_vec())],
+                body: b"made".to_vec(),
+            },
+        }
+    }
+
     fn body_of(call: &Call) -> Value {
         serde_json::from_slice(&call.body).unwrap()
     }
@@ -818,8 +1158,12 @@ mod tests {
     }
 
     fn failed_with(rev: i64, value: Option<&[u8]>) -> Vec<u8> {
+        failed_with_lease(rev, value, 77)
+    }
+
+    fn failed_with_lease(rev: i64, value: Option<&[u8]>, lease: i64) -> Vec<u8> {
         match value {
-            Some(v) => format!(r#"{{"header":{{"revision":"{rev}","raft_term":"2"}},"responses":[{{"response_range":{{"header":{{"revision":"{rev}"}},"kvs":[{{"key":"eA==","create_revision":"5","mod_revision":"{}","version":"1","value":"{}","lease":"77"}}],"count":"1"}}}}]}}"#, rev - 1, b64_encode(v)).into_bytes(),
+            Some(v) => format!(r#"{{"header":{{"revision":"{rev}","raft_term":"2"}},"responses":[{{"response_range":{{"header":{{"revision":"{rev}"}},"kvs":[{{"key":"eA==","create_revision":"5","mod_revision":"{}","version":"1","value":"{}","lease":"{lease}"}}],"count":"1"}}}}]}}"#, rev - 1, b64_encode(v)).into_bytes(),
             None => format!(r#"{{"header":{{"revision":"{rev}"}},"responses":[{{"response_range":{{"header":{{"revision":"{rev}"}}}}}}]}}"#).into_bytes(),
         }
     }
@@ -875,6 +1219,104 @@ mod tests {
     }
 
     #[test]
+    fn in_flight_leases_are_short_shared_per_window_and_kept_alive_only_while_held() {
+        // TTL: the rule's lease, at least etcd's minimum; windows of half the TTL
+        assert_eq!(
+            InFlightLease::at(500, 0),
+            InFlightLease {
+                ttl_s: 2,
+                generation: 0
+            }
+        );
+        let l = InFlightLease::at(10_000, 12_345);
+        assert_eq!((l.ttl_s, l.generation, l.refresh_ms()), (10, 2, 3_333));
+        assert_eq!(InFlightLease::at(10_000, 14_999), l);
+        assert_ne!(InFlightLease::at(10_000, 15_000), l);
+        // cached per Envoy under bounded keys, checked against the lease they are for
+        let li = Lease::InFlight(l);
+        assert_eq!(li.cache_key("ns", 30_000), "ns:fi:10:2");
+        let v = li.cache_value(42);
+        assert_eq!(li.parse_cache(v.as_bytes()), Some(42));
+        assert_eq!(
+            Lease::InFlight(InFlightLease::at(10_000, 15_000)).parse_cache(v.as_bytes()),
+            None
+        );
+        assert_eq!(
+            Lease::Expiry { deadline: 2 }.parse_cache(v.as_bytes()),
+            None
+        );
+        assert_eq!(body_of(&li.grant_call(99_999)), json!({"TTL": "10"}));
+        assert_eq!(
+            body_of(&Lease::Expiry { deadline: 60_000 }.grant_call(1_500)),
+            json!({"TTL": "59"})
+        );
+        // granted ahead by the root context: the current and (close to its window) the
+        // next in-flight lease
+        assert_eq!(
+            leases_ahead(10_000, 12_345),
+            [Some(Lease::InFlight(l)), None]
+        );
+        assert_eq!(
+            leases_ahead(10_000, 14_000)[1],
+            Some(Lease::InFlight(InFlightLease::at(10_000, 15_000)))
+        );
+        assert_eq!(leases_ahead(10_000, 13_999)[1], None);
+        // keep-alive calls and answers (the gateway's stream form, TTL 0 = gone)
+        let k = keepalive_call(7);
+        assert_eq!(k.path, KEEPALIVE_PATH);
+        assert_eq!(body_of(&k), json!({"ID": "7"}));
+        let alive = br#"{"result":{"header":{"revision":"9"},"ID":"7","TTL":"10"}}
+"#;
+        assert_eq!(parse_keepalive(Some(200), alive), Ok(Some(10)));
+        assert_eq!(
+            parse_keepalive(
+                Some(200),
+                br#"{"result":{"header":{"revision":"9"},"ID":"7"}}"#
+            ),
+            Ok(None)
+        );
+        assert!(matches!(
+            parse_keepalive(None, b""),
+            Err(EtcdError::Unavailable(_))
+        ));
+        assert!(parse_keepalive(
+            Some(200),
+            br#"{"error":{"grpc_code":14,"message":"etcdserver: no leader"}}"#
+        )
+        .is_err());
+
+        // the registry: refreshed at once when first held, then every third of the TTL,
+        // retried soon after a failure, forgotten when gone or no longer held
+        let mut ka = KeepAlives::default();
+        ka.hold(0, l, 0); // no lease: nothing to refresh
+        assert!(ka.is_empty());
+        ka.hold(5, l, 1_000);
+        ka.hold(5, l, 1_100);
+        ka.hold(6, l, 1_100);
+        assert_eq!(ka.len(), 2);
+        assert_eq!(ka.due(1_100), vec![5, 6]);
+        assert_eq!(ka.due(1_200), Vec::<i64>::new()); // answers pending
+        assert_eq!(ka.answered(5, &Ok(Some(10)), 1_200), Refresh::Alive);
+        assert_eq!(
+            ka.answered(6, &Err(EtcdError::Unavailable("x".into())), 1_200),
+            Refresh::Failed
+        );
+        assert_eq!(ka.due(1_500), vec![6]); // retried after 200 ms
+        assert_eq!(ka.answered(6, &Ok(None), 1_510), Refresh::Gone);
+        assert_eq!(ka.len(), 1);
+        assert_eq!(ka.due(4_532), Vec::<i64>::new());
+        assert_eq!(ka.due(4_533), vec![5]);
+        assert_eq!(ka.answered(5, &Ok(Some(10)), 4_540), Refresh::Alive);
+        // one of two holders settles: still refreshed; the last one: forgotten
+        ka.release(5);
+        assert_eq!(ka.due(7_873), vec![5]);
+        ka.release(5);
+        assert!(ka.is_empty());
+        assert_eq!(ka.answered(5, &Ok(Some(10)), 7_880), Refresh::Unheld);
+        assert_eq!(ka.due(1_000_000), Vec::<i64>::new());
+    }
+
+    #[test]
     fn claim_on_absent_key_forwards() {
         let c = cfg("");
         let f = Fleet::new(&c).unwrap();
@@ -883,7 +1325,7 @@ mod tests {
         let mut flow = ClaimFlow::start(&f, rule, k, req(1, 9), 1_000);
         assert_eq!(flow.deadline(), 90_000); // expires 61_000 → bucket of 30 s
         assert_eq!(flow.key(), format!("/idemgate/ns/{}", k.to_hex()));
-        let call = flow.call(77);
+        let call = flow.call(77, 66);
         assert_eq!(call.path, TXN_PATH);
         let b = body_of(&call);
         let key64 = b64_encode(flow.key().as_bytes());
@@ -898,7 +1340,10 @@ mod tests {
         match flow.on_answer(rule, Some(200), &succeeded(12), 1_010) {
             Step::Forward(h) => {
                 assert_eq!(h.mod_revision, 12);
-                assert_eq!(h.lease, 77);
+                // the in-flight record rides the in-flight lease; the expiry lease waits
+                assert_eq!(h.inflight_lease, 77);
+                assert_eq!(h.lease, 66);
+                assert_eq!(h.inflight, InFlightLease::at(10_000, 1_000));
                 assert_eq!(h.claim.owner, 9);
             }
             other => panic!("{other:?}"),
@@ -911,14 +1356,9 @@ mod tests {
         let f = Fleet::new(&c).unwrap();
         let rule = &c.default_rule;
         let k = KeyId([2; 16]);
-        let other = Record::InFlight {
-            owner: 5,
-            lease_until: 20_000,
-            expires_at: 70_000,
-            fingerprint: Fingerprint([1; 32]),
-        };
+        let other = theirs_in_flight(20_000);
         let mut flow = ClaimFlow::start(&f, rule, k, req(1, 9), 1_000);
-        flow.call(77);
+        flow.call(77, 66);
         assert_eq!(
             flow.on_answer(
                 rule,
@@ -931,18 +1371,9 @@ mod tests {
                 completed: None
             }
         );
-        let done = Record::Completed {
-            owner: 5,
-            expires_at: 70_000,
-            fingerprint: Fingerprint([1; 32]),
-            response: StoredResponse {
-                status: 201,
-                headers: vec![("content-type".into(), b"text/plain".to_vec())],
-                body: b"made".to_vec(),
-            },
-        };
+        let done = theirs_completed();
         let mut flow = ClaimFlow::start(&f, rule, k, req(1, 10), 2_000);
-        flow.call(77);
+        flow.call(77, 66);
         match flow.on_answer(
             rule,
             Some(200),
@@ -959,7 +1390,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let mut flow = ClaimFlow::start(&f, rule, k, req(2, 11), 2_000);
-        flow.call(77);
+        flow.call(77, 66);
         assert!(matches!(
             flow.on_answer(
                 rule,
@@ -972,26 +1403,84 @@ mod tests {
                 ..
             }
         ));
-        // wait policy: fleet mode answers 409 instead of parking
+    }
+
+    #[test]
+    fn wait_policy_parks_then_replays_claims_or_gives_up_at_its_deadline() {
         let w = Config::from_json(
-            r#"{"onConcurrent": {"action": "wait", "waitMillis": 500}, "store": {"etcd": {}}}"#,
+            r#"{"leaseSeconds": 2, "onConcurrent": {"action": "wait", "waitMillis": 5000}, "store": {"etcd": {"leaseBucketSeconds": 30}}}"#,
         )
         .unwrap();
         let fw = Fleet::new(&w).unwrap();
-        let mut flow = ClaimFlow::start(&fw, &w.default_rule, k, req(1, 12), 1_000);
-        flow.call(1);
+        let rule = &w.default_rule;
+        let k = KeyId([9; 16]);
+        let in_flight = failed_with(30, Some(&theirs_in_flight(2_000).encode()));
+        let mut flow = ClaimFlow::start(&fw, rule, k, req(1, 12), 1_000);
+        flow.call(1, 66);
+        assert_eq!(
+            flow.on_answer(rule, Some(200), &in_flight, 1_000),
+            Step::Wait { deadline: 6_000 }
+        );
+        // still in flight at the next poll (past the record's own lease: the etcd lease
+        // holds it): wait on, with the same deadline
+        let Step::Send(poll) = flow.repoll(rule, 1_020) else {
+            panic!()
+        };
+        assert_eq!(body_of(&poll)["compare"][0]["target"], "CREATE");
+        assert_eq!(
+            flow.on_answer(rule, Some(200), &in_flight, 1_030),
+            Step::Wait { deadline: 6_000 }
+        );
+        assert_eq!(
+            flow.on_answer(rule, Some(200), &in_flight, 5_900),
+            Step::Wait { deadline: 6_000 }
+        );
+        assert_eq!(
+            flow.on_answer(rule, Some(200), &in_flight, 6_000),
+            Step::Answer {
+                decision: Decision::Reject(Rejection::Conflict { retry_after_s: 1 }),
+                completed: None
+            }
+        );
+        // completed meanwhile: the waiter replays it
+        let done = theirs_completed();
+        let mut flow = ClaimFlow::start(&fw, rule, k, req(1, 13), 1_000);
+        flow.call(1, 66);
+        flow.on_answer(rule, Some(200), &in_flight, 1_000);
+        flow.repoll(rule, 1_100);
         assert!(matches!(
             flow.on_answer(
-                &w.default_rule,
+                rule,
                 Some(200),
-                &failed_with(30, Some(&other.encode())),
-                1_000
+                &failed_with(31, Some(&done.encode())),
+                1_110
             ),
             Step::Answer {
-                decision: Decision::Reject(Rejection::Conflict { .. }),
-                ..
+                decision: Decision::Replay(_),
+                completed: Some(_)
             }
         ));
+        // released meanwhile: the re-poll's create wins; the claim starts at the re-poll,
+        // in a later in-flight window, so its leases are asked for again
+        let mut flow = ClaimFlow::start(&fw, rule, k, req(1, 14), 1_000);
+        flow.call(1, 66);
+        flow.on_answer(rule, Some(200), &in_flight, 1_000);
+        assert_eq!(flow.repoll(rule, 2_200), Step::NeedLeases { fresh: false });
+        assert_eq!(
+            flow.leases()[0],
+            Lease::InFlight(InFlightLease {
+                ttl_s: 2,
+                generation: 2
+            })
+        );
+        flow.call(3, 66);
+        match flow.on_answer(rule, Some(200), &succeeded(40), 2_210) {
+            Step::Forward(h) => {
+                assert_eq!(h.claim.expires_at, 2_200 + rule.ttl_ms);
+                assert_eq!(h.inflight_lease, 3);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -1000,19 +1489,31 @@ mod tests {
         let f = Fleet::new(&c).unwrap();
         let rule = &c.default_rule;
         let k = KeyId([3; 16]);
-        let stale = Record::InFlight {
-            owner: 5,
-            lease_until: 20_000,
-            expires_at: 70_000,
-            fingerprint: Fingerprint([1; 32]),
-        };
+        let stale = theirs_in_flight(20_000);
+        // attached to an in-flight lease, the key is held while etcd has it, even past the
+        // record's own lease: its Envoy is refreshing the lease
+        let mut flow = ClaimFlow::start(&f, rule, k, req(1, 8), 1_000);
+        flow.call(77, 66);
+        assert!(matches!(
+            flow.on_answer(
+                rule,
+                Some(200),
+                &failed_with(40, Some(&stale.encode())),
+                25_000
+            ),
+            Step::Answer {
+                decision: Decision::Reject(Rejection::Conflict { .. }),
+                completed: None
+            }
+        ));
+        // without a lease, the record's own lease decides
         let mut flow = ClaimFlow::start(&f, rule, k, req(1, 9), 1_000);
-        flow.call(77);
+        flow.call(77, 66);
         // at 25_000 the lease has lapsed; the new claim expires at 85_000, same bucket (90_000)
         let step = flow.on_answer(
             rule,
             Some(200),
-            &failed_with(40, Some(&stale.encode())),
+            &failed_with_lease(40, Some(&stale.encode()), 0),
             25_000,
         );
         let Step::Send(call) = step else {
@@ -1037,7 +1538,7 @@ mod tests {
             response: StoredResponse::default(),
         };
         let mut flow = ClaimFlow::start(&f, rule, k, req(1, 10), 1_000);
-        flow.call(77);
+        flow.call(77, 66);
         assert_eq!(
             flow.on_answer(
                 rule,
@@ -1045,21 +1546,22 @@ mod tests {
                 &failed_with(50, Some(&old.encode())),
                 62_000
             ),
-            Step::NeedLease { deadline: 150_000 }
+            Step::NeedLeases { fresh: false }
         );
-        let b = body_of(&flow.call(88));
+        assert_eq!(flow.leases()[1], Lease::Expiry { deadline: 150_000 });
+        let b = body_of(&flow.call(88, 66));
         assert_eq!(b["compare"][0]["mod_revision"], "49");
         assert_eq!(b["success"][0]["request_put"]["lease"], "88");
         // garbage in etcd is never trusted: taken over like a vacant key
         let mut flow = ClaimFlow::start(&f, rule, k, req(1, 11), 1_000);
-        flow.call(77);
+        flow.call(77, 66);
         assert!(matches!(
             flow.on_answer(rule, Some(200), &failed_with(60, Some(b"garbage")), 1_000),
             Step::Send(_)
         ));
         // deleted between compare and range: create again
         let mut flow = ClaimFlow::start(&f, rule, k, req(1, 12), 1_000);
-        flow.call(77);
+        flow.call(77, 66);
         let Step::Send(call) = flow.on_answer(rule, Some(200), &failed_with(61, None), 1_000)
         else {
             panic!()
@@ -1074,7 +1576,7 @@ mod tests {
         let rule = &c.default_rule;
         let k = KeyId([4; 16]);
         let mut flow = ClaimFlow::start(&f, rule, k, req(1, 9), 1_000);
-        let first = flow.call(77);
+        let first = flow.call(77, 66);
         // timeout: the same txn (same owner token) is sent again
         let Step::Send(again) = flow.on_answer(rule, None, b"", 1_500) else {
             panic!()
@@ -1101,7 +1603,7 @@ mod tests {
         let k = KeyId([5; 16]);
         let mut flow = ClaimFlow::start(&f, rule, k, req(1, 9), 1_000);
         assert_eq!(flow.abandon_call(), None);
-        flow.call(77);
+        flow.call(77, 66);
         let no_leader =
             br#"{"error":"etcdserver: no leader","message":"etcdserver: no leader","code":14}"#;
         assert!(matches!(
@@ -1124,16 +1626,23 @@ mod tests {
         assert!(ab["success"][0]["request_delete_range"]["key"].is_string());
         // a lease that vanished: grant another, then the same attempt
         let mut flow = ClaimFlow::start(&f, rule, k, req(1, 10), 1_000);
-        flow.call(77);
+        flow.call(77, 66);
         let nf = br#"{"error":"etcdserver: requested lease not found","message":"etcdserver: requested lease not found","code":5}"#;
         assert_eq!(
             flow.on_answer(rule, Some(404), nf, 1_000),
-            Step::NeedLease { deadline: 90_000 }
+            Step::NeedLeases { fresh: true }
         );
         assert_eq!(
-            body_of(&flow.call(99))["success"][0]["request_put"]["lease"],
+            body_of(&flow.call(99, 66))["success"][0]["request_put"]["lease"],
             "99"
         );
+        // ... but not forever
+        let mut last = Step::NeedLeases { fresh: true };
+        for _ in 0..MAX_ROUNDS {
+            flow.call(99, 66);
+            last = flow.on_answer(rule, Some(404), nf, 1_000);
+        }
+        assert!(matches!(last, Step::Unavailable { .. }), "{last:?}");
         // malformed answers are errors, never panics
         for junk in [
             &b""[..],
@@ -1158,7 +1667,7 @@ mod tests {
         let rule = &c.default_rule;
         let k = KeyId([6; 16]);
         let mut flow = ClaimFlow::start(&f, rule, k, req(1, 9), 1_000);
-        flow.call(77);
+        flow.call(77, 66);
         let Step::Forward(h) = flow.on_answer(rule, Some(200), &succeeded(12), 1_000) else {
             panic!()
         };
@@ -1170,7 +1679,8 @@ mod tests {
         let b = body_of(&complete_call(&f, &h, &resp).unwrap());
         assert_eq!(b["compare"][0]["target"], "MOD");
         assert_eq!(b["compare"][0]["mod_revision"], "12");
-        assert_eq!(b["success"][0]["request_put"]["lease"], "77");
+        // the completed record moves to the expiry lease (never refreshed)
+        assert_eq!(b["success"][0]["request_put"]["lease"], "66");
         let v = b64_decode(b["success"][0]["request_put"]["value"].as_str().unwrap()).unwrap();
         assert_eq!(Record::decode(&v).unwrap(), completed_record(&h, &resp));
         assert_eq!(

@@ -32,7 +32,7 @@ use std::time::UNIX_EPOCH;
 
 use idemgate_core::config::ConcurrentAction;
 use idemgate_core::decision::Request;
-use idemgate_core::fleet::{self, Call, ClaimFlow, Fleet, FleetHandle, Step};
+use idemgate_core::fleet::{self, Call, ClaimFlow, Fleet, FleetHandle, KeepAlives, Lease, Step};
 use idemgate_core::problem::{self, AnswerContext, LocalAnswer};
 use idemgate_core::ratelimit::{self, RateHeaders};
 use idemgate_core::store::{Begun, CasStore, ClaimHandle, Events, Expect, SlotTable, StoreError};
@@ -204,6 +204,8 @@ struct Shared {
     config: Config,
     store: SharedData,
     metrics: Metrics,
+    /// Fleet mode: in-flight leases this worker's forwarded claims hold.
+    keepalives: RefCell<KeepAlives>,
 }
 
 impl Shared {
@@ -224,6 +226,8 @@ struct Root {
     id: u32,
     role: Role,
     shared: Option<Rc<Shared>>,
+    /// Fleet mode: when leases were last granted ahead.
+    granted_ahead_at: u64,
 }
 
 /// How often waiting requests look at the store again.
@@ -235,7 +239,11 @@ const FLEET_TICK_MS: u32 = 10;
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, _n: usize, body_size: usize, _t: usize) {
         let (status, body) = call_answer(body_size);
-        fleet_op_answered(token, status, &body);
+        if let Some(w) = FLEET_WAIT_CALLS.with(|c| c.borrow_mut().remove(&token)) {
+            waiter_answered(self.id, w, status, &body);
+        } else {
+            fleet_op_answered(token, status, &body);
+        }
     }
 }
 
@@ -295,6 +303,7 @@ impl RootContext for Root {
                     config,
                     store,
                     metrics,
+                    keepalives: RefCell::new(KeepAlives::default()),
                 }));
                 true
             }
@@ -307,6 +316,20 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         poll_waiters();
+        if let Some(s) = &self.shared {
+            if s.config.store_etcd.is_some() {
+                poll_fleet_waiters(self.id);
+                let now = now_ms();
+                let due = s.keepalives.borrow_mut().due(now);
+                for lease in due {
+                    queue_fleet_op(s, FleetOp::KeepAlive(lease));
+                }
+                if now.saturating_sub(self.granted_ahead_at) >= GRANT_AHEAD_MS {
+                    self.granted_ahead_at = now;
+                    grant_ahead(s, now);
+                }
+            }
+        }
         drain_fleet_ops(self.id);
     }
 
@@ -377,6 +400,7 @@ enum Settled {
     #[default]
     Pending,
     Forwarded(usize, ClaimHandle),
+    FleetForwarded(usize, Box<FleetHandle>),
     Done,
 }
 
@@ -554,6 +578,9 @@ impl Context for Reader {
             }
             Phase::FleetForwarded(_, h) | Phase::Capturing(Held::Fleet(h), _) => {
                 self.shared.metrics.inc("not_stored_incomplete");
+                // Its in-flight lease is no longer kept alive for it: the key lapses
+                // within the lease's TTL, unless other claims still hold that lease.
+                unhold(&self.shared, &h);
                 log::debug!(
                     "idemgate: key {} left in flight in etcd until its lease lapses",
                     h.key_id.to_hex()
@@ -565,6 +592,8 @@ impl Context for Reader {
             Phase::Waiting(_) => {
                 let id = self.id;
                 WAITERS.with(|w| w.borrow_mut().retain(|x| x.reader != id));
+                FLEET_WAITERS.with(|w| w.borrow_mut().retain(|x| x.reader != id));
+                FLEET_WAIT_CALLS.with(|w| w.borrow_mut().retain(|_, x| x.reader != id));
             }
             _ => {}
         }
@@ -582,6 +611,7 @@ impl Reader {
         match outcome {
             Settled::Pending => {}
             Settled::Forwarded(rule, h) => self.phase = Phase::Forwarded(rule, h),
+            Settled::FleetForwarded(rule, h) => self.phase = Phase::FleetForwarded(rule, h),
             Settled::Done => self.phase = Phase::Done,
         }
     }
@@ -983,6 +1013,9 @@ impl HttpContext for Reader {
             .is_some_and(|d| d == b"via_upstream");
         if !via_upstream {
             self.shared.metrics.inc("not_stored_incomplete");
+            if let Held::Fleet(h) = &handle {
+                unhold(&self.shared, h);
+            }
             log::debug!(
                 "idemgate: local response {status} for key {}; claim left to its lease",
                 handle.key_id().to_hex()
@@ -1072,8 +1105,85 @@ struct FleetClaim {
     flow: ClaimFlow,
     /// Token of the call in flight.
     call: u32,
-    /// The call in flight is a lease grant for this deadline.
-    granting: Option<u64>,
+    /// The call in flight is a grant of this lease.
+    granting: Option<Lease>,
+    /// Leases granted for this claim.
+    got: Vec<(Lease, i64)>,
+    /// Cached leases are not to be trusted (one vanished).
+    fresh: bool,
+    /// Parked by the wait policy at least once.
+    waited: bool,
+    /// Grants that failed.
+    grant_failures: u32,
+    /// Answer context, for answers sent from the root context's tick.
+    ctx: AnswerContext,
+}
+
+impl FleetClaim {
+    fn lease_id(&self, s: &Shared, lease: Lease) -> Option<i64> {
+        self.got
+            .iter()
+            .find(|(l, _)| *l == lease)
+            .map(|(_, id)| *id)
+            .or_else(|| (!self.fresh).then(|| cached_lease(s, lease)).flatten())
+    }
+
+    /// Dispatches the claim's next call from the current context: a grant of a lease it
+    /// has no id for, else the claim txn.
+    fn send_next(&mut self, s: &Shared) -> Result<(), String> {
+        let spec = s
+            .config
+            .store_etcd
+            .as_ref()
+            .ok_or_else(|| "fleet mode is not configured".to_string())?;
+        let [inflight, expiry] = self.flow.leases();
+        let call = match (self.lease_id(s, inflight), self.lease_id(s, expiry)) {
+            (Some(i), Some(e)) => {
+                self.granting = None;
+                self.fresh = false;
+                self.flow.call(i, e)
+            }
+            (None, _) => self.grant(s, inflight),
+            (_, None) => self.grant(s, expiry),
+        };
+        self.call = dispatch(spec, &call)?;
+        Ok(())
+    }
+
+    /// Feeds etcd's answer to the call in flight (a grant, retried like any call, or an
+    /// attempt of the claim flow); returns the next step.
+    fn answered(&mut self, s: &Shared, status: Option<u16>, body: &[u8]) -> Step {
+        if status != Some(200) {
+            s.metrics.inc("fleet_errors");
+        }
+        let Some(lease) = self.granting.take() else {
+            let rule = s.config.rule_at(self.rule);
+            return self.flow.on_answer(rule, status, body, now_ms());
+        };
+        match fleet::parse_grant(status, body) {
+            Ok(id) => {
+                cache_lease(s, lease, id);
+                self.got.push((lease, id));
+                Step::NeedLeases { fresh: false }
+            }
+            Err(_)
+                if self.grant_failures < s.config.store_etcd.as_ref().map_or(0, |e| e.retries) =>
+            {
+                self.grant_failures += 1;
+                Step::NeedLeases { fresh: false }
+            }
+            Err(e) => Step::Unavailable {
+                reason: format!("lease grant: {e}"),
+                maybe_claimed: false,
+            },
+        }
+    }
+
+    fn grant(&mut self, s: &Shared, lease: Lease) -> Call {
+        self.granting = Some(lease);
+        s.metrics.inc("fleet_leases");
+        lease.grant_call(now_ms())
+    }
 }
 
 /// Status and body of the http call being answered (`None`: no answer, e.g. a timeout).
@@ -1110,21 +1220,56 @@ fn dispatch(spec: &idemgate_core::config::EtcdSpec, call: &Call) -> Result<u32, 
     .map_err(|e| format!("dispatch to cluster {:?} failed: {e:?}", spec.cluster))
 }
 
-fn cached_lease(s: &Shared, deadline: u64) -> Option<i64> {
+fn cached_lease(s: &Shared, lease: Lease) -> Option<i64> {
     let spec = s.config.store_etcd.as_ref()?;
-    let key = fleet::lease_cache_key(&s.config.store_namespace, deadline, spec.lease_bucket_ms);
+    let key = lease.cache_key(&s.config.store_namespace, spec.lease_bucket_ms);
     match hostcalls::get_shared_data(&key) {
-        Ok((Some(v), _)) => fleet::parse_lease_cache(&v, deadline),
+        Ok((Some(v), _)) => lease.parse_cache(&v),
         _ => None,
     }
 }
 
-fn cache_lease(s: &Shared, deadline: u64, lease: i64) {
+fn cache_lease(s: &Shared, lease: Lease, id: i64) {
     if let Some(spec) = s.config.store_etcd.as_ref() {
-        let key = fleet::lease_cache_key(&s.config.store_namespace, deadline, spec.lease_bucket_ms);
-        let value = fleet::lease_cache_value(deadline, lease);
+        let key = lease.cache_key(&s.config.store_namespace, spec.lease_bucket_ms);
+        let value = lease.cache_value(id);
         let _ = hostcalls::set_shared_data(&key, Some(value.as_bytes()), None);
     }
+}
+
+/// How often the root context looks for leases to grant ahead of the claims.
+const GRANT_AHEAD_MS: u64 = 200;
+
+thread_local! {
+    /// Leases this worker is granting ahead (answers pending).
+    static GRANTING_AHEAD: RefCell<Vec<Lease>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Grants, from the root context, the in-flight leases the rules' claims are about to need
+/// and that no worker of this Envoy has cached yet, so that claims rarely wait for a grant
+/// (and do not all grant the same lease at once when a window begins).
+fn grant_ahead(s: &Rc<Shared>, now: u64) {
+    let mut seen: Vec<u64> = Vec::new();
+    for rule in s.config.rules() {
+        if seen.contains(&rule.lease_ms) {
+            continue;
+        }
+        seen.push(rule.lease_ms);
+        let ahead = fleet::leases_ahead(rule.lease_ms, now);
+        for lease in ahead.into_iter().flatten() {
+            let pending = GRANTING_AHEAD.with(|g| g.borrow().contains(&lease));
+            if !pending && cached_lease(s, lease).is_none() {
+                GRANTING_AHEAD.with(|g| g.borrow_mut().push(lease));
+                s.metrics.inc("fleet_leases");
+                queue_fleet_op(s, FleetOp::Grant(lease));
+            }
+        }
+    }
+}
+
+/// A forwarded claim's in-flight lease no longer needs keeping alive for it.
+fn unhold(s: &Shared, handle: &FleetHandle) {
+    s.keepalives.borrow_mut().release(handle.inflight_lease);
 }
 
 fn cache_completed(s: &Shared, key_id: &idemgate_core::KeyId, record: &idemgate_core::Record) {
@@ -1176,8 +1321,13 @@ impl Reader {
             flow,
             call: 0,
             granting: None,
+            got: Vec::new(),
+            fresh: false,
+            waited: false,
+            grant_failures: 0,
+            ctx: self.ctx.clone(),
         });
-        match self.fleet_next(&mut claim, None) {
+        match self.fleet_next(&mut claim) {
             Some(action) => action,
             None => {
                 self.phase = Phase::FleetClaim(claim);
@@ -1186,40 +1336,23 @@ impl Reader {
         }
     }
 
-    /// Sends the claim's next call: a grant when no lease is known for `need_lease`
-    /// (or for the flow's deadline), else the claim txn. `Some(action)` when it ended.
-    fn fleet_next(&mut self, claim: &mut FleetClaim, need_lease: Option<u64>) -> Option<Action> {
+    /// Sends the claim's next call (a lease grant, or the claim txn). `Some(action)` when
+    /// it ended.
+    fn fleet_next(&mut self, claim: &mut FleetClaim) -> Option<Action> {
         let s = self.shared.clone();
-        let spec = s.config.store_etcd.as_ref()?;
-        let deadline = need_lease.unwrap_or_else(|| claim.flow.deadline());
-        let lease = if need_lease.is_some() {
-            None
-        } else {
-            cached_lease(&s, deadline)
-        };
-        let call = match lease {
-            Some(id) => {
-                claim.granting = None;
-                claim.flow.call(id)
-            }
-            None => {
-                claim.granting = Some(deadline);
-                s.metrics.inc("fleet_leases");
-                fleet::grant_call(fleet::lease_ttl_seconds(deadline, now_ms()))
-            }
-        };
-        match dispatch(spec, &call) {
-            Ok(t) => {
-                claim.call = t;
-                None
-            }
+        match claim.send_next(&s) {
+            Ok(()) => None,
             Err(e) => Some(self.fleet_unavailable(claim, e, false)),
         }
     }
 
     fn fleet_answered(&mut self, token: u32, status: Option<u16>, body: &[u8]) {
-        let Phase::FleetClaim(mut claim) = std::mem::replace(&mut self.phase, Phase::Done) else {
-            return;
+        let mut claim = match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::FleetClaim(c) => c,
+            other => {
+                self.phase = other;
+                return;
+            }
         };
         if claim.call != token {
             self.phase = Phase::FleetClaim(claim);
@@ -1227,27 +1360,7 @@ impl Reader {
         }
         let s = self.shared.clone();
         let rule = s.config.rule_at(claim.rule);
-        let step = if let Some(deadline) = claim.granting.take() {
-            match fleet::parse_grant(status, body) {
-                Ok(lease) => {
-                    cache_lease(&s, deadline, lease);
-                    Step::Send(claim.flow.call(lease))
-                }
-                Err(e) => {
-                    s.metrics.inc("fleet_errors");
-                    Step::Unavailable {
-                        reason: format!("lease grant: {e}"),
-                        maybe_claimed: false,
-                    }
-                }
-            }
-        } else {
-            let step = claim.flow.on_answer(rule, status, body, now_ms());
-            if status != Some(200) {
-                s.metrics.inc("fleet_errors");
-            }
-            step
-        };
+        let step = claim.answered(&s, status, body);
         let action = match step {
             Step::Send(call) => match s
                 .config
@@ -1263,13 +1376,36 @@ impl Reader {
                 Some(Err(e)) => self.fleet_unavailable(&claim, e, true),
                 None => return,
             },
-            Step::NeedLease { deadline } => match self.fleet_next(&mut claim, Some(deadline)) {
-                None => {
-                    self.phase = Phase::FleetClaim(claim);
-                    return;
+            Step::NeedLeases { fresh } => {
+                if fresh {
+                    claim.got.clear();
+                    claim.fresh = true;
                 }
-                Some(a) => a,
-            },
+                match self.fleet_next(&mut claim) {
+                    None => {
+                        self.phase = Phase::FleetClaim(claim);
+                        return;
+                    }
+                    Some(a) => a,
+                }
+            }
+            Step::Wait { deadline } => {
+                // From now on the root context's tick re-polls etcd and answers.
+                claim.waited = true;
+                let settled = Rc::new(RefCell::new(Settled::Pending));
+                FLEET_WAITERS.with(|w| {
+                    w.borrow_mut().push(FleetWaiter {
+                        reader: self.id,
+                        shared: s.clone(),
+                        due: now_ms().saturating_add(FLEET_POLL_MS),
+                        deadline,
+                        claim,
+                        settled: settled.clone(),
+                    })
+                });
+                self.phase = Phase::Waiting(settled);
+                return;
+            }
             Step::Forward(handle) => self.fleet_forward(claim.rule, claim.gate, handle),
             Step::Answer {
                 decision,
@@ -1280,9 +1416,15 @@ impl Reader {
                 }
                 match decision {
                     idemgate_core::Decision::Replay(stored) => {
+                        if claim.waited {
+                            s.metrics.inc("waited");
+                        }
                         self.fleet_answer(claim.rule, claim.gate, Some(stored), None)
                     }
                     idemgate_core::Decision::Reject(r) => {
+                        if claim.waited && matches!(r, Rejection::Conflict { .. }) {
+                            s.metrics.inc("wait_timeouts");
+                        }
                         self.fleet_answer(claim.rule, claim.gate, None, Some(r))
                     }
                     _ => self.fleet_answer(
@@ -1350,6 +1492,10 @@ impl Reader {
     fn fleet_forward(&mut self, rule_idx: usize, gate: Option<u64>, handle: FleetHandle) -> Action {
         let s = self.shared.clone();
         let rule = s.config.rule_at(rule_idx);
+        // Kept alive from the root context until the claim settles.
+        s.keepalives
+            .borrow_mut()
+            .hold(handle.inflight_lease, handle.inflight, now_ms());
         if let Some((limit_rule, limited)) = self.deferred(1) {
             queue_fleet_op(&s, FleetOp::Release(Box::new(handle)));
             if let Some(t) = gate {
@@ -1415,6 +1561,9 @@ enum FleetOp {
     },
     Release(Box<FleetHandle>),
     Abandon(Call),
+    KeepAlive(i64),
+    /// A lease granted ahead of the claims that will need it.
+    Grant(Lease),
 }
 
 struct QueuedOp {
@@ -1457,6 +1606,7 @@ fn settle_fleet_response(s: &Rc<Shared>, handle: Box<FleetHandle>, capture: Resp
             }
             Err(_) => {
                 s.metrics.inc("not_stored_too_large");
+                unhold(s, &handle);
                 log::warn!("idemgate: record for key {} exceeds store.etcd.maxValueBytes; not stored, key held until its lease lapses", handle.key_id.to_hex());
             }
         },
@@ -1466,6 +1616,7 @@ fn settle_fleet_response(s: &Rc<Shared>, handle: Box<FleetHandle>, capture: Resp
         }
         Err(NotStored::TooLarge) => {
             s.metrics.inc("not_stored_too_large");
+            unhold(s, &handle);
         }
     }
 }
@@ -1485,6 +1636,8 @@ fn drain_fleet_ops(root: u32) {
             FleetOp::Complete { call, .. } => call.clone(),
             FleetOp::Release(h) => fleet::release_call(h),
             FleetOp::Abandon(c) => c.clone(),
+            FleetOp::KeepAlive(lease) => fleet::keepalive_call(*lease),
+            FleetOp::Grant(lease) => lease.grant_call(now_ms()),
         };
         match dispatch(&spec, &call) {
             Ok(t) => FLEET_PENDING.with(|p| {
@@ -1493,6 +1646,22 @@ fn drain_fleet_ops(root: u32) {
             Err(e) => {
                 q.shared.metrics.inc("fleet_errors");
                 log::error!("idemgate: {e}");
+                match &q.op {
+                    FleetOp::Complete { handle, .. } | FleetOp::Release(handle) => {
+                        unhold(&q.shared, handle)
+                    }
+                    FleetOp::KeepAlive(lease) => {
+                        let failed = Err(fleet::EtcdError::Unavailable(e));
+                        q.shared
+                            .keepalives
+                            .borrow_mut()
+                            .answered(*lease, &failed, now_ms());
+                    }
+                    FleetOp::Grant(lease) => {
+                        GRANTING_AHEAD.with(|g| g.borrow_mut().retain(|l| l != lease))
+                    }
+                    FleetOp::Abandon(_) => {}
+                }
             }
         }
     }
@@ -1513,10 +1682,12 @@ fn fleet_op_answered(token: u32, status: Option<u16>, body: &[u8]) {
         } => match fleet::complete_outcome(&handle, status, body) {
             Ok(fleet::Completion::Stored) => {
                 s.metrics.inc("stored");
+                unhold(&s, &handle);
                 cache_completed(&s, &handle.key_id, &record);
             }
             Ok(fleet::Completion::Lost) => {
                 s.metrics.inc("lost_claims");
+                unhold(&s, &handle);
                 log::warn!(
                     "idemgate: key {} was taken over in etcd before its response completed",
                     handle.key_id.to_hex()
@@ -1536,6 +1707,7 @@ fn fleet_op_answered(token: u32, status: Option<u16>, body: &[u8]) {
                     );
                 } else {
                     s.metrics.inc("store_errors");
+                    unhold(&s, &handle);
                     log::error!(
                         "idemgate: completion of key {} not stored: {e}; key held until its lease lapses",
                         handle.key_id.to_hex()
@@ -1543,10 +1715,252 @@ fn fleet_op_answered(token: u32, status: Option<u16>, body: &[u8]) {
                 }
             }
         },
-        FleetOp::Release(_) | FleetOp::Abandon(_) => {
+        FleetOp::Release(handle) => {
+            unhold(&s, &handle);
             if status != Some(200) {
                 s.metrics.inc("fleet_errors");
             }
         }
+        FleetOp::Abandon(_) => {
+            if status != Some(200) {
+                s.metrics.inc("fleet_errors");
+            }
+        }
+        FleetOp::Grant(lease) => {
+            GRANTING_AHEAD.with(|g| g.borrow_mut().retain(|l| *l != lease));
+            match fleet::parse_grant(status, body) {
+                Ok(id) => cache_lease(&s, lease, id),
+                Err(e) => {
+                    s.metrics.inc("fleet_errors");
+                    log::debug!("idemgate: lease grant ahead of claims: {e}");
+                }
+            }
+        }
+        FleetOp::KeepAlive(lease) => {
+            let outcome = fleet::parse_keepalive(status, body);
+            let refresh = s
+                .keepalives
+                .borrow_mut()
+                .answered(lease, &outcome, now_ms());
+            match refresh {
+                fleet::Refresh::Alive => s.metrics.inc("fleet_keepalives"),
+                fleet::Refresh::Gone => {
+                    s.metrics.inc("fleet_leases_lost");
+                    log::warn!("idemgate: in-flight lease {lease:x} lapsed in etcd while claims held it (etcd unreachable for longer than its TTL?); their keys are free again");
+                }
+                fleet::Refresh::Failed => {
+                    s.metrics.inc("fleet_errors");
+                    if let Err(e) = outcome {
+                        log::debug!("idemgate: keep-alive of lease {lease:x}: {e}");
+                    }
+                }
+                fleet::Refresh::Unheld => {}
+            }
+        }
     }
+}
+
+/// How often a request parked by the wait policy in fleet mode asks etcd again.
+const FLEET_POLL_MS: u64 = 25;
+
+/// A request parked by the wait policy in fleet mode. The root context carries it on:
+/// calls dispatched from a root context are answered there, not in the stream.
+struct FleetWaiter {
+    reader: u32,
+    shared: Rc<Shared>,
+    due: u64,
+    deadline: u64,
+    claim: Box<FleetClaim>,
+    settled: Rc<RefCell<Settled>>,
+}
+
+thread_local! {
+    /// Parked requests waiting for their next poll.
+    static FLEET_WAITERS: RefCell<Vec<FleetWaiter>> = const { RefCell::new(Vec::new()) };
+    /// Parked requests with a call to etcd in flight, by call token.
+    static FLEET_WAIT_CALLS: RefCell<HashMap<u32, FleetWaiter>> = RefCell::new(HashMap::new());
+}
+
+/// Re-polls etcd for every parked request that is due: a create txn whose failure branch
+/// reads the key (a released key is claimed at once; a completed one is replayed).
+fn poll_fleet_waiters(root: u32) {
+    let parked = FLEET_WAITERS.with(|w| std::mem::take(&mut *w.borrow_mut()));
+    if parked.is_empty() {
+        return;
+    }
+    let now = now_ms();
+    let mut still = Vec::new();
+    for mut w in parked {
+        if w.due > now {
+            still.push(w);
+            continue;
+        }
+        let step = w
+            .claim
+            .flow
+            .repoll(w.shared.config.rule_at(w.claim.rule), now);
+        waiter_step(root, w, step);
+    }
+    FLEET_WAITERS.with(|w| w.borrow_mut().extend(still));
+}
+
+/// An answer from etcd to a parked request's call.
+fn waiter_answered(root: u32, mut w: FleetWaiter, status: Option<u16>, body: &[u8]) {
+    let s = w.shared.clone();
+    let step = w.claim.answered(&s, status, body);
+    waiter_step(root, w, step);
+}
+
+/// Carries a parked request on by one step, from the root context.
+fn waiter_step(root: u32, mut w: FleetWaiter, step: Step) {
+    let s = w.shared.clone();
+    let rule = s.config.rule_at(w.claim.rule);
+    let _ = hostcalls::set_effective_context(root);
+    let sent = match step {
+        Step::Send(call) => s
+            .config
+            .store_etcd
+            .as_ref()
+            .ok_or_else(|| "fleet mode is not configured".to_string())
+            .and_then(|spec| dispatch(spec, &call))
+            .map(|t| w.claim.call = t),
+        Step::NeedLeases { fresh } => {
+            if fresh {
+                w.claim.got.clear();
+                w.claim.fresh = true;
+            }
+            w.claim.send_next(&s)
+        }
+        Step::Wait { deadline } => {
+            w.deadline = deadline;
+            w.due = now_ms().saturating_add(FLEET_POLL_MS);
+            FLEET_WAITERS.with(|q| q.borrow_mut().push(w));
+            return;
+        }
+        Step::Forward(handle) => {
+            s.keepalives
+                .borrow_mut()
+                .hold(handle.inflight_lease, handle.inflight, now_ms());
+            let released = match w.claim.gate {
+                Some(t) => release_gate(w.reader, t),
+                None => hostcalls::set_effective_context(w.reader).map_err(|e| format!("{e:?}")),
+            };
+            match released
+                .and_then(|()| hostcalls::resume_http_request().map_err(|e| format!("{e:?}")))
+            {
+                Ok(()) => {
+                    s.metrics.inc("forwarded");
+                    *w.settled.borrow_mut() =
+                        Settled::FleetForwarded(w.claim.rule, Box::new(handle));
+                }
+                Err(detail) => {
+                    queue_fleet_op(&s, FleetOp::Release(Box::new(handle)));
+                    waiter_reject(&w, Rejection::Misconfigured { detail });
+                }
+            }
+            let _ = hostcalls::set_effective_context(root);
+            return;
+        }
+        Step::Answer {
+            decision,
+            completed,
+        } => {
+            if let Some(rec) = &completed {
+                cache_completed(&s, &w.claim.flow.key_id(), rec);
+            }
+            match decision {
+                idemgate_core::Decision::Replay(stored) => {
+                    if hostcalls::set_effective_context(w.reader).is_ok() {
+                        s.metrics.inc("replayed");
+                        s.metrics.inc("waited");
+                        send(problem::replay(rule, &stored, &w.claim.ctx));
+                    }
+                    waiter_done(&w);
+                }
+                idemgate_core::Decision::Reject(r) => {
+                    if matches!(r, Rejection::Conflict { .. }) {
+                        s.metrics.inc("wait_timeouts");
+                    }
+                    waiter_reject(&w, r);
+                }
+                _ => waiter_reject(
+                    &w,
+                    Rejection::Conflict {
+                        retry_after_s: rule.on_concurrent.retry_after_s,
+                    },
+                ),
+            }
+            let _ = hostcalls::set_effective_context(root);
+            return;
+        }
+        Step::Unavailable {
+            reason,
+            maybe_claimed,
+        } => Err(format!(
+            "{reason}{}",
+            if maybe_claimed {
+                " (maybe claimed)"
+            } else {
+                ""
+            }
+        ))
+        .inspect_err(|_| {
+            if maybe_claimed {
+                if let Some(call) = w.claim.flow.abandon_call() {
+                    queue_fleet_op(&s, FleetOp::Abandon(call));
+                }
+            }
+        }),
+    };
+    match sent {
+        Ok(()) => FLEET_WAIT_CALLS.with(|c| {
+            c.borrow_mut().insert(w.claim.call, w);
+        }),
+        Err(e) => {
+            // etcd cannot decide: the fail policy answers, as for a first attempt.
+            log::warn!("idemgate: etcd could not decide a waiting request: {e}");
+            if Fleet::new(&s.config).is_some_and(|f| f.fails_open()) {
+                s.metrics.inc("fleet_fail_open");
+                let released = match w.claim.gate {
+                    Some(t) => release_gate(w.reader, t),
+                    None => {
+                        hostcalls::set_effective_context(w.reader).map_err(|e| format!("{e:?}"))
+                    }
+                };
+                if released
+                    .and_then(|()| hostcalls::resume_http_request().map_err(|e| format!("{e:?}")))
+                    .is_ok()
+                {
+                    *w.settled.borrow_mut() = Settled::Done;
+                }
+            } else {
+                s.metrics.inc("fleet_fail_closed");
+                waiter_reject(
+                    &w,
+                    Rejection::StoreUnavailable {
+                        retry_after_s: 1,
+                        reason: "etcd unavailable",
+                    },
+                );
+            }
+            let _ = hostcalls::set_effective_context(root);
+        }
+    }
+}
+
+/// Answers a parked request with `r` (from its own context).
+fn waiter_reject(w: &FleetWaiter, r: Rejection) {
+    let rule = w.shared.config.rule_at(w.claim.rule);
+    if hostcalls::set_effective_context(w.reader).is_ok() {
+        w.shared.metrics.rejection(&r);
+        send(problem::render(rule, &r, &w.claim.ctx));
+    }
+    waiter_done(w);
+}
+
+fn waiter_done(w: &FleetWaiter) {
+    if let Some(t) = w.claim.gate {
+        GATES.with(|g| g.borrow_mut().remove(&t));
+    }
+    *w.settled.borrow_mut() = Settled::Done;
 }

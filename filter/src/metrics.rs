@@ -38,6 +38,8 @@ pub const COUNTERS: &[&str] = &[
     "fleet_errors",
     "fleet_fail_open",
     "fleet_fail_closed",
+    "fleet_keepalives",
+    "fleet_leases_lost",
 ];
 
 /// Gauges, in definition order.
