@@ -34,7 +34,7 @@ use idemgate_core::config::ConcurrentAction;
 use idemgate_core::decision::Request;
 use idemgate_core::fleet::{self, Call, ClaimFlow, Fleet, FleetHandle, Step};
 use idemgate_core::problem::{self, AnswerContext, LocalAnswer};
-use idemgate_core::ratelimit::{self, RateHeaders};
+use idemgate_core::ratelimit::{self, RateHeaders, Settlement};
 use idemgate_core::store::{Begun, CasStore, ClaimHandle, Events, Expect, SlotTable, StoreError};
 use idemgate_core::{
     admit, resolve, Admission, Config, NotStored, Pending, Rejection, Resolution, Resolved,
@@ -183,19 +183,7 @@ impl Metrics {
     }
 
     fn rejection(&self, r: &Rejection) {
-        self.inc(match r {
-            Rejection::MissingKey { .. } => "missing_keys",
-            Rejection::MalformedKey { .. } => "bad_keys",
-            Rejection::BodyTooLarge { .. } => "too_large",
-            Rejection::Conflict { .. } => "conflicts",
-            Rejection::Mismatch => "mismatches",
-            Rejection::Duplicate => "duplicates",
-            Rejection::InvalidBody { .. } => "invalid_bodies",
-            Rejection::InvalidExpiry { .. } => "invalid_expiries",
-            Rejection::StoreUnavailable { .. } => "store_unavailable",
-            Rejection::RateLimited { .. } => "rate_limited",
-            Rejection::Misconfigured { .. } => "misconfigured",
-        });
+        self.inc(r.counter());
     }
 }
 
@@ -635,6 +623,25 @@ impl Reader {
         self.charge(rule, &headers, cost).map(|r| (rule, r))
     }
 
+    /// Settles the deferred charge at the cost a request that ended as `settled` owes.
+    fn settle_charge(&mut self, settled: Settlement) -> Option<(usize, Rejection)> {
+        let s = self.shared.clone();
+        let rule = self.deferred_charge.as_ref().map(|(r, _)| *r)?;
+        let spec = s.config.rule_at(rule).rate_limit.as_ref()?;
+        self.deferred(ratelimit::deferred_cost(spec, settled))
+    }
+
+    /// Refuses a covered request once its body was looked at, after settling its deferred
+    /// charge: a bad request spends quota like any other, and the caller over its limit
+    /// gets the 429 instead.
+    fn reject_charged(&mut self, rule: usize, rejection: Rejection) -> Action {
+        let s = self.shared.clone();
+        match self.settle_charge(Settlement::Other) {
+            Some((limit_rule, limited)) => self.reject(s.config.rule_at(limit_rule), limited),
+            None => self.reject(s.config.rule_at(rule), rejection),
+        }
+    }
+
     fn reject(&mut self, rule: &Rule, rejection: Rejection) -> Action {
         self.shared.metrics.rejection(&rejection);
         log::debug!("idemgate: rejected ({}): {rejection:?}", rule.name);
@@ -660,8 +667,8 @@ impl Reader {
             Err(e) => {
                 log::error!("idemgate: {e}");
                 s.metrics.inc("store_errors");
-                return self.reject(
-                    rule,
+                return self.reject_charged(
+                    rule_idx,
                     Rejection::StoreUnavailable {
                         retry_after_s: 1,
                         reason: "store error",
@@ -670,18 +677,12 @@ impl Reader {
             }
         };
         s.metrics.events(&events);
-        let cost = match &begun {
-            Begun::Replay(_) => u32::from(
-                s.config
-                    .rule_at(self.deferred_charge.as_ref().map_or(0, |(r, _)| *r))
-                    .rate_limit
-                    .as_ref()
-                    .is_some_and(|r| r.charge_replays),
-            ),
-            Begun::Wait { .. } => 0,
-            _ => 1,
+        let settled = match &begun {
+            Begun::Replay(_) => Settlement::Replayed,
+            Begun::Wait { .. } => Settlement::Waiting,
+            _ => Settlement::Other,
         };
-        if let Some((limit_rule, limited)) = self.deferred(cost) {
+        if let Some((limit_rule, limited)) = self.settle_charge(settled) {
             if let Begun::Forward(handle) = &begun {
                 let _ = table.release(handle);
             }
@@ -736,8 +737,19 @@ impl Reader {
         let rule = s.config.rule_at(pending.rule);
         match resolve(&s.config, &pending, body) {
             Resolution::Ready(resolved) => self.conclude(pending.rule, resolved, token),
-            Resolution::Reject(r) => self.reject(rule, r),
+            Resolution::Reject(r) => {
+                if let Some(t) = token {
+                    GATES.with(|g| g.borrow_mut().remove(&t));
+                }
+                self.reject_charged(pending.rule, r)
+            }
             Resolution::Pass => {
+                if let Some((limit_rule, limited)) = self.settle_charge(Settlement::Other) {
+                    if let Some(t) = token {
+                        GATES.with(|g| g.borrow_mut().remove(&t));
+                    }
+                    return self.reject(s.config.rule_at(limit_rule), limited);
+                }
                 s.metrics.inc("passed");
                 if let Some(t) = token {
                     if let Err(detail) = release_gate(self.id, t) {
@@ -910,15 +922,11 @@ impl HttpContext for Reader {
             _ => return Action::Continue,
         };
         if body_size as u64 > limit {
-            let s = self.shared.clone();
             if let Phase::Buffering { pending, token } =
                 std::mem::replace(&mut self.phase, Phase::Done)
             {
                 GATES.with(|g| g.borrow_mut().remove(&token));
-                return self.reject(
-                    s.config.rule_at(pending.rule),
-                    Rejection::BodyTooLarge { limit },
-                );
+                return self.reject_charged(pending.rule, Rejection::BodyTooLarge { limit });
             }
         }
         if !eos {
