@@ -42,6 +42,13 @@ LISTENERS = {
         "rateLimit": {"rate": 1, "periodSeconds": 3600, "burst": 5, "callerHeaders": ["x-api-key"]},
         "routes": [{"name": "optional", "match": {"prefix": "/opt"}, "key": {"sources": [{"jsonPointer": "/id"}]}}],
     },
+    # waiters (wait policy) are charged when their wait ends, as what it ends as
+    "rlwait": {
+        "store": {"namespace": "rlwait"},
+        "rateLimit": {"rate": 1, "periodSeconds": 3600, "burst": 5, "callerHeaders": ["x-api-key"]},
+        "onConcurrent": {"action": "wait", "waitMillis": 5000},
+        "routes": [{"name": "brief", "match": {"prefix": "/brief"}, "onConcurrent": {"action": "wait", "waitMillis": 200}}],
+    },
     # scripted metrics run
     "metrics": {
         "store": {"namespace": "metrics", "capacity": 8, "probes": 8},
@@ -183,6 +190,42 @@ def test_requests_refused_at_body_time_spend_quota(envoy, origin):
     assert r.status == 200 and r.header("x-ratelimit-remaining") == "4"
     assert len([x for x in origin.requests() if x["path"] == path]) == 1
     assert len([x for x in origin.requests() if x["path"] == "/opt" + path]) == 1
+
+
+def test_waiters_are_charged_as_what_their_wait_ends_as(envoy, origin):
+    """A waiter answered with the first request's response is a replay (free); one whose
+    wait runs out (409) is charged once; both answers carry the rate-limit headers."""
+    port = envoy.port("rlwait")
+    h = {"x-api-key": caller()}
+
+    def in_flight(path):
+        deadline = time.monotonic() + 5
+        while not any(x["path"] == path for x in origin.requests()):
+            assert time.monotonic() < deadline, f"the origin never saw {path}"
+            time.sleep(0.02)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        # replayed after waiting: free
+        path = f"/p/{uuid.uuid4().hex}?delay=0.8"
+        key = {"Idempotency-Key": uuid.uuid4().hex, **h}
+        first = ex.submit(send, port, "POST", path, b"{}", key)
+        in_flight(path)
+        waiter = send(port, "POST", path, b"{}", key)
+        assert first.result().status == 200 and first.result().header("x-ratelimit-remaining") == "4"
+        assert waiter.status == 200 and waiter.header("idempotent-replayed") == "true"
+        assert waiter.header("x-ratelimit-remaining") == "4" and waiter.header("x-ratelimit-limit") == "5"
+        # the wait runs out (409): charged
+        path = f"/brief/{uuid.uuid4().hex}?delay=1"
+        key = {"Idempotency-Key": uuid.uuid4().hex, **h}
+        first = ex.submit(send, port, "POST", path, b"{}", key)
+        in_flight(path)
+        waiter = send(port, "POST", path, b"{}", key)
+        assert waiter.status == 409, str(waiter)
+        assert waiter.header("x-ratelimit-remaining") == "2" and waiter.header("x-ratelimit-limit") == "5"
+        assert first.result().status == 200 and first.result().header("x-ratelimit-remaining") == "3"
+    # 4 charged so far (two first requests, the 409, this one): one left
+    r = send(port, "POST", f"/p/{uuid.uuid4().hex}", b"{}", {"Idempotency-Key": uuid.uuid4().hex, **h})
+    assert r.status == 200 and r.header("x-ratelimit-remaining") == "1"
 
 
 def test_four_workers_admit_within_the_allowance(envoy):

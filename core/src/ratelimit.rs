@@ -813,10 +813,9 @@ pub struct Charge {
 /// once idemgate knows what it does with it, because a replay may be free.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settlement {
-    /// Answered with the stored response of an earlier request.
+    /// Answered with the stored response of an earlier request (after waiting for it or
+    /// not).
     Replayed,
-    /// Parked by the `wait` concurrency policy; its outcome is not known yet.
-    Waiting,
     /// Anything else: forwarded, passed on untouched, or refused (a body that is not JSON,
     /// a key missing from the body, a body over `maxBodyBytes`, a conflict, a mismatch, a
     /// store error…). A refused bad request is charged like any other, so a client cannot
@@ -825,11 +824,11 @@ pub enum Settlement {
 }
 
 /// The cost of the deferred charge of a request that ended as `settled` under `spec`: 1,
-/// except a replay (0 unless `chargeReplays`) and a waiting request (0).
+/// except a replay (0 unless `chargeReplays`). A request parked by the `wait` policy is
+/// charged when its wait ends, as what it ends as (replayed, forwarded, or refused).
 pub fn deferred_cost(spec: &crate::config::RateLimitSpec, settled: Settlement) -> u32 {
     match settled {
         Settlement::Replayed => u32::from(spec.charge_replays),
-        Settlement::Waiting => 0,
         Settlement::Other => 1,
     }
 }
@@ -1529,7 +1528,6 @@ mod tests {
         assert_eq!(deferred_cost(&paid, Settlement::Replayed), 1);
         for s in [&free, &paid] {
             assert_eq!(deferred_cost(s, Settlement::Other), 1);
-            assert_eq!(deferred_cost(s, Settlement::Waiting), 0);
         }
     }
 

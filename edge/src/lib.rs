@@ -645,16 +645,14 @@ impl Exchange {
     }
 
     /// Cost of the charge deferred until idemgate knew what it does with an inspected
-    /// request, as the filter counts it ([`ratelimit::deferred_cost`]): 0 for a request
-    /// that waited, a replay spends only with `chargeReplays`, anything else (forwarded,
-    /// passed, refused at body time) 1. Nothing when no charge is deferred.
+    /// request, as the filter counts it ([`ratelimit::deferred_cost`]): a replay spends only
+    /// with `chargeReplays`, anything else (forwarded, passed, refused at body time or by
+    /// the store, after waiting or not) 1. Nothing when no charge is deferred.
     #[wasm_bindgen(js_name = deferredCost)]
-    pub fn deferred_cost(&self, waited: bool) -> Option<u32> {
+    pub fn deferred_cost(&self) -> Option<u32> {
         let limit = self.limit.as_ref().filter(|l| l.deferred)?;
         let spec = self.config.rule_at(limit.rule).rate_limit.as_ref()?;
-        let settled = if waited {
-            Settlement::Waiting
-        } else if self.replayed {
+        let settled = if self.replayed {
             Settlement::Replayed
         } else {
             Settlement::Other

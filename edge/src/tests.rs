@@ -391,8 +391,7 @@ fn rate_limits_charge_like_the_filter() {
     // covered requests are charged after the store's decision: replays spend nothing
     let mut covered = ready_with(&e, &caller, "k", b"x");
     assert!(!covered.charge_due());
-    assert_eq!(covered.deferred_cost(false), Some(1));
-    assert_eq!(covered.deferred_cost(true), Some(0));
+    assert_eq!(covered.deferred_cost(), Some(1));
     let claim = e
         .decide(
             covered.rule(),
@@ -408,7 +407,7 @@ fn rate_limits_charge_like_the_filter() {
     let mut cap = covered.capture(200, vec![]);
     let done = cap.finish(&claim).unwrap();
     assert!(covered.consider(&done, now, None));
-    assert_eq!(covered.deferred_cost(false), Some(0));
+    assert_eq!(covered.deferred_cost(), Some(0));
     assert!(!covered.charged(tat2, now, 0));
     let a = covered.answer().unwrap();
     assert_eq!(header(&a.headers(), "idempotent-replayed"), Some("true"));
@@ -497,7 +496,7 @@ fn requests_refused_at_body_time_are_charged() {
         assert!(!ex.charge_due(), "inspected: charged once the body is in");
         ex.body(body);
         assert_eq!(ex.step(), Step::Answer);
-        assert_eq!(ex.deferred_cost(false), Some(1));
+        assert_eq!(ex.deferred_cost(), Some(1));
         // within the limit the refusal stands, with the headers
         assert!(!ex.charged(None, now, 1));
         let a = ex.answer().unwrap();
@@ -511,6 +510,6 @@ fn requests_refused_at_body_time_are_charged() {
     assert!(ex.charged(tat, now, 1));
     assert_eq!(ex.outcome().as_deref(), Some("rate_limited"));
     assert_eq!(ex.answer().unwrap().status(), 429);
-    assert_eq!(ex.deferred_cost(false), None);
+    assert_eq!(ex.deferred_cost(), None);
     assert!(!ex.charge_due());
 }

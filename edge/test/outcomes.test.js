@@ -32,6 +32,14 @@ const CONFIG = {
   ],
 };
 
+// waiters (wait policy) are charged when their wait ends, as what it ends as
+const WAIT_CONFIG = {
+  store: { namespace: "waitrl" },
+  rateLimit: { rate: 1, periodSeconds: 3600, burst: 5, callerHeaders: ["x-api-key"] },
+  onConcurrent: { action: "wait", waitMillis: 5000 },
+  routes: [{ name: "brief", match: { prefix: "/brief" }, onConcurrent: { action: "wait", waitMillis: 200 } }],
+};
+
 let origin;
 let mf;
 const messages = [];
@@ -42,6 +50,7 @@ before(async () => {
     workers: [
       worker("metrics", CONFIG, origin),
       worker("quiet", { store: { namespace: "quiet" } }, origin, { bindings: { IDEMGATE_OUTCOME_LOGS: "off" } }),
+      worker("waitrl", WAIT_CONFIG, origin),
     ],
     durableObjectsPersist: false,
     // workerd's console output, one record per line, instead of printing it
@@ -251,4 +260,37 @@ test("scripted traffic: the log lines count every outcome as Envoy's counters do
   }
   // the silenced worker wrote no outcome line
   assert.deepEqual(lines("quiet"), []);
+});
+
+test("waiters are charged as what their wait ends as, and logged as waited", async () => {
+  const h = { "x-api-key": `caller-${freshId()}` };
+  const post = (path, key) => send(mf, "waitrl", "POST", path, { headers: { ...h, "Idempotency-Key": key }, body: "{}" });
+  // replayed after waiting: free
+  let path = `/p/${freshId()}?delay=0.8`;
+  let key = `w-${freshId()}`;
+  let first = post(path, key);
+  await inFlight(path);
+  let waiter = await post(path, key);
+  assert.equal((await first).header("x-ratelimit-remaining"), "4");
+  assert.equal(waiter.header("idempotent-replayed"), "true");
+  assert.equal(waiter.header("x-ratelimit-remaining"), "4");
+  // the wait runs out (409): charged
+  path = `/brief/${freshId()}?delay=1`;
+  key = `w-${freshId()}`;
+  first = post(path, key);
+  await inFlight(path);
+  waiter = await post(path, key);
+  assert.equal(waiter.status, 409, waiter.text());
+  assert.equal(waiter.header("x-ratelimit-remaining"), "2");
+  assert.equal(waiter.header("x-ratelimit-limit"), "5");
+  assert.equal((await first).header("x-ratelimit-remaining"), "3");
+  // 4 charged so far (two first requests, the 409, this one): one left
+  const last = await post(`/p/${freshId()}`, `w-${freshId()}`);
+  assert.equal(last.header("x-ratelimit-remaining"), "1");
+
+  const ls = await settled("waitrl", 5);
+  assert.equal(ls.length, 5);
+  assert.deepEqual(tally(ls), { requests: 5, forwarded: 3, stored: 3, replayed: 1, waited: 1, conflicts: 1, wait_timeouts: 1 });
+  const timedOut = ls.find((l) => l.outcome === "conflicts");
+  assert.deepEqual([timedOut.route, timedOut.status, timedOut.waited], ["brief", 409, true]);
 });

@@ -96,7 +96,7 @@ async function handle(ex, request, env, path, report) {
   else ex.body(body);
   // Refused or passed on at body time: the charge deferred until now is due (a bad
   // request spends quota like any other; over the limit the answer becomes the 429).
-  if (ex.step !== Step.Ready) await chargeDeferred(env, ex, false);
+  if (ex.step !== Step.Ready) await chargeDeferred(env, ex);
   if (ex.step === Step.Answer) return answer(ex);
   if (ex.step === Step.Pass) return untouched(ex, origin, request, path, body);
 
@@ -104,7 +104,7 @@ async function handle(ex, request, env, path, report) {
   const keyId = ex.keyId;
   const hit = cached(keyId, Date.now());
   if (hit && ex.consider(hit, Date.now(), undefined)) {
-    await chargeDeferred(env, ex, false);
+    await chargeDeferred(env, ex);
     return answer(ex);
   }
 
@@ -122,7 +122,7 @@ async function handle(ex, request, env, path, report) {
     console.error(`idemgate: store error for key ${short(keyId)}: ${e}`);
     report.storeError = true;
     ex.storeUnavailable();
-    await chargeDeferred(env, ex, false);
+    await chargeDeferred(env, ex);
     return answer(ex);
   }
   report.waited = Boolean(begun.claimed ? begun.waited : begun.deadline != null);
@@ -130,18 +130,18 @@ async function handle(ex, request, env, path, report) {
     const record = begun.record ? new Uint8Array(begun.record) : null;
     if (record && ex.consider(record, begun.now, begun.deadline ?? undefined)) {
       remember(keyId, record);
-      await chargeDeferred(env, ex, report.waited);
+      await chargeDeferred(env, ex);
       return answer(ex);
     }
     console.error(`idemgate: store answered without a usable record for key ${short(keyId)}`);
     ex.storeUnavailable();
-    await chargeDeferred(env, ex, false);
+    await chargeDeferred(env, ex);
     return answer(ex);
   }
   const claim = new Uint8Array(begun.record);
   report.leaseExpired = Boolean(begun.leaseExpired);
   if (begun.leaseExpired) console.log(`idemgate: key ${short(keyId)}: lapsed lease taken over`);
-  if (await chargeDeferred(env, ex, begun.waited)) {
+  if (await chargeDeferred(env, ex)) {
     // Over the rate limit: give the claim back, nothing is forwarded.
     await release(stub, owner, keyId, report);
     return answer(ex);
@@ -313,9 +313,10 @@ async function charge(env, ex, cost) {
   return ex.charged(r.tat ?? undefined, r.now, cost);
 }
 
-/** The charge a covered request owes once the store decided (see Exchange.deferredCost). */
-function chargeDeferred(env, ex, waited) {
-  const cost = ex.deferredCost(Boolean(waited));
+/** The charge a covered request owes once idemgate decided (see Exchange.deferredCost):
+ * true when the caller is over its limit (the answer is then the 429). */
+function chargeDeferred(env, ex) {
+  const cost = ex.deferredCost();
   return cost === undefined ? false : charge(env, ex, cost);
 }
 

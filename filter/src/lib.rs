@@ -364,7 +364,8 @@ impl HttpContext for Gate {
 enum Settled {
     #[default]
     Pending,
-    Forwarded(usize, ClaimHandle),
+    /// Forwarded with a claim, with the rate-limit headers of its charge.
+    Forwarded(usize, ClaimHandle, Option<RateHeaders>),
     Done,
 }
 
@@ -379,6 +380,73 @@ struct Waiter {
     deadline: u64,
     ctx: AnswerContext,
     settled: Rc<RefCell<Settled>>,
+    /// The rate-limit charge deferred until the wait ends (limit rule, request headers).
+    charge: Option<(usize, Headers)>,
+}
+
+impl Waiter {
+    /// Settles the deferred rate-limit charge of a request whose wait ended as `settled`:
+    /// the headers for its answer, and the refusal (with its rule) when over the limit.
+    fn settle_charge(
+        &mut self,
+        settled: Settlement,
+    ) -> (Option<RateHeaders>, Option<(usize, Rejection)>) {
+        let Some((limit_rule, headers)) = self.charge.take() else {
+            return (None, None);
+        };
+        let s = self.shared.clone();
+        let Some(spec) = s.config.rule_at(limit_rule).rate_limit.as_ref() else {
+            return (None, None);
+        };
+        let cost = ratelimit::deferred_cost(spec, settled);
+        match charge_limit(&s, limit_rule, &headers, cost) {
+            Some((rate, limited)) => (Some(rate), limited.map(|r| (limit_rule, r))),
+            None => (None, None),
+        }
+    }
+}
+
+/// Charges `cost` to the caller under the rate limit of rule `limit_rule`: the headers for
+/// the answer, and the refusal when the caller is over its limit (`None` without a limit).
+fn charge_limit(
+    s: &Shared,
+    limit_rule: usize,
+    headers: &[(String, Vec<u8>)],
+    cost: u32,
+) -> Option<(RateHeaders, Option<Rejection>)> {
+    let rule = s.config.rule_at(limit_rule);
+    let charge = ratelimit::charge(
+        &s.store,
+        &s.config.store_namespace,
+        rule,
+        headers,
+        now_ms(),
+        cost,
+    )?;
+    s.metrics
+        .add("rate_keys", i64::from(charge.events.keys_created));
+    s.metrics
+        .add("rate_evictions", i64::from(charge.events.evictions));
+    s.metrics
+        .add("cas_retries", i64::from(charge.events.cas_retries));
+    let limited = charge.outcome.retry_after_seconds();
+    Some((
+        charge.headers,
+        limited.map(|retry_after_s| Rejection::RateLimited { retry_after_s }),
+    ))
+}
+
+/// `answer` with the rate-limit headers (replacing any it has).
+fn with_rate(mut answer: LocalAnswer, rate: Option<&RateHeaders>) -> LocalAnswer {
+    if let Some(rate) = rate {
+        for (name, value) in rate.pairs() {
+            answer
+                .headers
+                .retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+            answer.headers.push((name.to_string(), value));
+        }
+    }
+    answer
 }
 
 thread_local! {
@@ -394,23 +462,50 @@ fn poll_waiters() {
     }
     let now = now_ms();
     let mut still = Vec::new();
-    for w in waiting {
-        let rule = w.shared.config.rule_at(w.rule);
-        let table = w.shared.table();
+    for mut w in waiting {
+        let shared = w.shared.clone();
+        let rule = shared.config.rule_at(w.rule);
+        let table = shared.table();
         let outcome = table.begin_waiting(rule, w.key_id, &w.request, now, Some(w.deadline));
         if hostcalls::set_effective_context(w.reader).is_err() {
             continue; // the stream is gone
         }
-        match outcome {
-            Ok((Begun::Wait { .. }, _)) => {
-                still.push(w);
-                continue;
+        if let Ok((Begun::Wait { .. }, _)) = outcome {
+            still.push(w);
+            continue;
+        }
+        // The wait is over: the request's rate-limit charge is due now.
+        let settled = match &outcome {
+            Ok((Begun::Replay(_), _)) => Settlement::Replayed,
+            _ => Settlement::Other,
+        };
+        let (rate, limited) = w.settle_charge(settled);
+        if let Some((limit_rule, r)) = limited {
+            if let Ok((begun, ev)) = &outcome {
+                w.shared.metrics.events(ev);
+                if let Begun::Forward(handle) = begun {
+                    let _ = table.release(handle);
+                }
             }
+            if let Some(t) = w.gate {
+                GATES.with(|g| g.borrow_mut().remove(&t));
+            }
+            w.shared.metrics.rejection(&r);
+            let answer = problem::render(shared.config.rule_at(limit_rule), &r, &w.ctx);
+            send(with_rate(answer, rate.as_ref()));
+            *w.settled.borrow_mut() = Settled::Done;
+            continue;
+        }
+        match outcome {
+            Ok((Begun::Wait { .. }, _)) => {}
             Ok((Begun::Replay(stored), ev)) => {
                 w.shared.metrics.events(&ev);
                 w.shared.metrics.inc("replayed");
                 w.shared.metrics.inc("waited");
-                send(problem::replay(rule, &stored, &w.ctx));
+                send(with_rate(
+                    problem::replay(rule, &stored, &w.ctx),
+                    rate.as_ref(),
+                ));
                 *w.settled.borrow_mut() = Settled::Done;
             }
             Ok((Begun::Reject(r), ev)) => {
@@ -419,7 +514,7 @@ fn poll_waiters() {
                     w.shared.metrics.inc("wait_timeouts");
                 }
                 w.shared.metrics.rejection(&r);
-                send(problem::render(rule, &r, &w.ctx));
+                send(with_rate(problem::render(rule, &r, &w.ctx), rate.as_ref()));
                 *w.settled.borrow_mut() = Settled::Done;
             }
             Ok((Begun::Forward(handle), ev)) => {
@@ -435,13 +530,13 @@ fn poll_waiters() {
                 {
                     Ok(()) => {
                         w.shared.metrics.inc("forwarded");
-                        *w.settled.borrow_mut() = Settled::Forwarded(w.rule, handle);
+                        *w.settled.borrow_mut() = Settled::Forwarded(w.rule, handle, rate);
                     }
                     Err(detail) => {
                         let _ = table.release(&handle);
                         let r = Rejection::Misconfigured { detail };
                         w.shared.metrics.rejection(&r);
-                        send(problem::render(rule, &r, &w.ctx));
+                        send(with_rate(problem::render(rule, &r, &w.ctx), rate.as_ref()));
                         *w.settled.borrow_mut() = Settled::Done;
                     }
                 }
@@ -453,7 +548,7 @@ fn poll_waiters() {
                     retry_after_s: 1,
                     reason: "store error",
                 };
-                send(problem::render(rule, &r, &w.ctx));
+                send(with_rate(problem::render(rule, &r, &w.ctx), rate.as_ref()));
                 *w.settled.borrow_mut() = Settled::Done;
             }
         }
@@ -569,22 +664,19 @@ impl Reader {
         };
         match outcome {
             Settled::Pending => {}
-            Settled::Forwarded(rule, h) => self.phase = Phase::Forwarded(rule, h),
+            Settled::Forwarded(rule, h, rate) => {
+                if rate.is_some() {
+                    self.rate = rate;
+                }
+                self.phase = Phase::Forwarded(rule, h);
+            }
             Settled::Done => self.phase = Phase::Done,
         }
     }
 
-    fn respond(&mut self, mut answer: LocalAnswer) -> Action {
+    fn respond(&mut self, answer: LocalAnswer) -> Action {
         self.phase = Phase::Done;
-        if let Some(rate) = &self.rate {
-            for (name, value) in rate.pairs() {
-                answer
-                    .headers
-                    .retain(|(n, _)| !n.eq_ignore_ascii_case(name));
-                answer.headers.push((name.to_string(), value));
-            }
-        }
-        send(answer);
+        send(with_rate(answer, self.rate.as_ref()));
         Action::Pause
     }
 
@@ -596,25 +688,9 @@ impl Reader {
         headers: &[(String, Vec<u8>)],
         cost: u32,
     ) -> Option<Rejection> {
-        let s = self.shared.clone();
-        let rule = s.config.rule_at(limit_rule);
-        let charge = ratelimit::charge(
-            &s.store,
-            &s.config.store_namespace,
-            rule,
-            headers,
-            now_ms(),
-            cost,
-        )?;
-        s.metrics
-            .add("rate_keys", i64::from(charge.events.keys_created));
-        s.metrics
-            .add("rate_evictions", i64::from(charge.events.evictions));
-        s.metrics
-            .add("cas_retries", i64::from(charge.events.cas_retries));
-        let limited = charge.outcome.retry_after_seconds();
-        self.rate = Some(charge.headers);
-        limited.map(|retry_after_s| Rejection::RateLimited { retry_after_s })
+        let (rate, limited) = charge_limit(&self.shared, limit_rule, headers, cost)?;
+        self.rate = Some(rate);
+        limited
     }
 
     /// Settles a charge deferred until the decision (covered requests).
@@ -678,11 +754,12 @@ impl Reader {
         };
         s.metrics.events(&events);
         let settled = match &begun {
-            Begun::Replay(_) => Settlement::Replayed,
-            Begun::Wait { .. } => Settlement::Waiting,
-            _ => Settlement::Other,
+            Begun::Replay(_) => Some(Settlement::Replayed),
+            // charged when the wait ends (poll_waiters), as what it ends as
+            Begun::Wait { .. } => None,
+            _ => Some(Settlement::Other),
         };
-        if let Some((limit_rule, limited)) = self.settle_charge(settled) {
+        if let Some((limit_rule, limited)) = settled.and_then(|x| self.settle_charge(x)) {
             if let Begun::Forward(handle) = &begun {
                 let _ = table.release(handle);
             }
@@ -711,6 +788,7 @@ impl Reader {
                         deadline,
                         ctx: self.ctx.clone(),
                         settled: settled.clone(),
+                        charge: self.deferred_charge.take(),
                     })
                 });
                 self.phase = Phase::Waiting(settled);
