@@ -34,6 +34,21 @@ LISTENERS = {
     },
     # 10/s burst 20, for the 4-worker bound
     "rlfast": {"store": {"namespace": "rlfast"}, "rateLimit": {"rate": 10, "periodSeconds": 1, "burst": 20, "callerHeaders": ["x-api-key"]}},
+    # the key is in the JSON body, so requests are charged at body time; 1/hour, burst 5
+    "rlbody": {
+        "store": {"namespace": "rlbody"},
+        "maxBodyBytes": 100,
+        "key": {"sources": [{"jsonPointer": "/id"}], "required": True},
+        "rateLimit": {"rate": 1, "periodSeconds": 3600, "burst": 5, "callerHeaders": ["x-api-key"]},
+        "routes": [{"name": "optional", "match": {"prefix": "/opt"}, "key": {"sources": [{"jsonPointer": "/id"}]}}],
+    },
+    # waiters (wait policy) are charged when their wait ends, as what it ends as
+    "rlwait": {
+        "store": {"namespace": "rlwait"},
+        "rateLimit": {"rate": 1, "periodSeconds": 3600, "burst": 5, "callerHeaders": ["x-api-key"]},
+        "onConcurrent": {"action": "wait", "waitMillis": 5000},
+        "routes": [{"name": "brief", "match": {"prefix": "/brief"}, "onConcurrent": {"action": "wait", "waitMillis": 200}}],
+    },
     # scripted metrics run
     "metrics": {
         "store": {"namespace": "metrics", "capacity": 8, "probes": 8},
@@ -142,6 +157,75 @@ def test_limited_first_request_never_reaches_origin_and_frees_its_key(envoy, ori
     # the key was not left claimed: another caller with quota can use it at once
     r = send(port, "POST", path, b"{}", {"x-api-key": caller(), "Idempotency-Key": key})
     assert r.status == 200
+
+
+def test_requests_refused_at_body_time_spend_quota(envoy, origin):
+    """A body that is not JSON, a key missing from the body, a body over maxBodyBytes (no
+    content-length, so only found while buffering) and a request without a key that passes
+    untouched each spend quota once; past the burst every request gets the 429."""
+    port = envoy.port("rlbody")
+    me = caller()
+    h = {"x-api-key": me}
+    path = f"/b/{uuid.uuid4().hex}"
+    sent = [
+        (400, send(port, "POST", path, b"{not json", h)),
+        (400, send(port, "POST", path, b"{}", h)),
+        (413, send(port, "POST", path, b'{"id": "' + b"x" * 200 + b'"}', h, chunked=True)),
+        (200, send(port, "POST", "/opt" + path, b"{}", h)),
+        (400, send(port, "POST", path, b'{"id": {"nested": 1}}', h)),
+    ]
+    assert [r.status for _, r in sent] == [want for want, _ in sent], [str(r) for _, r in sent]
+    assert [r.header("x-ratelimit-remaining") for _, r in sent] == ["4", "3", "2", "1", "0"]
+    assert {r.header("x-ratelimit-limit") for _, r in sent} == {"5"}
+    # the burst is spent: bad and good requests alike are refused, each with the headers
+    for body in (b"{not json", b'{"id": "fine"}', b"{}"):
+        r = send(port, "POST", path, body, h)
+        assert r.status == 429, str(r)
+        assert r.header("content-type") == "application/problem+json"
+        assert int(r.header("retry-after")) >= 1
+        assert r.header("x-ratelimit-remaining") == "0" and r.header("x-ratelimit-limit") == "5"
+    # the 429s were not charged again: another caller is untouched, and the refused valid
+    # request never reached the origin
+    r = send(port, "POST", path, b'{"id": "fine"}', {"x-api-key": caller()})
+    assert r.status == 200 and r.header("x-ratelimit-remaining") == "4"
+    assert len([x for x in origin.requests() if x["path"] == path]) == 1
+    assert len([x for x in origin.requests() if x["path"] == "/opt" + path]) == 1
+
+
+def test_waiters_are_charged_as_what_their_wait_ends_as(envoy, origin):
+    """A waiter answered with the first request's response is a replay (free); one whose
+    wait runs out (409) is charged once; both answers carry the rate-limit headers."""
+    port = envoy.port("rlwait")
+    h = {"x-api-key": caller()}
+
+    def in_flight(path):
+        deadline = time.monotonic() + 5
+        while not any(x["path"] == path for x in origin.requests()):
+            assert time.monotonic() < deadline, f"the origin never saw {path}"
+            time.sleep(0.02)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        # replayed after waiting: free
+        path = f"/p/{uuid.uuid4().hex}?delay=0.8"
+        key = {"Idempotency-Key": uuid.uuid4().hex, **h}
+        first = ex.submit(send, port, "POST", path, b"{}", key)
+        in_flight(path)
+        waiter = send(port, "POST", path, b"{}", key)
+        assert first.result().status == 200 and first.result().header("x-ratelimit-remaining") == "4"
+        assert waiter.status == 200 and waiter.header("idempotent-replayed") == "true"
+        assert waiter.header("x-ratelimit-remaining") == "4" and waiter.header("x-ratelimit-limit") == "5"
+        # the wait runs out (409): charged
+        path = f"/brief/{uuid.uuid4().hex}?delay=1"
+        key = {"Idempotency-Key": uuid.uuid4().hex, **h}
+        first = ex.submit(send, port, "POST", path, b"{}", key)
+        in_flight(path)
+        waiter = send(port, "POST", path, b"{}", key)
+        assert waiter.status == 409, str(waiter)
+        assert waiter.header("x-ratelimit-remaining") == "2" and waiter.header("x-ratelimit-limit") == "5"
+        assert first.result().status == 200 and first.result().header("x-ratelimit-remaining") == "3"
+    # 4 charged so far (two first requests, the 409, this one): one left
+    r = send(port, "POST", f"/p/{uuid.uuid4().hex}", b"{}", {"Idempotency-Key": uuid.uuid4().hex, **h})
+    assert r.status == 200 and r.header("x-ratelimit-remaining") == "1"
 
 
 def test_four_workers_admit_within_the_allowance(envoy):

@@ -109,6 +109,25 @@ impl Rejection {
             Rejection::RateLimited { .. } => "rateLimited",
         }
     }
+
+    /// The counter this rejection increments: `idemgate_<counter>` in Envoy, the `outcome`
+    /// of the edge worker's log line. One name per kind, shared so that both hosts count
+    /// a refusal alike.
+    pub fn counter(&self) -> &'static str {
+        match self {
+            Rejection::MissingKey { .. } => "missing_keys",
+            Rejection::MalformedKey { .. } => "bad_keys",
+            Rejection::InvalidBody { .. } => "invalid_bodies",
+            Rejection::InvalidExpiry { .. } => "invalid_expiries",
+            Rejection::BodyTooLarge { .. } => "too_large",
+            Rejection::Conflict { .. } => "conflicts",
+            Rejection::Mismatch => "mismatches",
+            Rejection::Duplicate => "duplicates",
+            Rejection::StoreUnavailable { .. } => "store_unavailable",
+            Rejection::Misconfigured { .. } => "misconfigured",
+            Rejection::RateLimited { .. } => "rate_limited",
+        }
+    }
 }
 
 /// What header-time inspection found.

@@ -806,6 +806,33 @@ pub struct Charge {
     pub events: RateEvents,
 }
 
+/// How a covered request ended, for the charge that waited for it ([`deferred_cost`]).
+///
+/// Hosts charge a request the rate limit applies to once. One that is not inspected is
+/// charged at headers time; one that is (its key or fingerprint needs the body) is charged
+/// once idemgate knows what it does with it, because a replay may be free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// Answered with the stored response of an earlier request (after waiting for it or
+    /// not).
+    Replayed,
+    /// Anything else: forwarded, passed on untouched, or refused (a body that is not JSON,
+    /// a key missing from the body, a body over `maxBodyBytes`, a conflict, a mismatch, a
+    /// store error…). A refused bad request is charged like any other, so a client cannot
+    /// send unlimited bad requests.
+    Other,
+}
+
+/// The cost of the deferred charge of a request that ended as `settled` under `spec`: 1,
+/// except a replay (0 unless `chargeReplays`). A request parked by the `wait` policy is
+/// charged when its wait ends, as what it ends as (replayed, forwarded, or refused).
+pub fn deferred_cost(spec: &crate::config::RateLimitSpec, settled: Settlement) -> u32 {
+    match settled {
+        Settlement::Replayed => u32::from(spec.charge_replays),
+        Settlement::Other => 1,
+    }
+}
+
 /// Charges `cost` requests to the caller identified by `headers` under `rule`'s rate limit
 /// (`None` when the rule has none). `cost` 0 only reads the bucket, for the headers of a
 /// replay. A store that fails is handled by the rule's contention policy.
@@ -1486,6 +1513,22 @@ mod tests {
         assert_eq!(contended.load(Ordering::SeqCst), 0);
         assert_eq!(admitted, allowance);
         assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn deferred_cost_charges_everything_but_free_replays() {
+        let spec = |charge_replays: bool| {
+            let json =
+                format!(r#"{{"rateLimit": {{"rate": 1, "chargeReplays": {charge_replays}}}}}"#);
+            let config = crate::Config::from_json(&json).unwrap();
+            config.default_rule.rate_limit.clone().unwrap()
+        };
+        let (free, paid) = (spec(false), spec(true));
+        assert_eq!(deferred_cost(&free, Settlement::Replayed), 0);
+        assert_eq!(deferred_cost(&paid, Settlement::Replayed), 1);
+        for s in [&free, &paid] {
+            assert_eq!(deferred_cost(s, Settlement::Other), 1);
+        }
     }
 
     proptest! {

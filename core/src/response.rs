@@ -34,6 +34,14 @@ impl NotStored {
             NotStored::TooLarge => "too_large",
         }
     }
+
+    /// The counter it increments (`not_stored_<reason>`).
+    pub fn counter(&self) -> &'static str {
+        match self {
+            NotStored::Status(_) => "not_stored_status",
+            NotStored::TooLarge => "not_stored_too_large",
+        }
+    }
 }
 
 impl fmt::Display for NotStored {

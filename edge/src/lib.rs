@@ -26,10 +26,10 @@ use std::rc::Rc;
 
 use idemgate_core::decision::{decide_waiting, Decision, Request};
 use idemgate_core::problem::{self, AnswerContext, LocalAnswer};
-use idemgate_core::ratelimit::{self, LimitKey, Outcome, RateHeaders, Tat};
+use idemgate_core::ratelimit::{self, LimitKey, Outcome, RateHeaders, Settlement, Tat};
 use idemgate_core::{
-    admit, resolve, Admission, Config, Fingerprint, HeaderLookup, NotStored, Pending, Record,
-    Rejection, Resolution, Resolved, ResponseCapture, Rule,
+    admit, resolve, Admission, Config, Fingerprint, HeaderLookup, Pending, Record, Rejection,
+    Resolution, Resolved, ResponseCapture, Rule,
 };
 use wasm_bindgen::prelude::*;
 
@@ -217,10 +217,13 @@ impl Engine {
             limit,
             rate: None,
             replayed: false,
+            covered: false,
+            outcome: None,
         };
         let Some(rule) = self.config.rule_for(method, path_with_query) else {
             return ex;
         };
+        ex.covered = true;
         ex.rule = self.config.rule_index(rule);
         match admit(&self.config, method, path_with_query, &headers) {
             Admission::Pass => {}
@@ -454,12 +457,17 @@ pub struct Exchange {
     limit: Option<Limit>,
     rate: Option<RateHeaders>,
     replayed: bool,
+    /// A rule covers the request (Envoy's `requests` counter).
+    covered: bool,
+    /// The counter the local answer increments (see [`Exchange::outcome`]).
+    outcome: Option<&'static str>,
 }
 
 impl Exchange {
     fn reject(&mut self, rejection: Rejection) {
         let rule = self.config.rule_at(self.rule);
         self.answer = Some(problem::render(rule, &rejection, &self.ctx));
+        self.outcome = Some(rejection.counter());
         self.step = Step::Answer;
     }
 
@@ -476,11 +484,9 @@ impl Exchange {
         self.rate = Some(outcome.headers(&spec.quota, now, spec.reset_format));
         match outcome.retry_after_seconds() {
             Some(retry_after_s) => {
-                self.answer = Some(problem::render(
-                    rule,
-                    &Rejection::RateLimited { retry_after_s },
-                    &self.ctx,
-                ));
+                let rejection = Rejection::RateLimited { retry_after_s };
+                self.answer = Some(problem::render(rule, &rejection, &self.ctx));
+                self.outcome = Some(rejection.counter());
                 self.step = Step::Answer;
                 true
             }
@@ -602,9 +608,13 @@ impl Exchange {
         ) {
             Decision::Replay(stored) => {
                 self.replayed = true;
+                self.outcome = Some("replayed");
                 problem::replay(rule, &stored, &self.ctx)
             }
-            Decision::Reject(r) => problem::render(rule, &r, &self.ctx),
+            Decision::Reject(r) => {
+                self.outcome = Some(r.counter());
+                problem::render(rule, &r, &self.ctx)
+            }
             Decision::Forward { .. } | Decision::Wait { .. } => return false,
         };
         self.answer = Some(answer);
@@ -634,25 +644,20 @@ impl Exchange {
         self.limit.as_ref().is_some_and(|l| !l.deferred)
     }
 
-    /// Cost of the charge deferred to the store's decision, as the filter counts it: 0 for
-    /// a request that waited, a replay spends only with `chargeReplays`, anything else 1.
-    /// Nothing when no charge is deferred.
+    /// Cost of the charge deferred until idemgate knew what it does with an inspected
+    /// request, as the filter counts it ([`ratelimit::deferred_cost`]): a replay spends only
+    /// with `chargeReplays`, anything else (forwarded, passed, refused at body time or by
+    /// the store, after waiting or not) 1. Nothing when no charge is deferred.
     #[wasm_bindgen(js_name = deferredCost)]
-    pub fn deferred_cost(&self, waited: bool) -> Option<u32> {
+    pub fn deferred_cost(&self) -> Option<u32> {
         let limit = self.limit.as_ref().filter(|l| l.deferred)?;
-        let charge_replays = self
-            .config
-            .rule_at(limit.rule)
-            .rate_limit
-            .as_ref()
-            .is_some_and(|r| r.charge_replays);
-        Some(if waited {
-            0
-        } else if self.replayed {
-            u32::from(charge_replays)
+        let spec = self.config.rule_at(limit.rule).rate_limit.as_ref()?;
+        let settled = if self.replayed {
+            Settlement::Replayed
         } else {
-            1
-        })
+            Settlement::Other
+        };
+        Some(ratelimit::deferred_cost(spec, settled))
     }
 
     /// The bucket answered: it was in state `tat` at `now` before this request of `cost`.
@@ -682,6 +687,35 @@ impl Exchange {
             },
             now,
         )
+    }
+
+    /// A rule covers the request (counted as Envoy's `requests`).
+    #[wasm_bindgen(getter)]
+    pub fn covered(&self) -> bool {
+        self.covered
+    }
+
+    /// What became of the request so far, named as the Envoy counter it increments:
+    /// `passed`, `forwarded` (key and fingerprint known and not answered locally: the
+    /// worker forwards it with a claim), `replayed`, or a refusal's counter
+    /// (`conflicts`, `mismatches`, `duplicates`, `bad_keys`, `rate_limited`, …, as
+    /// [`Rejection::counter`]). Nothing for a request no rule covers that passes untouched,
+    /// or one whose body is still awaited.
+    #[wasm_bindgen(getter)]
+    pub fn outcome(&self) -> Option<String> {
+        let name = match self.step {
+            Step::Answer => self.outcome,
+            Step::Ready => Some("forwarded"),
+            Step::Pass => self.covered.then_some("passed"),
+            Step::Body => None,
+        };
+        name.map(str::to_string)
+    }
+
+    /// The store namespace (`store.namespace`), as Envoy tags its metrics.
+    #[wasm_bindgen(getter)]
+    pub fn namespace(&self) -> String {
+        self.config.store_namespace.clone()
     }
 
     /// Rate-limit headers for the response (`[name, value, …]`), set when absent.
@@ -772,10 +806,7 @@ impl Capture {
         let response = match capture.finish() {
             Ok(r) => r,
             Err(e) => {
-                self.reason = Some(match e {
-                    NotStored::Status(_) => "status",
-                    NotStored::TooLarge => "too_large",
-                });
+                self.reason = Some(e.reason());
                 return None;
             }
         };

@@ -391,8 +391,7 @@ fn rate_limits_charge_like_the_filter() {
     // covered requests are charged after the store's decision: replays spend nothing
     let mut covered = ready_with(&e, &caller, "k", b"x");
     assert!(!covered.charge_due());
-    assert_eq!(covered.deferred_cost(false), Some(1));
-    assert_eq!(covered.deferred_cost(true), Some(0));
+    assert_eq!(covered.deferred_cost(), Some(1));
     let claim = e
         .decide(
             covered.rule(),
@@ -408,7 +407,7 @@ fn rate_limits_charge_like_the_filter() {
     let mut cap = covered.capture(200, vec![]);
     let done = cap.finish(&claim).unwrap();
     assert!(covered.consider(&done, now, None));
-    assert_eq!(covered.deferred_cost(false), Some(0));
+    assert_eq!(covered.deferred_cost(), Some(0));
     assert!(!covered.charged(tat2, now, 0));
     let a = covered.answer().unwrap();
     assert_eq!(header(&a.headers(), "idempotent-replayed"), Some("true"));
@@ -432,4 +431,85 @@ fn ready_with(e: &Engine, extra: &[(&str, &str)], key: &str, body: &[u8]) -> Exc
     ex.body(body);
     assert_eq!(ex.step(), Step::Ready);
     ex
+}
+
+#[test]
+fn outcomes_are_named_as_the_envoy_counters() {
+    let e = engine(r#"{"key": {"sources": [{"jsonPointer": "/id"}], "required": true}}"#);
+    let outcome = |ex: &Exchange| (ex.covered(), ex.outcome());
+    // not covered (GET): no counter at all
+    let get = e.exchange("GET", "/x", vec![], &[]);
+    assert_eq!(outcome(&get), (false, None));
+    assert_eq!(get.namespace(), "idemgate");
+    // refused at body time: the refusal's counter
+    let mut not_json = e.exchange("POST", "/x", vec![], &[]);
+    assert_eq!(outcome(&not_json), (true, None));
+    not_json.body(b"{nope");
+    assert_eq!(outcome(&not_json), (true, Some("invalid_bodies".into())));
+    let mut missing = e.exchange("POST", "/x", vec![], &[]);
+    missing.body(b"{}");
+    assert_eq!(outcome(&missing), (true, Some("missing_keys".into())));
+    let mut large = e.exchange("POST", "/x", vec![], &[]);
+    large.body_too_large();
+    assert_eq!(outcome(&large), (true, Some("too_large".into())));
+    // ready: forwarded with a claim; then a replay, a mismatch, a conflict
+    let mut first = e.exchange("POST", "/x", vec![], &[]);
+    first.body(br#"{"id": "a"}"#);
+    assert_eq!(outcome(&first), (true, Some("forwarded".into())));
+    let now = 1_000_000.0;
+    let fp = first.fingerprint().unwrap();
+    let claim = e
+        .decide(first.rule(), &fp, 7, None, None, now, None)
+        .record()
+        .unwrap();
+    let mut conflict = e.exchange("POST", "/x", vec![], &[]);
+    conflict.body(br#"{"id": "a"}"#);
+    assert!(conflict.consider(&claim, now, None));
+    assert_eq!(conflict.outcome().as_deref(), Some("conflicts"));
+    let done = first.capture(200, vec![]).finish(&claim).unwrap();
+    let mut again = e.exchange("POST", "/x", vec![], &[]);
+    again.body(br#"{"id": "a"}"#);
+    assert!(again.consider(&done, now, None));
+    assert_eq!(again.outcome().as_deref(), Some("replayed"));
+    let mut changed = e.exchange("POST", "/x", vec![], &[]);
+    changed.body(br#"{"id": "a", "x": 1}"#);
+    assert!(changed.consider(&done, now, None));
+    assert_eq!(changed.outcome().as_deref(), Some("mismatches"));
+    // covered but no key where none is required: passed
+    let optional = engine("{}");
+    let passed = optional.exchange("POST", "/x", vec![], &[]);
+    assert_eq!(outcome(&passed), (true, Some("passed".into())));
+    let mut store_down = ready(&optional, "k", b"x");
+    store_down.store_unavailable();
+    assert_eq!(store_down.outcome().as_deref(), Some("store_unavailable"));
+}
+
+#[test]
+fn requests_refused_at_body_time_are_charged() {
+    let e = engine(
+        r#"{"key": {"sources": [{"jsonPointer": "/id"}], "required": true},
+            "rateLimit": {"rate": 1, "periodSeconds": 3600, "burst": 1, "callerHeaders": []}}"#,
+    );
+    let now = 1_000_000.0;
+    for body in [&b"{nope"[..], b"{}"] {
+        let mut ex = e.exchange("POST", "/x", vec![], &[]);
+        assert!(!ex.charge_due(), "inspected: charged once the body is in");
+        ex.body(body);
+        assert_eq!(ex.step(), Step::Answer);
+        assert_eq!(ex.deferred_cost(), Some(1));
+        // within the limit the refusal stands, with the headers
+        assert!(!ex.charged(None, now, 1));
+        let a = ex.answer().unwrap();
+        assert_eq!(a.status(), 400);
+        assert_eq!(header(&a.headers(), "x-ratelimit-remaining"), Some("0"));
+    }
+    // over the limit the 429 replaces the refusal, once: nothing more is due
+    let tat = e.rate_check(0, None, now, 1);
+    let mut ex = e.exchange("POST", "/x", vec![], &[]);
+    ex.body_too_large();
+    assert!(ex.charged(tat, now, 1));
+    assert_eq!(ex.outcome().as_deref(), Some("rate_limited"));
+    assert_eq!(ex.answer().unwrap().status(), 429);
+    assert_eq!(ex.deferred_cost(), None);
+    assert!(!ex.charge_due());
 }

@@ -7,6 +7,8 @@
 //   IDEMGATE_STORE   Durable Object namespace of class IdempotencyStore
 //   ORIGIN           service binding to the origin, or
 //   ORIGIN_URL       the origin's base URL (used when ORIGIN is not bound)
+//   IDEMGATE_OUTCOME_LOGS  "off" (or "false", "0", "no") silences the per-request JSON log
+//                    line (README, edge worker: logs); on otherwise
 import { core, engineFor, flat, toResponse, NULL_BODY } from "./engine.js";
 
 export { IdempotencyStore } from "./store.js";
@@ -57,20 +59,27 @@ const short = (keyId) => keyId.slice(0, 12);
 
 export default {
   async fetch(request, env) {
+    const report = newReport(env, request.method);
     const { engine, error } = engineFor(env);
-    if (!engine) return toResponse(core.misconfigured(error));
+    if (!engine) {
+      report.outcome = "misconfigured";
+      return finish(report, toResponse(core.misconfigured(error)));
+    }
     const url = new URL(request.url);
     const path = url.pathname + url.search;
     const ex = engine.exchange(request.method, path, flat(request.headers), random(16));
+    let response;
     try {
-      return await handle(ex, request, env, path);
+      response = await handle(ex, request, env, path, report);
     } finally {
+      note(report, ex);
       ex.free();
     }
+    return finish(report, response);
   },
 };
 
-async function handle(ex, request, env, path) {
+async function handle(ex, request, env, path, report) {
   const Step = core.Step;
   const origin = originOf(env);
   if (!origin && ex.step !== Step.Answer) {
@@ -85,6 +94,9 @@ async function handle(ex, request, env, path) {
   const body = await readBody(request, ex.maxBodyBytes);
   if (body === null) ex.bodyTooLarge();
   else ex.body(body);
+  // Refused or passed on at body time: the charge deferred until now is due (a bad
+  // request spends quota like any other; over the limit the answer becomes the 429).
+  if (ex.step !== Step.Ready) await chargeDeferred(env, ex);
   if (ex.step === Step.Answer) return answer(ex);
   if (ex.step === Step.Pass) return untouched(ex, origin, request, path, body);
 
@@ -92,7 +104,7 @@ async function handle(ex, request, env, path) {
   const keyId = ex.keyId;
   const hit = cached(keyId, Date.now());
   if (hit && ex.consider(hit, Date.now(), undefined)) {
-    await chargeDeferred(env, ex, false);
+    await chargeDeferred(env, ex);
     return answer(ex);
   }
 
@@ -108,25 +120,30 @@ async function handle(ex, request, env, path) {
     });
   } catch (e) {
     console.error(`idemgate: store error for key ${short(keyId)}: ${e}`);
+    report.storeError = true;
     ex.storeUnavailable();
+    await chargeDeferred(env, ex);
     return answer(ex);
   }
+  report.waited = Boolean(begun.claimed ? begun.waited : begun.deadline != null);
   if (!begun.claimed) {
     const record = begun.record ? new Uint8Array(begun.record) : null;
     if (record && ex.consider(record, begun.now, begun.deadline ?? undefined)) {
       remember(keyId, record);
-      await chargeDeferred(env, ex, begun.deadline != null);
+      await chargeDeferred(env, ex);
       return answer(ex);
     }
     console.error(`idemgate: store answered without a usable record for key ${short(keyId)}`);
     ex.storeUnavailable();
+    await chargeDeferred(env, ex);
     return answer(ex);
   }
   const claim = new Uint8Array(begun.record);
+  report.leaseExpired = Boolean(begun.leaseExpired);
   if (begun.leaseExpired) console.log(`idemgate: key ${short(keyId)}: lapsed lease taken over`);
-  if (await chargeDeferred(env, ex, begun.waited)) {
+  if (await chargeDeferred(env, ex)) {
     // Over the rate limit: give the claim back, nothing is forwarded.
-    await release(stub, owner, keyId);
+    await release(stub, owner, keyId, report);
     return answer(ex);
   }
 
@@ -137,12 +154,14 @@ async function handle(ex, request, env, path) {
     // No response from the origin (reset, refused, timeout): the outcome is unknown, so
     // the claim stays until its lease lapses, as in Envoy.
     console.warn(`idemgate: origin failed for key ${short(keyId)} (${e}); claim left to its lease`);
+    report.notStored = "incomplete";
     return upstreamFailed(ex, true);
   }
   const capture = ex.capture(upstream.status, flat(upstream.headers));
   if (!capture.storable) {
     capture.free();
-    await release(stub, owner, keyId);
+    report.notStored = "status";
+    await release(stub, owner, keyId, report);
     return passthrough(ex, upstream);
   }
   let freed = false;
@@ -151,6 +170,7 @@ async function handle(ex, request, env, path) {
     claim,
     stub,
     keyId,
+    report,
     free() {
       if (!freed) capture.free();
       freed = true;
@@ -160,7 +180,99 @@ async function handle(ex, request, env, path) {
     await settle(store);
     return passthrough(ex, upstream);
   }
+  // The log line waits for the end of the stream, when the record is stored or not.
+  report.streaming = true;
   return passthrough(ex, upstream, upstream.body.pipeThrough(captureStream(store)));
+}
+
+// ----------------------------------------------------------------------------- outcome logs
+// One JSON line per request (console.log), whose `counters` are the Envoy counters the same
+// request increments there (README, edge worker: logs): summing them over the lines of a
+// namespace gives what /stats/prometheus shows for an Envoy that saw the same traffic.
+// Never the raw key or credentials: the key appears as a prefix of its scoped SHA-256 id.
+
+const LOGS_OFF = new Set(["off", "false", "0", "no"]);
+
+function newReport(env, method) {
+  return {
+    on: !LOGS_OFF.has(String(env.IDEMGATE_OUTCOME_LOGS ?? "").trim().toLowerCase()),
+    started: Date.now(),
+    method,
+    namespace: null,
+    route: null,
+    covered: false,
+    outcome: null,
+    status: 0,
+    waited: false,
+    leaseExpired: false,
+    stored: false,
+    notStored: null,
+    lostClaim: false,
+    storeError: false,
+    keyId: null,
+    correlationId: null,
+    streaming: false,
+    done: false,
+  };
+}
+
+/** What the core knows of the request, before the exchange is freed. */
+function note(report, ex) {
+  report.namespace = ex.namespace;
+  report.covered = ex.covered;
+  report.route = ex.covered ? ex.ruleName : null;
+  report.outcome = ex.outcome ?? null;
+  const keyId = ex.keyId;
+  report.keyId = keyId ? short(keyId) : null;
+  const id = ex.requestId;
+  report.correlationId = id === undefined ? null : id.slice(0, 128);
+}
+
+/** The response is decided: log now, or at the end of its body when it is captured. */
+function finish(report, response) {
+  report.status = response.status;
+  if (!report.streaming) emit(report);
+  return response;
+}
+
+/** The Envoy counters this request increments. */
+function counters(r) {
+  const c = [];
+  if (r.covered) c.push("requests");
+  if (r.outcome) c.push(r.outcome);
+  if (r.waited && r.outcome === "replayed") c.push("waited");
+  if (r.waited && r.outcome === "conflicts") c.push("wait_timeouts");
+  if (r.leaseExpired) c.push("lease_expiries");
+  if (r.stored) c.push("stored");
+  if (r.notStored) c.push(`not_stored_${r.notStored}`);
+  if (r.lostClaim) c.push("lost_claims");
+  if (r.storeError) c.push("store_errors");
+  return c;
+}
+
+function emit(r) {
+  if (r.done) return;
+  r.done = true;
+  if (!r.on) return;
+  console.log(
+    JSON.stringify({
+      idemgate: "outcome",
+      namespace: r.namespace,
+      route: r.route,
+      method: r.method,
+      status: r.status,
+      outcome: r.outcome ?? "uncovered",
+      counters: counters(r),
+      stored: r.stored,
+      notStoredReason: r.notStored,
+      rateLimited: r.outcome === "rate_limited",
+      waited: r.waited,
+      leaseExpired: r.leaseExpired,
+      keyId: r.keyId,
+      correlationId: r.correlationId,
+      durationMs: Date.now() - r.started,
+    }),
+  );
 }
 
 function answer(ex) {
@@ -177,10 +289,11 @@ async function untouched(ex, origin, request, path, body) {
   }
 }
 
-async function release(stub, owner, keyId) {
+async function release(stub, owner, keyId, report) {
   try {
     await stub.release(owner);
   } catch (e) {
+    report.storeError = true;
     console.error(`idemgate: store error releasing key ${short(keyId)}: ${e}`);
   }
 }
@@ -200,9 +313,10 @@ async function charge(env, ex, cost) {
   return ex.charged(r.tat ?? undefined, r.now, cost);
 }
 
-/** The charge a covered request owes once the store decided (see Exchange.deferredCost). */
-function chargeDeferred(env, ex, waited) {
-  const cost = ex.deferredCost(Boolean(waited));
+/** The charge a covered request owes once idemgate decided (see Exchange.deferredCost):
+ * true when the caller is over its limit (the answer is then the 429). */
+function chargeDeferred(env, ex) {
+  const cost = ex.deferredCost();
   return cost === undefined ? false : charge(env, ex, cost);
 }
 
@@ -302,11 +416,14 @@ function captureStream(store) {
     },
     async flush(controller) {
       await settle(store);
+      emit(store.report);
       if (held) controller.enqueue(held);
     },
     cancel() {
       // The client went away (or the origin's body broke): nothing is stored.
       console.warn(`idemgate: response for key ${short(store.keyId)} incomplete; key held until its lease lapses`);
+      store.report.notStored = "incomplete";
+      emit(store.report);
       store.free();
     },
   });
@@ -314,18 +431,28 @@ function captureStream(store) {
 
 /** The response is complete: store it (or say why not). */
 async function settle(store) {
-  const { capture, claim, stub, keyId } = store;
+  const { capture, claim, stub, keyId, report } = store;
   try {
     const completed = capture.finish(claim);
     if (!completed) {
+      const reason = capture.reason;
+      // a claim that does not decode is the store's fault, not the response's
+      if (reason === "bad_claim") report.storeError = true;
+      else report.notStored = reason;
       console.warn(
-        `idemgate: response for key ${short(keyId)} not stored (${capture.reason}); key held until its lease lapses`,
+        `idemgate: response for key ${short(keyId)} not stored (${reason}); key held until its lease lapses`,
       );
       return;
     }
-    if (await stub.complete(completed)) remember(keyId, completed);
-    else console.warn(`idemgate: key ${short(keyId)} was taken over before its response completed (lease too short?)`);
+    if (await stub.complete(completed)) {
+      report.stored = true;
+      remember(keyId, completed);
+    } else {
+      report.lostClaim = true;
+      console.warn(`idemgate: key ${short(keyId)} was taken over before its response completed (lease too short?)`);
+    }
   } catch (e) {
+    report.storeError = true;
     console.error(`idemgate: store error completing key ${short(keyId)}: ${e}`);
   } finally {
     store.free();

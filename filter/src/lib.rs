@@ -34,7 +34,7 @@ use idemgate_core::config::ConcurrentAction;
 use idemgate_core::decision::Request;
 use idemgate_core::fleet::{self, Call, ClaimFlow, Fleet, FleetHandle, KeepAlives, Lease, Step};
 use idemgate_core::problem::{self, AnswerContext, LocalAnswer};
-use idemgate_core::ratelimit::{self, RateHeaders};
+use idemgate_core::ratelimit::{self, RateHeaders, Settlement};
 use idemgate_core::store::{Begun, CasStore, ClaimHandle, Events, Expect, SlotTable, StoreError};
 use idemgate_core::{
     admit, resolve, Admission, Config, NotStored, Pending, Rejection, Resolution, Resolved,
@@ -183,19 +183,7 @@ impl Metrics {
     }
 
     fn rejection(&self, r: &Rejection) {
-        self.inc(match r {
-            Rejection::MissingKey { .. } => "missing_keys",
-            Rejection::MalformedKey { .. } => "bad_keys",
-            Rejection::BodyTooLarge { .. } => "too_large",
-            Rejection::Conflict { .. } => "conflicts",
-            Rejection::Mismatch => "mismatches",
-            Rejection::Duplicate => "duplicates",
-            Rejection::InvalidBody { .. } => "invalid_bodies",
-            Rejection::InvalidExpiry { .. } => "invalid_expiries",
-            Rejection::StoreUnavailable { .. } => "store_unavailable",
-            Rejection::RateLimited { .. } => "rate_limited",
-            Rejection::Misconfigured { .. } => "misconfigured",
-        });
+        self.inc(r.counter());
     }
 }
 
@@ -399,7 +387,8 @@ impl HttpContext for Gate {
 enum Settled {
     #[default]
     Pending,
-    Forwarded(usize, ClaimHandle),
+    /// Forwarded with a claim, with the rate-limit headers of its charge.
+    Forwarded(usize, ClaimHandle, Option<RateHeaders>),
     FleetForwarded(usize, Box<FleetHandle>),
     Done,
 }
@@ -415,6 +404,73 @@ struct Waiter {
     deadline: u64,
     ctx: AnswerContext,
     settled: Rc<RefCell<Settled>>,
+    /// The rate-limit charge deferred until the wait ends (limit rule, request headers).
+    charge: Option<(usize, Headers)>,
+}
+
+impl Waiter {
+    /// Settles the deferred rate-limit charge of a request whose wait ended as `settled`:
+    /// the headers for its answer, and the refusal (with its rule) when over the limit.
+    fn settle_charge(
+        &mut self,
+        settled: Settlement,
+    ) -> (Option<RateHeaders>, Option<(usize, Rejection)>) {
+        let Some((limit_rule, headers)) = self.charge.take() else {
+            return (None, None);
+        };
+        let s = self.shared.clone();
+        let Some(spec) = s.config.rule_at(limit_rule).rate_limit.as_ref() else {
+            return (None, None);
+        };
+        let cost = ratelimit::deferred_cost(spec, settled);
+        match charge_limit(&s, limit_rule, &headers, cost) {
+            Some((rate, limited)) => (Some(rate), limited.map(|r| (limit_rule, r))),
+            None => (None, None),
+        }
+    }
+}
+
+/// Charges `cost` to the caller under the rate limit of rule `limit_rule`: the headers for
+/// the answer, and the refusal when the caller is over its limit (`None` without a limit).
+fn charge_limit(
+    s: &Shared,
+    limit_rule: usize,
+    headers: &[(String, Vec<u8>)],
+    cost: u32,
+) -> Option<(RateHeaders, Option<Rejection>)> {
+    let rule = s.config.rule_at(limit_rule);
+    let charge = ratelimit::charge(
+        &s.store,
+        &s.config.store_namespace,
+        rule,
+        headers,
+        now_ms(),
+        cost,
+    )?;
+    s.metrics
+        .add("rate_keys", i64::from(charge.events.keys_created));
+    s.metrics
+        .add("rate_evictions", i64::from(charge.events.evictions));
+    s.metrics
+        .add("cas_retries", i64::from(charge.events.cas_retries));
+    let limited = charge.outcome.retry_after_seconds();
+    Some((
+        charge.headers,
+        limited.map(|retry_after_s| Rejection::RateLimited { retry_after_s }),
+    ))
+}
+
+/// `answer` with the rate-limit headers (replacing any it has).
+fn with_rate(mut answer: LocalAnswer, rate: Option<&RateHeaders>) -> LocalAnswer {
+    if let Some(rate) = rate {
+        for (name, value) in rate.pairs() {
+            answer
+                .headers
+                .retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+            answer.headers.push((name.to_string(), value));
+        }
+    }
+    answer
 }
 
 thread_local! {
@@ -430,23 +486,50 @@ fn poll_waiters() {
     }
     let now = now_ms();
     let mut still = Vec::new();
-    for w in waiting {
-        let rule = w.shared.config.rule_at(w.rule);
-        let table = w.shared.table();
+    for mut w in waiting {
+        let shared = w.shared.clone();
+        let rule = shared.config.rule_at(w.rule);
+        let table = shared.table();
         let outcome = table.begin_waiting(rule, w.key_id, &w.request, now, Some(w.deadline));
         if hostcalls::set_effective_context(w.reader).is_err() {
             continue; // the stream is gone
         }
-        match outcome {
-            Ok((Begun::Wait { .. }, _)) => {
-                still.push(w);
-                continue;
+        if let Ok((Begun::Wait { .. }, _)) = outcome {
+            still.push(w);
+            continue;
+        }
+        // The wait is over: the request's rate-limit charge is due now.
+        let settled = match &outcome {
+            Ok((Begun::Replay(_), _)) => Settlement::Replayed,
+            _ => Settlement::Other,
+        };
+        let (rate, limited) = w.settle_charge(settled);
+        if let Some((limit_rule, r)) = limited {
+            if let Ok((begun, ev)) = &outcome {
+                w.shared.metrics.events(ev);
+                if let Begun::Forward(handle) = begun {
+                    let _ = table.release(handle);
+                }
             }
+            if let Some(t) = w.gate {
+                GATES.with(|g| g.borrow_mut().remove(&t));
+            }
+            w.shared.metrics.rejection(&r);
+            let answer = problem::render(shared.config.rule_at(limit_rule), &r, &w.ctx);
+            send(with_rate(answer, rate.as_ref()));
+            *w.settled.borrow_mut() = Settled::Done;
+            continue;
+        }
+        match outcome {
+            Ok((Begun::Wait { .. }, _)) => {}
             Ok((Begun::Replay(stored), ev)) => {
                 w.shared.metrics.events(&ev);
                 w.shared.metrics.inc("replayed");
                 w.shared.metrics.inc("waited");
-                send(problem::replay(rule, &stored, &w.ctx));
+                send(with_rate(
+                    problem::replay(rule, &stored, &w.ctx),
+                    rate.as_ref(),
+                ));
                 *w.settled.borrow_mut() = Settled::Done;
             }
             Ok((Begun::Reject(r), ev)) => {
@@ -455,7 +538,7 @@ fn poll_waiters() {
                     w.shared.metrics.inc("wait_timeouts");
                 }
                 w.shared.metrics.rejection(&r);
-                send(problem::render(rule, &r, &w.ctx));
+                send(with_rate(problem::render(rule, &r, &w.ctx), rate.as_ref()));
                 *w.settled.borrow_mut() = Settled::Done;
             }
             Ok((Begun::Forward(handle), ev)) => {
@@ -471,13 +554,13 @@ fn poll_waiters() {
                 {
                     Ok(()) => {
                         w.shared.metrics.inc("forwarded");
-                        *w.settled.borrow_mut() = Settled::Forwarded(w.rule, handle);
+                        *w.settled.borrow_mut() = Settled::Forwarded(w.rule, handle, rate);
                     }
                     Err(detail) => {
                         let _ = table.release(&handle);
                         let r = Rejection::Misconfigured { detail };
                         w.shared.metrics.rejection(&r);
-                        send(problem::render(rule, &r, &w.ctx));
+                        send(with_rate(problem::render(rule, &r, &w.ctx), rate.as_ref()));
                         *w.settled.borrow_mut() = Settled::Done;
                     }
                 }
@@ -489,7 +572,7 @@ fn poll_waiters() {
                     retry_after_s: 1,
                     reason: "store error",
                 };
-                send(problem::render(rule, &r, &w.ctx));
+                send(with_rate(problem::render(rule, &r, &w.ctx), rate.as_ref()));
                 *w.settled.borrow_mut() = Settled::Done;
             }
         }
@@ -610,23 +693,20 @@ impl Reader {
         };
         match outcome {
             Settled::Pending => {}
-            Settled::Forwarded(rule, h) => self.phase = Phase::Forwarded(rule, h),
+            Settled::Forwarded(rule, h, rate) => {
+                if rate.is_some() {
+                    self.rate = rate;
+                }
+                self.phase = Phase::Forwarded(rule, h);
+            }
             Settled::FleetForwarded(rule, h) => self.phase = Phase::FleetForwarded(rule, h),
             Settled::Done => self.phase = Phase::Done,
         }
     }
 
-    fn respond(&mut self, mut answer: LocalAnswer) -> Action {
+    fn respond(&mut self, answer: LocalAnswer) -> Action {
         self.phase = Phase::Done;
-        if let Some(rate) = &self.rate {
-            for (name, value) in rate.pairs() {
-                answer
-                    .headers
-                    .retain(|(n, _)| !n.eq_ignore_ascii_case(name));
-                answer.headers.push((name.to_string(), value));
-            }
-        }
-        send(answer);
+        send(with_rate(answer, self.rate.as_ref()));
         Action::Pause
     }
 
@@ -638,31 +718,34 @@ impl Reader {
         headers: &[(String, Vec<u8>)],
         cost: u32,
     ) -> Option<Rejection> {
-        let s = self.shared.clone();
-        let rule = s.config.rule_at(limit_rule);
-        let charge = ratelimit::charge(
-            &s.store,
-            &s.config.store_namespace,
-            rule,
-            headers,
-            now_ms(),
-            cost,
-        )?;
-        s.metrics
-            .add("rate_keys", i64::from(charge.events.keys_created));
-        s.metrics
-            .add("rate_evictions", i64::from(charge.events.evictions));
-        s.metrics
-            .add("cas_retries", i64::from(charge.events.cas_retries));
-        let limited = charge.outcome.retry_after_seconds();
-        self.rate = Some(charge.headers);
-        limited.map(|retry_after_s| Rejection::RateLimited { retry_after_s })
+        let (rate, limited) = charge_limit(&self.shared, limit_rule, headers, cost)?;
+        self.rate = Some(rate);
+        limited
     }
 
     /// Settles a charge deferred until the decision (covered requests).
     fn deferred(&mut self, cost: u32) -> Option<(usize, Rejection)> {
         let (rule, headers) = self.deferred_charge.take()?;
         self.charge(rule, &headers, cost).map(|r| (rule, r))
+    }
+
+    /// Settles the deferred charge at the cost a request that ended as `settled` owes.
+    fn settle_charge(&mut self, settled: Settlement) -> Option<(usize, Rejection)> {
+        let s = self.shared.clone();
+        let rule = self.deferred_charge.as_ref().map(|(r, _)| *r)?;
+        let spec = s.config.rule_at(rule).rate_limit.as_ref()?;
+        self.deferred(ratelimit::deferred_cost(spec, settled))
+    }
+
+    /// Refuses a covered request once its body was looked at, after settling its deferred
+    /// charge: a bad request spends quota like any other, and the caller over its limit
+    /// gets the 429 instead.
+    fn reject_charged(&mut self, rule: usize, rejection: Rejection) -> Action {
+        let s = self.shared.clone();
+        match self.settle_charge(Settlement::Other) {
+            Some((limit_rule, limited)) => self.reject(s.config.rule_at(limit_rule), limited),
+            None => self.reject(s.config.rule_at(rule), rejection),
+        }
     }
 
     fn reject(&mut self, rule: &Rule, rejection: Rejection) -> Action {
@@ -690,8 +773,8 @@ impl Reader {
             Err(e) => {
                 log::error!("idemgate: {e}");
                 s.metrics.inc("store_errors");
-                return self.reject(
-                    rule,
+                return self.reject_charged(
+                    rule_idx,
                     Rejection::StoreUnavailable {
                         retry_after_s: 1,
                         reason: "store error",
@@ -700,18 +783,13 @@ impl Reader {
             }
         };
         s.metrics.events(&events);
-        let cost = match &begun {
-            Begun::Replay(_) => u32::from(
-                s.config
-                    .rule_at(self.deferred_charge.as_ref().map_or(0, |(r, _)| *r))
-                    .rate_limit
-                    .as_ref()
-                    .is_some_and(|r| r.charge_replays),
-            ),
-            Begun::Wait { .. } => 0,
-            _ => 1,
+        let settled = match &begun {
+            Begun::Replay(_) => Some(Settlement::Replayed),
+            // charged when the wait ends (poll_waiters), as what it ends as
+            Begun::Wait { .. } => None,
+            _ => Some(Settlement::Other),
         };
-        if let Some((limit_rule, limited)) = self.deferred(cost) {
+        if let Some((limit_rule, limited)) = settled.and_then(|x| self.settle_charge(x)) {
             if let Begun::Forward(handle) = &begun {
                 let _ = table.release(handle);
             }
@@ -740,6 +818,7 @@ impl Reader {
                         deadline,
                         ctx: self.ctx.clone(),
                         settled: settled.clone(),
+                        charge: self.deferred_charge.take(),
                     })
                 });
                 self.phase = Phase::Waiting(settled);
@@ -766,8 +845,19 @@ impl Reader {
         let rule = s.config.rule_at(pending.rule);
         match resolve(&s.config, &pending, body) {
             Resolution::Ready(resolved) => self.conclude(pending.rule, resolved, token),
-            Resolution::Reject(r) => self.reject(rule, r),
+            Resolution::Reject(r) => {
+                if let Some(t) = token {
+                    GATES.with(|g| g.borrow_mut().remove(&t));
+                }
+                self.reject_charged(pending.rule, r)
+            }
             Resolution::Pass => {
+                if let Some((limit_rule, limited)) = self.settle_charge(Settlement::Other) {
+                    if let Some(t) = token {
+                        GATES.with(|g| g.borrow_mut().remove(&t));
+                    }
+                    return self.reject(s.config.rule_at(limit_rule), limited);
+                }
                 s.metrics.inc("passed");
                 if let Some(t) = token {
                     if let Err(detail) = release_gate(self.id, t) {
@@ -940,15 +1030,11 @@ impl HttpContext for Reader {
             _ => return Action::Continue,
         };
         if body_size as u64 > limit {
-            let s = self.shared.clone();
             if let Phase::Buffering { pending, token } =
                 std::mem::replace(&mut self.phase, Phase::Done)
             {
                 GATES.with(|g| g.borrow_mut().remove(&token));
-                return self.reject(
-                    s.config.rule_at(pending.rule),
-                    Rejection::BodyTooLarge { limit },
-                );
+                return self.reject_charged(pending.rule, Rejection::BodyTooLarge { limit });
             }
         }
         if !eos {
