@@ -14,72 +14,33 @@ PYTHON="${PYTHON:-python3}"
 CONTAINER=idemgate-demo
 WASM="$ROOT/dist/idemgate.wasm"
 
-log() { printf '[run] %s\n' "$*" >&2; }
+RUN_TAG=run
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
 
-[[ -f "$WASM" ]] || { log "missing $WASM (run: make build)"; exit 1; }
+require_file "$WASM" "make build"
+require_ports_free 0.0.0.0 "another make run?" 8080 8081 10000 9901
+run_traps
 
-for port in 8080 8081 10000 9901; do
-  if ! "$PYTHON" -c 'import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", int(sys.argv[1])))' "$port" 2>/dev/null; then
-    log "port $port is already in use (another make run?); stop that first"
-    exit 1
-  fi
-done
-
-engine_started_here=0
-if ! scripts/docker-engine.sh status >/dev/null 2>&1; then
-  engine_started_here=1
-fi
-
-origin_pid=""
-logs_pid=""
-cleaned=0
-cleanup() {
-  [[ $cleaned == 1 ]] && return 0
-  cleaned=1
-  trap - INT TERM
-  log "stopping"
-  [[ -n "$logs_pid" ]] && kill "$logs_pid" 2>/dev/null || true
-  [[ -n "$origin_pid" ]] && kill "$origin_pid" 2>/dev/null || true
-  docker rm -f "$CONTAINER" >/dev/null 2>&1 || true
-  [[ -n "$origin_pid" ]] && wait "$origin_pid" 2>/dev/null || true
-  if [[ $engine_started_here == 1 ]]; then scripts/docker-engine.sh down || true; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-scripts/docker-engine.sh up
+docker_engine_up
 envoy/build-image.sh
 
 log "starting origin on 127.0.0.1:8080 (control 127.0.0.1:8081)"
-"$PYTHON" -u tests/origin.py --port 8080 --control-port 8081 --verbose &
-origin_pid=$!
+start_bg origin "$PYTHON" -u tests/origin.py --port 8080 --control-port 8081 --verbose
+origin_pid=$LAST_PID
 
-docker rm -f "$CONTAINER" >/dev/null 2>&1 || true
 log "starting Envoy ($ENVOY_IMAGE) on :10000, admin 127.0.0.1:9901"
-docker run -d --name "$CONTAINER" --network host \
+start_container "$CONTAINER" --network host \
   -v "$ROOT/envoy/envoy.yaml:/etc/envoy/envoy.yaml:ro" \
   -v "$WASM:/etc/idemgate/idemgate.wasm:ro" \
   --entrypoint /usr/local/bin/envoy "$ENVOY_IMAGE" \
   -c /etc/envoy/envoy.yaml --disable-hot-restart \
   --log-level "${ENVOY_LOG_LEVEL:-info}" \
-  --component-log-level "${ENVOY_COMPONENT_LOG_LEVEL:-wasm:info}" >/dev/null
+  --component-log-level "${ENVOY_COMPONENT_LOG_LEVEL:-wasm:info}"
 
-if ! "$PYTHON" - <<'PY'; then
-import sys, time, urllib.request
-deadline = time.monotonic() + 30
-while time.monotonic() < deadline:
-    try:
-        with urllib.request.urlopen("http://127.0.0.1:9901/ready", timeout=2) as r:
-            if r.read().strip() == b"LIVE":
-                sys.exit(0)
-    except OSError:
-        pass
-    time.sleep(0.2)
-sys.exit(1)
-PY
-  log "Envoy did not become ready; its log:"
-  docker logs "$CONTAINER" 2>&1 | tail -n 40 >&2
+if ! wait_http_ready "origin" http://127.0.0.1:8081/healthz "" "$origin_pid" \
+  || ! wait_http_ready "Envoy" http://127.0.0.1:9901/ready LIVE; then
+  show_container_log "$CONTAINER"
   exit 1
 fi
 
@@ -106,10 +67,7 @@ Envoy log follows. Ctrl-C stops everything.
 TXT
 
 # Envoy's log, minus the long list of compiled-in extensions printed at startup.
-docker logs -f "$CONTAINER" 2>&1 \
-  | grep --line-buffered -v -E 'statically linked extensions|HTTP header map info|\]   [a-z]' &
-logs_pid=$!
+follow_container "$CONTAINER" -v -E 'statically linked extensions|HTTP header map info|\]   [a-z]'
 # Returns when either exits (or on a signal, which runs the traps).
-wait -n "$origin_pid" "$logs_pid" || true
-log "origin or Envoy exited"
+wait_first_exit
 exit 1

@@ -18,64 +18,30 @@ EDGE_STORAGE="${EDGE_STORAGE:-$IDEMGATE_CACHE/edge-do}"
 EDGE_CONFIG="${EDGE_CONFIG:-envoy/profiles/default.json}"
 WORKERD="$ROOT/edge/node_modules/.bin/workerd"
 
-log() { printf '[run-edge] %s\n' "$*" >&2; }
+RUN_TAG=run-edge
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
 
-[[ -f edge/dist/module/idemgate_edge_bg.wasm ]] || { log "missing edge/dist (run: make edge)"; exit 1; }
-[[ -x "$WORKERD" ]] || { log "missing $WORKERD (run: make edge)"; exit 1; }
+require_file edge/dist/module/idemgate_edge_bg.wasm "make edge"
+[[ -x "$WORKERD" ]] || die "missing $WORKERD (run: make edge)"
 if [[ -f "$EDGE_CONFIG" ]]; then config="$(cat "$EDGE_CONFIG")"; else config="$EDGE_CONFIG"; fi
 
-for port in "$ORIGIN_PORT" "$ORIGIN_CONTROL_PORT" "$EDGE_PORT"; do
-  if ! "$PYTHON" -c 'import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", int(sys.argv[1])))' "$port" 2>/dev/null; then
-    log "port $port is already in use (another make run / run-edge?); stop that first"
-    exit 1
-  fi
-done
+require_ports_free 127.0.0.1 "another make run / run-edge?" "$ORIGIN_PORT" "$ORIGIN_CONTROL_PORT" "$EDGE_PORT"
 mkdir -p "$EDGE_STORAGE"
-
-origin_pid=""
-workerd_pid=""
-cleaned=0
-cleanup() {
-  [[ $cleaned == 1 ]] && return 0
-  cleaned=1
-  trap - INT TERM
-  log "stopping"
-  [[ -n "$workerd_pid" ]] && kill "$workerd_pid" 2>/dev/null || true
-  [[ -n "$origin_pid" ]] && kill "$origin_pid" 2>/dev/null || true
-  [[ -n "$workerd_pid" ]] && wait "$workerd_pid" 2>/dev/null || true
-  [[ -n "$origin_pid" ]] && wait "$origin_pid" 2>/dev/null || true
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+run_traps
 
 log "starting origin on 127.0.0.1:$ORIGIN_PORT (control 127.0.0.1:$ORIGIN_CONTROL_PORT)"
-"$PYTHON" -u tests/origin.py --port "$ORIGIN_PORT" --control-port "$ORIGIN_CONTROL_PORT" --verbose &
-origin_pid=$!
+start_bg origin "$PYTHON" -u tests/origin.py --port "$ORIGIN_PORT" --control-port "$ORIGIN_CONTROL_PORT" --verbose
+origin_pid=$LAST_PID
 
 log "starting workerd on 127.0.0.1:$EDGE_PORT (Durable Objects in $EDGE_STORAGE)"
-IDEMGATE_CONFIG="$config" "$WORKERD" serve edge/worker/workerd.capnp \
+start_bg workerd env IDEMGATE_CONFIG="$config" "$WORKERD" serve edge/worker/workerd.capnp \
   --socket-addr "http=127.0.0.1:$EDGE_PORT" --external-addr "origin=127.0.0.1:$ORIGIN_PORT" \
-  --directory-path "do-storage=$EDGE_STORAGE" &
-workerd_pid=$!
+  --directory-path "do-storage=$EDGE_STORAGE"
 
-if ! "$PYTHON" - "$EDGE_PORT" <<'PY'; then
-import sys, time, urllib.request
-deadline = time.monotonic() + 30
-while time.monotonic() < deadline:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/ready", timeout=2):
-            sys.exit(0)
-    except urllib.error.HTTPError:
-        sys.exit(0)
-    except OSError:
-        pass
-    time.sleep(0.2)
-sys.exit(1)
-PY
-  log "workerd did not answer"
-  exit 1
-fi
+wait_http_ready origin "http://127.0.0.1:$ORIGIN_CONTROL_PORT/healthz" "" "$origin_pid" || exit 1
+# workerd logs to this terminal: what it said, if anything, is just above.
+wait_http_ready workerd "http://127.0.0.1:$EDGE_PORT/ready" "" "$LAST_PID" || exit 1
 
 cat <<TXT
 
@@ -101,6 +67,5 @@ Another configuration: make run-edge EDGE_CONFIG=envoy/profiles/stripe.json
 
 TXT
 
-wait -n "$origin_pid" "$workerd_pid" || true
-log "origin or workerd exited"
+wait_first_exit
 exit 1

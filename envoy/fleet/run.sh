@@ -15,92 +15,66 @@ PYTHON="${PYTHON:-python3}"
 WASM="$ROOT/dist/idemgate.wasm"
 CONTAINERS=(idemgate-fleet-1 idemgate-fleet-2)
 
-log() { printf '[run-fleet] %s\n' "$*" >&2; }
+RUN_TAG=run-fleet
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
 
-[[ -f "$WASM" ]] || { log "missing $WASM (run: make build)"; exit 1; }
-command -v etcd >/dev/null || { log "etcd not found (run: make fleet-setup)"; exit 1; }
+require_file "$WASM" "make build"
+command -v etcd >/dev/null || die "etcd not found (run: make fleet-setup)"
+require_ports_free 0.0.0.0 "another run, or a system etcd service?" \
+  2379 2380 22379 22380 32379 32380 8080 8081 10000 10001 9901 9902
 
-for port in 2379 2380 22379 22380 32379 32380 8080 8081 10000 10001 9901 9902; do
-  if ! "$PYTHON" -c 'import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", int(sys.argv[1])))' "$port" 2>/dev/null; then
-    log "port $port is already in use (another run, or a system etcd service?); stop that first"
+WORK="$(mktemp -d -t idemgate-fleet-XXXXXX)"
+run_traps
+on_exit rm -rf "$WORK"
+
+mapfile -t FLAGS < <(grep -v -E '^\s*(#|$)' envoy/fleet/etcd.flags)
+CLUSTER="idemgate-1=http://127.0.0.1:2380,idemgate-2=http://127.0.0.1:22380,idemgate-3=http://127.0.0.1:32380"
+etcd_pids=() etcd_ports=()
+for i in 1 2 3; do
+  case $i in 1) c=2379 p=2380 ;; 2) c=22379 p=22380 ;; 3) c=32379 p=32380 ;; esac
+  log "starting etcd member idemgate-$i on 127.0.0.1:$c"
+  start_bg "etcd member idemgate-$i" etcd --name "idemgate-$i" --data-dir "$WORK/idemgate-$i" \
+    --listen-client-urls "http://127.0.0.1:$c" --advertise-client-urls "http://127.0.0.1:$c" \
+    --listen-peer-urls "http://127.0.0.1:$p" --initial-advertise-peer-urls "http://127.0.0.1:$p" \
+    --initial-cluster "$CLUSTER" --initial-cluster-state new --initial-cluster-token idemgate-fleet \
+    "${FLAGS[@]}" >"$WORK/idemgate-$i.log" 2>&1
+  etcd_pids+=("$LAST_PID") etcd_ports+=("$c")
+done
+
+docker_engine_up
+envoy/build-image.sh
+
+for i in 1 2 3; do
+  c="${etcd_ports[i - 1]}"
+  if ! wait_http_ready "etcd member idemgate-$i" "http://127.0.0.1:$c/health" "" "${etcd_pids[i - 1]}"; then
+    log "the last 20 lines of its log ($WORK/idemgate-$i.log):"
+    tail -n 20 "$WORK/idemgate-$i.log" >&2
     exit 1
   fi
 done
 
-engine_started_here=0
-scripts/docker-engine.sh status >/dev/null 2>&1 || engine_started_here=1
-
-WORK="$(mktemp -d -t idemgate-fleet-XXXXXX)"
-etcd_pids=()
-origin_pid=""
-cleaned=0
-cleanup() {
-  [[ $cleaned == 1 ]] && return 0
-  cleaned=1
-  trap - INT TERM
-  log "stopping"
-  for c in "${CONTAINERS[@]}"; do docker rm -f "$c" >/dev/null 2>&1 || true; done
-  [[ -n "$origin_pid" ]] && kill "$origin_pid" 2>/dev/null || true
-  for p in "${etcd_pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${etcd_pids[@]}" $origin_pid; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-  if [[ $engine_started_here == 1 ]]; then scripts/docker-engine.sh down || true; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-mapfile -t FLAGS < <(grep -v -E '^\s*(#|$)' envoy/fleet/etcd.flags)
-CLUSTER="idemgate-1=http://127.0.0.1:2380,idemgate-2=http://127.0.0.1:22380,idemgate-3=http://127.0.0.1:32380"
-for i in 1 2 3; do
-  case $i in 1) c=2379 p=2380 ;; 2) c=22379 p=22380 ;; 3) c=32379 p=32380 ;; esac
-  log "starting etcd member idemgate-$i on 127.0.0.1:$c"
-  etcd --name "idemgate-$i" --data-dir "$WORK/idemgate-$i" \
-    --listen-client-urls "http://127.0.0.1:$c" --advertise-client-urls "http://127.0.0.1:$c" \
-    --listen-peer-urls "http://127.0.0.1:$p" --initial-advertise-peer-urls "http://127.0.0.1:$p" \
-    --initial-cluster "$CLUSTER" --initial-cluster-state new --initial-cluster-token idemgate-fleet \
-    "${FLAGS[@]}" >"$WORK/idemgate-$i.log" 2>&1 &
-  etcd_pids+=($!)
-done
-
-scripts/docker-engine.sh up
-envoy/build-image.sh
-
 log "starting origin on 127.0.0.1:8080 (control 127.0.0.1:8081)"
-"$PYTHON" -u tests/origin.py --port 8080 --control-port 8081 >"$WORK/origin.log" 2>&1 &
-origin_pid=$!
+start_bg origin "$PYTHON" -u tests/origin.py --port 8080 --control-port 8081 >"$WORK/origin.log" 2>&1
 
 for i in 1 2; do
   listen=$((9999 + i)); admin=$((9900 + i)); name="${CONTAINERS[$((i - 1))]}"
   sed -e "s/@LISTEN_PORT@/$listen/" -e "s/@ADMIN_PORT@/$admin/" -e "s/@NODE@/$name/" \
     envoy/fleet/envoy.yaml >"$WORK/envoy-$i.yaml"
-  docker rm -f "$name" >/dev/null 2>&1 || true
   log "starting Envoy $name on :$listen, admin 127.0.0.1:$admin"
-  docker run -d --name "$name" --network host \
+  start_container "$name" --network host \
     -v "$WORK/envoy-$i.yaml:/etc/envoy/envoy.yaml:ro" \
     -v "$WASM:/etc/idemgate/idemgate.wasm:ro" \
     --entrypoint /usr/local/bin/envoy "$ENVOY_IMAGE" \
     -c /etc/envoy/envoy.yaml --concurrency 2 --disable-hot-restart --base-id "$i" \
     --log-level "${ENVOY_LOG_LEVEL:-info}" \
-    --component-log-level "${ENVOY_COMPONENT_LOG_LEVEL:-wasm:info}" >/dev/null
+    --component-log-level "${ENVOY_COMPONENT_LOG_LEVEL:-wasm:info}"
 done
 
-for admin in 9901 9902; do
-  if ! "$PYTHON" - "$admin" <<'PY'; then
-import sys, time, urllib.request
-deadline = time.monotonic() + 30
-while time.monotonic() < deadline:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/ready", timeout=2) as r:
-            if r.read().strip() == b"LIVE":
-                sys.exit(0)
-    except OSError:
-        pass
-    time.sleep(0.2)
-sys.exit(1)
-PY
-    log "Envoy with admin $admin did not become ready"
-    for c in "${CONTAINERS[@]}"; do docker logs "$c" 2>&1 | tail -n 20 >&2; done
+for i in 1 2; do
+  name="${CONTAINERS[$((i - 1))]}"
+  if ! wait_http_ready "Envoy $name" "http://127.0.0.1:$((9900 + i))/ready" LIVE; then
+    show_container_log "$name" 20
     exit 1
   fi
 done
@@ -121,9 +95,7 @@ Envoy logs follow. Ctrl-C stops everything.
 
 TXT
 
-for c in "${CONTAINERS[@]}"; do
-  docker logs -f "$c" 2>&1 | grep --line-buffered -E 'idemgate|error|warn' &
-done
-wait -n "$origin_pid" "${etcd_pids[@]}" || true
-log "origin or an etcd member exited"
+for c in "${CONTAINERS[@]}"; do follow_container "$c" -E 'idemgate|error|warn'; done
+# Returns when the origin, an etcd member or an Envoy exits (or on a signal: the traps).
+wait_first_exit
 exit 1
