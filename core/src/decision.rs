@@ -18,8 +18,8 @@
 //!     other => unreachable!("{other:?}"),
 //! }
 //! ```
+use crate::sha256::Sha256;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use crate::canonical::{canonical_bytes, key_text, pointer_get, pointer_remove};
 use crate::clock::Millis;
