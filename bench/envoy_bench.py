@@ -460,6 +460,8 @@ def measure(envoy: BenchEnvoy, sid: str, port: int, size: int, size_label: str, 
     before, busy0, kids0 = envoy.cpu_ns(), busy_ns(), children_cpu_ns()
     res = run_wrk(port, sc["mode"], prefix, size, seconds, wrk_cpu)
     after, busy1, kids1 = envoy.cpu_ns(), busy_ns(), children_cpu_ns()
+    if "ns" in sc:
+        time.sleep(harness.METRICS_FLUSH_S + 0.2)  # idemgate flushes its counters on a tick
     after_c = envoy.counters() if "ns" in sc else {}
     wall_ns = res["duration_us"] * 1000
     res["wrk_cpu_util"] = (kids1 - kids0) / wall_ns
@@ -540,6 +542,7 @@ def wait_trials(envoy: "BenchEnvoy", port: int, size: int, trials: int, waiters:
             deltas.append((done[i] - done[0]) * 1000)
             statuses[str(info[i][0])] = statuses.get(str(info[i][0]), 0) + 1
             replayed += info[i][1] == "true"
+    time.sleep(harness.METRICS_FLUSH_S + 0.2)  # idemgate flushes its counters on a tick
     after = envoy.counters()
     pre = f"wasmcustom.idemgate.{SCENARIOS['wait']['ns']}."
     return {

@@ -449,6 +449,7 @@ def test_key_churn_store_stays_bounded_and_memory_flat():
                 print(f"churn: sent {sent}, body keys {stat('store_body_keys')}, rss {envoy.rss_bytes() >> 20} MiB")
             assert sent >= target, f"only {sent} requests in the time allowed"
             assert bad == 0, f"{bad} non-2xx answers"
+            envoy.settle_metrics()
             assert stat("forwarded") >= target
             assert stat("stored") >= target
             index_keys, body_keys = stat("store_index_keys"), stat("store_body_keys")
@@ -579,6 +580,7 @@ def test_post_without_key_passes_when_not_required(envoy, origin):
 
 
 def test_metrics_count_outcomes(envoy):
+    envoy.settle_metrics()
     stats = envoy.stats(r"idemgate\.main\.")
     names = {k.rsplit(".", 1)[1]: v for k, v in stats.items()}
     for m in ["forwarded", "replayed", "conflicts", "mismatches", "bad_keys", "too_large", "stored", "passed"]:
