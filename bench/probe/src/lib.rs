@@ -5,8 +5,8 @@
 //! - `body`: like the floor, and also buffers the whole request body (returns `Pause` until
 //!   end of stream, as idemgate's reader does) and copies it into the VM with one
 //!   `get_buffer` call.
-//! - `hash`: `body`, plus SHA-256 over the copied body (the `sha2` crate idemgate-core uses,
-//!   same version, same release profile).
+//! - `hash`: `body`, plus SHA-256 over the copied body (idemgate-core's, as the filter
+//!   fingerprints: the wasm SIMD implementation of `core/src/sha256.rs`).
 //!
 //! `make bench` runs both at 64 KiB; the difference in Envoy CPU per request between the
 //! two is the hash alone, inside Envoy's V8, so 64 KiB / that difference is the in-Envoy
@@ -16,7 +16,7 @@
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
-use sha2::{Digest, Sha256};
+use idemgate_core::sha256::Sha256;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Warn);
