@@ -13,9 +13,11 @@ One Envoy container (`--concurrency 1`, so one worker thread does all the work) 
     floor2    diagnostic: two floor filters sharing one VM (idemgate is loaded as two)
     first     idemgate, a new key per request (first requests)
     first_p1  idemgate with store.probes 1, a new key per request
+    first_b3, replay_b3  idemgate with the opt-in fingerprint.algorithm blake3
     replay    idemgate, one key (after one priming request: replays)
     body      diagnostic, 64 KiB only: bench/probe buffers the body and copies it into the VM
     hash      diagnostic, 64 KiB only: bench/probe as `body`, plus SHA-256 of the body
+    hash_b3   diagnostic, 64 KiB only: bench/probe as `body`, plus BLAKE3 of the body
     upstream  diagnostic: wrk straight to the upstream listener (its share of the CPU)
     fleet_first   idemgate in fleet mode (store.etcd): a new key per request, claimed and
               completed in etcd (a local cluster of --etcd-members processes on loopback,
@@ -90,8 +92,11 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "first": {"title": "3 idemgate first requests (probes 8)", "mode": "unique", "ns": "first"},
     "first_p1": {"title": "3b idemgate first requests, probes 1", "mode": "unique", "ns": "firstp1"},
     "replay": {"title": "4 idemgate replays (one key)", "mode": "fixed", "ns": "replay"},
+    "first_b3": {"title": "3c idemgate first requests, fingerprint.algorithm blake3", "mode": "unique", "ns": "firstb3"},
+    "replay_b3": {"title": "4b idemgate replays, fingerprint.algorithm blake3", "mode": "fixed", "ns": "replayb3"},
     "body": {"title": "floor + buffer body + copy into VM [diag]", "mode": "unique", "sizes": ["64KiB"]},
     "hash": {"title": "floor + buffer + copy + SHA-256 [diag]", "mode": "unique", "sizes": ["64KiB"]},
+    "hash_b3": {"title": "floor + buffer + copy + BLAKE3 (opt-in algorithm) [diag]", "mode": "unique", "sizes": ["64KiB"]},
     "upstream": {"title": "upstream listener alone [diag]", "mode": "unique"},
     "fleet_first": {"title": "3f idemgate fleet (etcd) first requests", "mode": "unique", "ns": "fleetfirst",
                     "fleet": True},
@@ -186,12 +191,14 @@ def scenario_filters(sid: str) -> list[dict[str, Any]]:
         return [_wasm("floor", "floor", "floor", floor)]
     if sid == "floor2":
         return [_wasm("floor_a", "floor_a", "floor2", floor), _wasm("floor_b", "floor_b", "floor2", floor)]
-    if sid in ("body", "hash"):
+    if sid in ("body", "hash", "hash_b3"):
         return [_wasm(f"probe_{sid}", f"probe_{sid}", f"probe-{sid}", probe, sid)]
     ns = SCENARIOS[sid]["ns"]
     cfg: dict[str, Any] = {"store": {"namespace": ns}}
     if sid == "first_p1":
         cfg["store"]["probes"] = 1
+    if sid in ("first_b3", "replay_b3"):
+        cfg["fingerprint"] = {"algorithm": "blake3"}
     if sid == "wait":
         cfg["onConcurrent"] = {"action": "wait", "waitMillis": WAIT_MILLIS}
     if SCENARIOS[sid].get("fleet"):
@@ -493,6 +500,8 @@ def measure(envoy: BenchEnvoy, sid: str, port: int, size: int, size_label: str, 
     res = run_wrk(port, sc["mode"], prefix, size, seconds, wrk_cpu)
     after, busy1, kids1 = envoy.cpu_ns(), busy_ns(), children_cpu_ns()
     etcd_ns = (etcd.cpu_ns() - etcd0) if etcd is not None else 0
+    if "ns" in sc:
+        time.sleep(harness.METRICS_FLUSH_S + 0.2)  # idemgate flushes its counters on a tick
     after_c = envoy.counters() if "ns" in sc else {}
     wall_ns = res["duration_us"] * 1000
     res["wrk_cpu_util"] = (kids1 - kids0) / wall_ns
@@ -576,6 +585,7 @@ def wait_trials(envoy: "BenchEnvoy", port: int, size: int, trials: int, waiters:
             deltas.append((done[i] - done[0]) * 1000)
             statuses[str(info[i][0])] = statuses.get(str(info[i][0]), 0) + 1
             replayed += info[i][1] == "true"
+    time.sleep(harness.METRICS_FLUSH_S + 0.2)  # idemgate flushes its counters on a tick
     after = envoy.counters()
     pre = f"wasmcustom.idemgate.{SCENARIOS['wait']['ns']}."
     return {
@@ -749,7 +759,7 @@ def main() -> int:
     log(f"warm-up: {len(configs)} configurations")
     for label, sid in configs:
         secs = args.warmup
-        if sid.split("@")[0] in ("first", "first_p1") and label == "1KiB":
+        if sid.split("@")[0] in ("first", "first_p1", "first_b3") and label == "1KiB":
             secs = max(args.warmup, 3)
         measure(envoy, sid, ports[sid], SIZES[label], label, key_prefix("w", sid, label), secs, wrk_cpu)
 

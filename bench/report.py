@@ -23,8 +23,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-ORDER = ["pass", "floor", "floor2", "first", "first_p1", "replay", "fleet_first", "fleet_replay", "body", "hash",
-         "upstream"]
+ORDER = ["pass", "floor", "floor2", "first", "first_p1", "first_b3", "replay", "replay_b3", "fleet_first",
+         "fleet_replay", "body", "hash", "hash_b3", "upstream"]
 # Fleet rows and the local-mode rows they are compared with.
 FLEET_PAIRS = [("fleet_first", "first"), ("fleet_replay", "replay")]
 
@@ -223,6 +223,60 @@ def fleet_section(env: dict[str, Any]) -> list[str]:
     return out
 
 
+# ----------------------------------------------------------------------------------- edge
+
+
+def edge_section(edge: dict[str, Any]) -> tuple[list[str], dict[str, float]]:
+    res = edge["results"]
+    titles = edge["scenarios"]
+    order = list(titles)
+    out: list[str] = [
+        f"workerd `{edge['workerd_version']}` (edge/node_modules), one process pinned to CPU {edge.get('server_cpu')} "
+        f"(wrk on CPU {edge.get('wrk_cpu')}), serving every scenario on its own socket; the origin is a third worker "
+        "in the same process, reached through a service binding (reads the body, answers `200 {\"ok\":true}`); "
+        "Durable Objects in memory. idemgate configuration: "
+        f"`{json.dumps(edge.get('idemgate_config', {}), separators=(',', ':'))}`. "
+        f"{edge['rounds']} rounds × {edge['seconds']} s per configuration, interleaved; medians. "
+        f"Load average before / after: {' '.join(f'{x:.2f}' for x in edge.get('loadavg_before', []))} / "
+        f"{' '.join(f'{x:.2f}' for x in edge.get('loadavg_after', []))}.",
+        "",
+    ]
+    facts: dict[str, float] = {}
+    sizes = sorted({v["size"] for v in res.values()}, key=lambda x: int(re.sub(r"\D", "", x)) * (1024 if "Ki" in x else 1))
+    for size in sizes:
+        rows = {v["scenario"]: v for v in res.values() if v["size"] == size}
+        base = rows.get("edge_pass", {}).get("median")
+        out.append(f"#### Edge, {size} POST bodies\n")
+        out.append("| scenario | req/s | ×pass | p50 ms | ×pass | p99 ms | ×pass | workerd CPU µs/req | ×pass | origin requests per request |")
+        out.append("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+        for sid in [x for x in order if x in rows]:
+            v = rows[sid]
+            m = v["median"]
+
+            def r(key: str) -> str:
+                return fmt_ratio(m[key] / base[key]) if base and base.get(key) else "–"
+
+            out.append(
+                f"| {titles.get(sid, sid)} | {m['rps']:,.0f} | {r('rps')} | {m['p50_us'] / 1000:.2f} | {r('p50_us')} "
+                f"| {m['p99_us'] / 1000:.2f} | {r('p99_us')} | {m['cpu_us_per_req']:.0f} | {r('cpu_us_per_req')} "
+                f"| {v.get('origin_per_request', 0):.2f} |"
+            )
+            for key in ("rps", "cpu_us_per_req"):
+                facts[f"{size}/{sid}/{key}"] = m[key]
+        out.append("")
+    out.append("Spread (all rounds): " + "; ".join(
+        f"{v['size']} {v['scenario']} {v['rps_min']:,.0f}–{v['rps_max']:,.0f} req/s, other load "
+        f"{v['median'].get('other_load', 0):.2f} CPUs, {v['errors']} wrk errors"
+        for v in res.values()
+    ) + ". Origin requests per request above 1.00 are the requests still in flight when wrk stops "
+        "(served, not counted by wrk).")
+    out.append("")
+    for note in edge.get("notes", []):
+        out.append(f"- check: {note}")
+    out.append("")
+    return out, facts
+
+
 # ------------------------------------------------------------------------------ criterion
 
 
@@ -263,7 +317,9 @@ def criterion_section(crit_dir: Path, selected: set[str] | None) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--envoy", type=Path, required=True)
+    ap.add_argument("--envoy", type=Path, help="bench/envoy_bench.py --out (absent: no Envoy rows)")
+    ap.add_argument("--edge", type=Path, help="bench/edge_bench.py --out (absent: no edge rows)")
+    ap.add_argument("--edge-wasm", type=Path, default=REPO / "edge" / "dist" / "module" / "idemgate_edge_bg.wasm")
     ap.add_argument("--criterion-dir", type=Path, default=REPO / "target" / "criterion")
     ap.add_argument("--criterion-log", type=Path)
     ap.add_argument("--idemgate-wasm", type=Path, default=REPO / "dist" / "idemgate.wasm")
@@ -275,7 +331,13 @@ def main() -> int:
     ap.add_argument("--stdout", action="store_true")
     args = ap.parse_args()
 
-    env = json.loads(args.envoy.read_text())
+    env: dict[str, Any] = (
+        json.loads(args.envoy.read_text())
+        if args.envoy and args.envoy.is_file()
+        else {"rounds": 0, "seconds": 0, "connections": 0, "envoy_version": "not run", "envoy_image": "–",
+              "wrk_version": "wrk", "cpu_source": "–", "results": {}, "scenarios": {}, "wait": {}}
+    )
+    edge = json.loads(args.edge.read_text()) if args.edge and args.edge.is_file() else None
     out: list[str] = [BEGIN, "", "<!-- generated by bench/report.py (make bench); edit outside the markers -->", ""]
 
     commit = sh("git", "-C", str(REPO), "rev-parse", "--short", "HEAD")
@@ -303,7 +365,7 @@ def main() -> int:
     ]
 
     out += ["### Envoy: filter cost against Envoy itself", ""]
-    env_lines, facts = envoy_section(env)
+    env_lines, facts = envoy_section(env) if env["results"] else (["Not run (BENCH_ONLY named no Envoy scenario).", ""], {})
     out += env_lines
     for note in env.get("notes", []):
         out.append(f"- check: {note}")
@@ -339,9 +401,24 @@ def main() -> int:
         )
     else:
         out.append("| 64 KiB body hashed ≥ 250 MB/s inside Envoy | n/a (probe rows missing or no difference) | ? |")
+    hb3 = facts.get("64KiB/hash_b3/cpu_us_per_req")
+    if hb is not None and hb3 is not None and hb3 > hb:
+        mbps = 65536 / (hb3 - hb)
+        out.append(
+            f"| … with the opt-in `fingerprint.algorithm: \"blake3\"` | {mbps:,.0f} MB/s (BLAKE3 in V8: {hb3 - hb:.0f} µs "
+            f"per 64 KiB = CPU(hash_b3 probe) − CPU(body probe)) | {'yes' if mbps >= 250 else 'no'} |"
+        )
     out.append(f"| filter wasm ≤ 250 KB | {kb(size)} raw, {kb(gz)} gzipped | {'yes' if size and size <= 250_000 else 'no'} |")
-    out.append("| edge wasm ≤ 120 KB after wasm-opt | TODO: the edge worker does not exist yet | – |")
+    esize = args.edge_wasm.stat().st_size if args.edge_wasm.is_file() else 0
+    egz = len(gzip.compress(args.edge_wasm.read_bytes(), 9)) if esize else 0
+    out.append(
+        f"| edge wasm ≤ 120 KB after wasm-opt | {kb(esize)} raw, {kb(egz)} gzipped | {'yes' if esize and esize <= 120_000 else 'no'} |"
+        if esize else "| edge wasm ≤ 120 KB after wasm-opt | n/a (edge/dist missing: make edge) | ? |"
+    )
     out.append("")
+    if edge is not None:
+        edge_lines, _ = edge_section(edge)
+        out += ["### Edge: the worker on workerd against a passthrough worker", "", *edge_lines]
 
     out += [
         "### Sizes",
@@ -350,7 +427,8 @@ def main() -> int:
         "|---|--:|--:|",
         f"| `dist/idemgate.wasm` (`make build`) | {size:,} B ({kb(size)}) | {gz:,} B ({kb(gz)}) |",
         f"| floor (`bench/floor`, for reference: the proxy-wasm SDK + std alone) | {fsize:,} B ({kb(fsize)}) | {fgz:,} B ({kb(fgz)}) |",
-        "| edge wasm | TODO: the edge worker does not exist yet | |",
+        (f"| edge wasm (`make edge`: edge/dist/module/idemgate_edge_bg.wasm, after wasm-opt -Oz) | {esize:,} B ({kb(esize)}) "
+         f"| {egz:,} B ({kb(egz)}) |" if esize else "| edge wasm | n/a (edge/dist missing: make edge) | |"),
         "",
     ]
     if args.wasm_sizes and args.wasm_sizes.is_file():

@@ -6,19 +6,24 @@
 #   2. criterion benches of idemgate-core (short: BENCH_CRITERION_ARGS);
 #   3. bench/envoy_bench.py: one Envoy container, wrk against every scenario, interleaved,
 #      BENCH_ROUNDS rounds of BENCH_SECONDS seconds each (loopback only, every run bounded);
-#   4. bench/report.py: the generated section of BENCHMARKS.md.
+#   4. bench/edge_bench.py: the edge worker on workerd (make edge) against a passthrough
+#      worker, same load and statistics (skipped with BENCH_SKIP_EDGE=1);
+#   5. bench/report.py: the generated section of BENCHMARKS.md.
 #
 # Raw results go to target/bench/. The Docker engine is stopped afterwards only if this run
 # started it (as `make test` does).
 #
 # Env: BENCH_ROUNDS (5), BENCH_SECONDS (3), BENCH_WARMUP (1), BENCH_ONLY (scenario ids,
-# comma-separated; default all), BENCH_CRITERION_ARGS, BENCH_SKIP_CORE=1, PYTHON;
-# BENCH_ETCD_MEMBERS (3) and BENCH_ETCD_DIR (temp dir) for the fleet rows (fleet_first,
-# fleet_replay: a local etcd cluster, `make fleet-setup`).
+# comma-separated, Envoy's and the edge's (edge_*) alike; default all; the Envoy or the edge
+# part is skipped when it names none of its scenarios), BENCH_CRITERION_ARGS,
+# BENCH_SKIP_CORE=1, BENCH_SKIP_EDGE=1, PYTHON; BENCH_ETCD_MEMBERS (3) and BENCH_ETCD_DIR
+# (temp dir) for the fleet rows (fleet_first, fleet_replay: a local etcd cluster,
+# `make fleet-setup`).
 #
 # A quick check of some rows (partial tables go to target/bench/BENCHMARKS.partial.md, not
 # BENCHMARKS.md, and the wasm size breakdown is skipped):
 #   BENCH_ONLY=first,replay,fleet_first,fleet_replay BENCH_ROUNDS=1 BENCH_SECONDS=1 BENCH_SKIP_CORE=1 make bench
+#   BENCH_SKIP_CORE=1 BENCH_ONLY=edge_pass,edge_first BENCH_ROUNDS=1 BENCH_SECONDS=1 make bench
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -68,12 +73,24 @@ if [[ "${BENCH_SKIP_CORE:-0}" != 1 ]]; then
     | grep -E '^(store calls|  probes=|[a-z_]+/[^ ]+ *time:|[a-z_/0-9A-Za-z]+$)' >&2 || true
 fi
 
-log "Envoy: $ROUNDS rounds x ${SECONDS_PER_RUN}s per configuration"
-"$PY" bench/envoy_bench.py --rounds "$ROUNDS" --seconds "$SECONDS_PER_RUN" \
-  --floor-wasm dist/bench/floor.wasm --probe-wasm dist/bench/probe.wasm \
-  --idemgate-wasm dist/idemgate.wasm --out "$OUT/envoy.json"
+# wants <grep option> <pattern>: BENCH_ONLY is empty or names a scenario selected by grep.
+wants() { [[ -z "${BENCH_ONLY:-}" ]] || tr ',' '\n' <<<"$BENCH_ONLY" | grep -q "$1" "$2"; }
 
-"$PY" bench/report.py --envoy "$OUT/envoy.json" --criterion-log "$OUT/criterion.log" \
+rm -f "$OUT/envoy.json" "$OUT/edge.json"
+if wants -v '^edge_'; then
+  log "Envoy: $ROUNDS rounds x ${SECONDS_PER_RUN}s per configuration"
+  "$PY" bench/envoy_bench.py --rounds "$ROUNDS" --seconds "$SECONDS_PER_RUN" \
+    --floor-wasm dist/bench/floor.wasm --probe-wasm dist/bench/probe.wasm \
+    --idemgate-wasm dist/idemgate.wasm --out "$OUT/envoy.json"
+fi
+
+if [[ "${BENCH_SKIP_EDGE:-0}" != 1 ]] && wants -e '^edge_'; then
+  make --no-print-directory edge
+  log "edge (workerd): $ROUNDS rounds x ${SECONDS_PER_RUN}s per configuration"
+  "$PY" bench/edge_bench.py --rounds "$ROUNDS" --seconds "$SECONDS_PER_RUN" --out "$OUT/edge.json"
+fi
+
+"$PY" bench/report.py --envoy "$OUT/envoy.json" --edge "$OUT/edge.json" --criterion-log "$OUT/criterion.log" \
   --wasm-sizes "$OUT/wasm-sizes.json" \
   --floor-wasm dist/bench/floor.wasm --idemgate-wasm dist/idemgate.wasm \
   --started "$started_at" --benchmarks "$REPORT" \

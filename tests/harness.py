@@ -49,6 +49,9 @@ CONTAINER_CONFIG_DIR = "/etc/envoy"
 CONTAINER_ENVOY = "/usr/local/bin/envoy"
 
 BUFFER_LIMIT_BYTES = 16 * 1024 * 1024
+# idemgate counts its metrics in the VM and flushes them to Envoy's stats from the root
+# context's tick (METRICS_FLUSH_MS in filter/src/lib.rs): the most a counter lags, in seconds.
+METRICS_FLUSH_S = 1.0
 # idemgate's metrics are wasmcustom.idemgate.<namespace>.<name>; this tag turns them into
 # idemgate_<name>{idemgate_namespace="<namespace>"} at /stats/prometheus.
 STATS_CONFIG = {
@@ -540,6 +543,12 @@ class Envoy:
     def admin(self, path: str, method: str = "GET") -> tuple[int, str]:
         status, body = _http(method, self.admin_url + path, body=b"" if method == "POST" else None)
         return status, body.decode(errors="replace")
+
+    def settle_metrics(self) -> None:
+        """Waits until idemgate's metrics reflect the traffic sent so far: the filter counts
+        them in the VM and flushes them to Envoy's stats from its root tick, at least every
+        METRICS_FLUSH_S (METRICS_FLUSH_MS in filter/src/lib.rs)."""
+        time.sleep(METRICS_FLUSH_S + 0.3)
 
     def stats(self, filter_regex: str | None = None, used_only: bool = False) -> dict[str, Any]:
         """Counters and gauges (name -> int) from admin /stats?format=json,

@@ -220,6 +220,7 @@ def test_selwise_counts_duplicates_apart_from_rejections(envoy, origin):
     for _ in range(3):
         assert send(port, "POST", f"/webhooks/email?run={run}", body, {"Content-Type": "application/json"}).status == 200
     assert send(port, "POST", f"/orders?run={run}", b"{}", {"Content-Type": "application/json"}).status == 400
+    envoy.settle_metrics()
     after = envoy.stats(r"idemgate\.selwise\.")
 
     def delta(name: str) -> int:

@@ -63,6 +63,7 @@ LISTENERS = {
         "maxResponseBytes": 1024,
         "leaseSeconds": 2,
     },
+    "blake3": {"store": {"namespace": "blake3"}, "fingerprint": {"algorithm": "blake3"}},
 }
 
 
@@ -158,6 +159,22 @@ def test_large_request_body_over_one_mib_is_fingerprinted_and_forwarded_intact(e
 
 
 # 2 ---------------------------------------------------------------------------------------
+
+
+def test_blake3_fingerprints_replay_identical_and_refuse_changed_bodies(envoy, origin):
+    """fingerprint.algorithm blake3 (wasm SIMD inside Envoy): a large body replays, one
+    changed byte at the end is a mismatch that never reaches the origin."""
+    path = fresh()
+    body = b'{"pad":"' + b"x" * 70_000 + b'"}'
+    h = {"Idempotency-Key": "b3-" + uuid.uuid4().hex, "Content-Type": "application/json"}
+    first = send(port(envoy, "blake3"), "POST", path, body, h)
+    assert first.status == 200 and first.header("idempotent-replayed") is None, first
+    again = send(port(envoy, "blake3"), "POST", path, body, h)
+    assert again.status == 200 and again.header("idempotent-replayed") == "true", again
+    assert again.body == first.body
+    changed = body[:-3] + b'y"}'
+    is_problem(send(port(envoy, "blake3"), "POST", path, changed, h), 422)
+    assert executions(origin, path) == 1
 
 
 def test_same_key_different_body_is_422_and_never_reaches_origin(envoy, origin):
@@ -449,6 +466,7 @@ def test_key_churn_store_stays_bounded_and_memory_flat():
                 print(f"churn: sent {sent}, body keys {stat('store_body_keys')}, rss {envoy.rss_bytes() >> 20} MiB")
             assert sent >= target, f"only {sent} requests in the time allowed"
             assert bad == 0, f"{bad} non-2xx answers"
+            envoy.settle_metrics()
             assert stat("forwarded") >= target
             assert stat("stored") >= target
             index_keys, body_keys = stat("store_index_keys"), stat("store_body_keys")
@@ -579,6 +597,7 @@ def test_post_without_key_passes_when_not_required(envoy, origin):
 
 
 def test_metrics_count_outcomes(envoy):
+    envoy.settle_metrics()
     stats = envoy.stats(r"idemgate\.main\.")
     names = {k.rsplit(".", 1)[1]: v for k, v in stats.items()}
     for m in ["forwarded", "replayed", "conflicts", "mismatches", "bad_keys", "too_large", "stored", "passed"]:

@@ -254,6 +254,7 @@ def test_four_workers_admit_within_the_allowance(envoy):
 
 
 def prom(envoy: Envoy, namespace: str) -> dict[str, float]:
+    envoy.settle_metrics()
     status, text = envoy.admin("/stats/prometheus")
     assert status == 200
     out = {}

@@ -107,6 +107,7 @@ struct RawFingerprint {
     headers: Option<Vec<String>>,
     body: Option<String>,
     exclude_pointers: Option<Vec<String>>,
+    algorithm: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default, Clone)]
@@ -271,9 +272,21 @@ pub enum BodyMode {
     None,
 }
 
+/// The hash of the fingerprint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HashAlgorithm {
+    /// SHA-256 (the default).
+    #[default]
+    Sha256,
+    /// BLAKE3 (opt-in: ~4-5x SHA-256 under V8 with wasm SIMD; builds with the `blake3` feature).
+    Blake3,
+}
+
 /// What the fingerprint covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FingerprintSpec {
+    /// The hash.
+    pub algorithm: HashAlgorithm,
     /// The method.
     pub method: bool,
     /// The path.
@@ -801,6 +814,7 @@ impl Rule {
             key_required: false,
             key_max_length: 255,
             fingerprint: FingerprintSpec {
+                algorithm: HashAlgorithm::Sha256,
                 method: true,
                 path: true,
                 query: true,
@@ -1324,6 +1338,23 @@ fn validate_rule(
             ))
         }
     };
+    let algorithm = match fp.algorithm.as_deref() {
+        None | Some("sha256") => HashAlgorithm::Sha256,
+        Some("blake3") if cfg!(feature = "blake3") => HashAlgorithm::Blake3,
+        Some("blake3") => {
+            return Err(ConfigError::new(
+                p("fingerprint.algorithm"),
+                "\"blake3\" is not built into this module (the edge module has sha256 only)"
+                    .to_string(),
+            ))
+        }
+        Some(other) => {
+            return Err(ConfigError::new(
+                p("fingerprint.algorithm"),
+                format!("must be one of sha256, blake3; got {other:?}"),
+            ))
+        }
+    };
     let mut fp_headers = Vec::new();
     for (i, h) in fp.headers.unwrap_or_default().iter().enumerate() {
         fp_headers.push(header_name(&p(&format!("fingerprint.headers[{i}]")), h)?);
@@ -1342,6 +1373,7 @@ fn validate_rule(
         ));
     }
     let fingerprint = FingerprintSpec {
+        algorithm,
         method: fp.method.unwrap_or(true),
         path: fp.path.unwrap_or(true),
         query: fp.query.unwrap_or(true),
@@ -1807,6 +1839,13 @@ mod tests {
         assert!(err(r#"{"store":{"capacity":4,"probes":8}}"#)
             .starts_with("store.probes: must not exceed"));
         assert!(err(r#"{"store":{"capasity":4}}"#).starts_with("store.capasity: unknown field"));
+        assert_eq!(
+            err(r#"{"fingerprint":{"algorithm":"md5"}}"#),
+            "fingerprint.algorithm: must be one of sha256, blake3; got \"md5\""
+        );
+        #[cfg(not(feature = "blake3"))]
+        assert!(err(r#"{"fingerprint":{"algorithm":"blake3"}}"#)
+            .starts_with("fingerprint.algorithm: \"blake3\" is not built into this module"));
         assert!(err(r#"{"response":{"storeStatuses":[700]}}"#)
             .starts_with("response.storeStatuses[0]: must be a status code"));
         assert!(

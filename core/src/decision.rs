@@ -18,13 +18,14 @@
 //!     other => unreachable!("{other:?}"),
 //! }
 //! ```
+use crate::sha256::Sha256;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use crate::canonical::{canonical_bytes, key_text, pointer_get, pointer_remove};
 use crate::clock::Millis;
 use crate::config::{
-    BodyMode, ConcurrentAction, Config, DuplicateAction, KeySource, MismatchAction, Rule,
+    BodyMode, ConcurrentAction, Config, DuplicateAction, HashAlgorithm, KeySource, MismatchAction,
+    Rule,
 };
 use crate::fingerprint::Fingerprint;
 use crate::headers::HeaderLookup;
@@ -440,6 +441,59 @@ fn expiry(rule: &Rule, headers: &[(String, Vec<u8>)]) -> Result<Option<u64>, Rej
     Ok(Some(secs.saturating_mul(1000)))
 }
 
+/// The hash of a fingerprint, by `fingerprint.algorithm`. The domain string differs per
+/// algorithm (and per version of what is hashed), so no two ever compare equal.
+// Short-lived, on the stack, one per request: no need to box the larger BLAKE3 state.
+#[allow(clippy::large_enum_variant)]
+enum FpHash {
+    Sha256(Sha256),
+    #[cfg(feature = "blake3")]
+    Blake3(blake3::Hasher),
+}
+
+impl FpHash {
+    fn new(algorithm: HashAlgorithm) -> Self {
+        match algorithm {
+            #[cfg(feature = "blake3")]
+            HashAlgorithm::Blake3 => {
+                let mut h = blake3::Hasher::new();
+                h.update(b"idemgate/fp/v3-blake3\0");
+                Self::Blake3(h)
+            }
+            // Without the feature the configuration refuses blake3.
+            _ => {
+                let mut h = Sha256::new();
+                h.update(b"idemgate/fp/v2\0");
+                Self::Sha256(h)
+            }
+        }
+    }
+
+    fn update(&mut self, data: impl AsRef<[u8]>) {
+        match self {
+            Self::Sha256(h) => h.update(data),
+            #[cfg(feature = "blake3")]
+            Self::Blake3(h) => {
+                h.update(data.as_ref());
+            }
+        }
+    }
+
+    /// A length-prefixed part.
+    fn put(&mut self, part: &[u8]) {
+        self.update((part.len() as u64).to_be_bytes());
+        self.update(part);
+    }
+
+    fn finalize(self) -> [u8; 32] {
+        match self {
+            Self::Sha256(h) => h.finalize(),
+            #[cfg(feature = "blake3")]
+            Self::Blake3(h) => *h.finalize().as_bytes(),
+        }
+    }
+}
+
 /// The fingerprint of a request under `rule`'s fingerprint spec.
 pub fn fingerprint(
     rule: &Rule,
@@ -453,31 +507,30 @@ pub fn fingerprint(
     let (path, query) = path_with_query
         .split_once('?')
         .unwrap_or((path_with_query, ""));
-    let mut h = Sha256::new();
-    h.update(b"idemgate/fp/v2\0");
+    let mut h = FpHash::new(spec.algorithm);
     let flag = |on: bool| [u8::from(on)];
     h.update(flag(spec.method));
     if spec.method {
-        put(&mut h, method.to_ascii_uppercase().as_bytes());
+        h.put(method.to_ascii_uppercase().as_bytes());
     }
     h.update(flag(spec.path));
     if spec.path {
-        put(&mut h, path.as_bytes());
+        h.put(path.as_bytes());
     }
     h.update(flag(spec.query));
     if spec.query {
-        put(&mut h, query.as_bytes());
+        h.put(query.as_bytes());
     }
     h.update((spec.headers.len() as u64).to_be_bytes());
     for name in &spec.headers {
-        put(&mut h, name.as_bytes());
-        put(&mut h, &headers.get_all(name).join(&b","[..]));
+        h.put(name.as_bytes());
+        h.put(&headers.get_all(name).join(&b","[..]));
     }
     match spec.body {
         BodyMode::None => h.update(b"n"),
         BodyMode::Raw => {
             h.update(b"r");
-            put(&mut h, body);
+            h.put(body);
         }
         BodyMode::CanonicalJson => {
             h.update(b"c");
@@ -486,9 +539,9 @@ pub fn fingerprint(
                     for p in &spec.exclude_pointers {
                         pointer_remove(&mut v, p);
                     }
-                    put(&mut h, &canonical_bytes(&v));
+                    h.put(&canonical_bytes(&v));
                 }
-                None => put(&mut h, body),
+                None => h.put(body),
             }
         }
     }
@@ -778,6 +831,50 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn fingerprint_algorithms_never_meet() {
+        let hk = [("idempotency-key", "k")];
+        let sha = cfg("{}");
+        assert_eq!(
+            sha.rule_at(0).fingerprint.algorithm,
+            crate::config::HashAlgorithm::Sha256
+        );
+        let a = ready(&sha, "POST", "/p", &hk, b"body");
+        assert_eq!(
+            a.fingerprint,
+            ready(&sha, "POST", "/p", &hk, b"body").fingerprint
+        );
+        #[cfg(feature = "blake3")]
+        {
+            let b3 = cfg(r#"{"fingerprint": {"algorithm": "blake3"}}"#);
+            let b = ready(&b3, "POST", "/p", &hk, b"body");
+            assert_ne!(
+                a.fingerprint, b.fingerprint,
+                "the algorithm is part of the fingerprint"
+            );
+            assert_eq!(
+                b.fingerprint,
+                ready(&b3, "POST", "/p", &hk, b"body").fingerprint
+            );
+            assert_ne!(
+                b.fingerprint,
+                ready(&b3, "POST", "/p", &hk, b"bodY").fingerprint
+            );
+            assert_ne!(
+                b.fingerprint,
+                ready(&b3, "POST", "/q", &hk, b"body").fingerprint
+            );
+            let long = vec![7u8; 70_000];
+            let c = ready(&b3, "POST", "/p", &hk, &long);
+            let mut other = long.clone();
+            other[69_999] = 8;
+            assert_ne!(
+                c.fingerprint,
+                ready(&b3, "POST", "/p", &hk, &other).fingerprint
+            );
+        }
     }
 
     #[test]

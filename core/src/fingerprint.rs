@@ -9,7 +9,7 @@
 //! b.update(b"{\"amount\":10}");
 //! assert_eq!(a.finish(), b.finish());
 //! ```
-use sha2::{Digest, Sha256};
+use crate::sha256::Sha256;
 use std::fmt;
 
 use crate::key::put;

@@ -14,7 +14,7 @@
 //! let b = KeyId::scoped("POST", "/orders", &[b"Bearer b"], "k");
 //! assert_ne!(a, b);
 //! ```
-use sha2::{Digest, Sha256};
+use crate::sha256::Sha256;
 use std::fmt;
 
 /// Why a key was refused.

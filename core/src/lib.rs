@@ -43,6 +43,7 @@ pub mod problem;
 pub mod ratelimit;
 pub mod record;
 pub mod response;
+pub mod sha256;
 pub mod store;
 
 pub use clock::{Clock, FakeClock, Millis};

@@ -106,7 +106,7 @@
 //! ```
 use std::fmt;
 
-use sha2::{Digest, Sha256};
+use crate::sha256::Sha256;
 
 use crate::clock::Millis;
 use crate::codec::{CodecError, Reader, Writer};

@@ -47,8 +47,9 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Metr
 /// Request or response headers as the host gives them.
 type Headers = Vec<(String, Vec<u8>)>;
 
-/// Internal request header carrying the reader→gate token. Removed by the reader when a
-/// client sends it, and by the gate before the request goes on.
+/// Request header that carried the reader→gate token in earlier versions. The token now
+/// goes through [`NEXT_GATE`]; a client-sent header of this name is still removed, so that
+/// no origin can be misled by one.
 const GATE_HEADER: &str = "x-idemgate-gate";
 
 proxy_wasm::main! {{
@@ -66,6 +67,11 @@ thread_local! {
     static GATES: RefCell<HashMap<u64, u32>> = RefCell::new(HashMap::new());
     static SEED: u64 = RandomState::new().build_hasher().finish();
     static COUNTER: Cell<u64> = const { Cell::new(0) };
+    /// The reader→gate token of the request whose headers are passing from the reader to
+    /// the gate. The gate's `on_http_request_headers` runs synchronously right after the
+    /// reader's returns `Continue`, on the same worker thread and VM, so a thread-local hands
+    /// the token over without a header (and its three hostcalls).
+    static NEXT_GATE: Cell<Option<u64>> = const { Cell::new(None) };
 }
 
 /// A fresh token, unique across workers with overwhelming probability.
@@ -135,38 +141,42 @@ impl CasStore for SharedData {
     }
 }
 
-/// Metric ids defined for one namespace.
+/// Metrics of one namespace, counted in the VM and sent to the host in one batch per flush
+/// (the root context's tick), so a request costs no `increment_metric` hostcalls.
 #[derive(Default)]
 struct Metrics {
-    ids: HashMap<&'static str, u32>,
+    /// Host metric id and the count not yet flushed, by metric name.
+    ids: HashMap<&'static str, (u32, Cell<i64>)>,
 }
 
 impl Metrics {
     fn define(namespace: &str) -> Self {
         let mut ids = HashMap::new();
-        for m in metrics::COUNTERS {
-            if let Ok(id) =
-                hostcalls::define_metric(MetricType::Counter, &metrics::name(namespace, m))
-            {
-                ids.insert(*m, id);
-            }
-        }
-        for m in metrics::GAUGES {
-            if let Ok(id) =
-                hostcalls::define_metric(MetricType::Gauge, &metrics::name(namespace, m))
-            {
-                ids.insert(*m, id);
+        let kinds = metrics::COUNTERS
+            .iter()
+            .map(|m| (m, MetricType::Counter))
+            .chain(metrics::GAUGES.iter().map(|m| (m, MetricType::Gauge)));
+        for (m, kind) in kinds {
+            if let Ok(id) = hostcalls::define_metric(kind, &metrics::name(namespace, m)) {
+                ids.insert(*m, (id, Cell::new(0)));
             }
         }
         Self { ids }
     }
 
     fn add(&self, metric: &str, n: i64) {
-        if n == 0 {
-            return;
+        if let Some((_, pending)) = self.ids.get(metric) {
+            pending.set(pending.get().saturating_add(n));
         }
-        if let Some(id) = self.ids.get(metric) {
-            let _ = hostcalls::increment_metric(*id, n);
+    }
+
+    /// Sends the counts gathered since the last flush to the host.
+    fn flush(&self) {
+        for (id, pending) in self.ids.values() {
+            let n = pending.replace(0);
+            if n != 0 {
+                let _ = hostcalls::increment_metric(*id, n);
+            }
         }
     }
 
@@ -224,6 +234,10 @@ const WAIT_POLL_MS: u32 = 10;
 /// How often the root context dispatches queued fleet completions and releases.
 const FLEET_TICK_MS: u32 = 10;
 
+/// How often metrics counted in the VM reach Envoy's stats when nothing else needs a
+/// faster tick: the most a counter at the admin endpoint lags behind the traffic.
+const METRICS_FLUSH_MS: u32 = 1000;
+
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, _n: usize, body_size: usize, _t: usize) {
         let (status, body) = call_answer(body_size);
@@ -233,14 +247,26 @@ impl Context for Root {
             fleet_op_answered(token, status, &body);
         }
     }
+
+    fn on_done(&mut self) -> bool {
+        if let Some(s) = &self.shared {
+            s.metrics.flush();
+        }
+        true
+    }
+}
+
+/// Follows Envoy's log level, so that lines Envoy would drop are neither formatted nor
+/// sent (`log::debug!` checks the level first).
+fn follow_host_log_level() {
+    if let Ok(level) = hostcalls::get_log_level() {
+        proxy_wasm::set_log_level(level);
+    }
 }
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        // Format and send only what Envoy will print.
-        if let Ok(level) = hostcalls::get_log_level() {
-            proxy_wasm::set_log_level(level);
-        }
+        follow_host_log_level();
         let root_id = hostcalls::get_property(vec!["plugin_root_id"])
             .ok()
             .flatten()
@@ -260,6 +286,12 @@ impl RootContext for Root {
             log::info!("idemgate: gate ready (root_id {root_id})");
             return true;
         }
+        // The SHA-256 of fingerprints runs in wasm SIMD here: refuse to start rather than
+        // fingerprint wrongly if this runtime computes it differently.
+        if let Err(e) = idemgate_core::sha256::self_test() {
+            log::error!("idemgate: {e}");
+            return false;
+        }
         match Config::from_slice(&raw) {
             Ok(config) => {
                 let metrics = Metrics::define(&config.store_namespace);
@@ -269,17 +301,19 @@ impl RootContext for Root {
                 let waits = config
                     .rules()
                     .any(|r| r.on_concurrent.action == ConcurrentAction::Wait);
-                if config.store_etcd.is_some() {
-                    // Fleet mode: completions and releases are dispatched from the root
-                    // context's tick (a stream's own calls die with it).
-                    let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(
-                        u64::from(FLEET_TICK_MS),
-                    ));
+                // Fleet mode: completions and releases are dispatched from the root
+                // context's tick (a stream's own calls die with it). Every tick also
+                // flushes the metrics counted in the VM.
+                let tick_ms = if config.store_etcd.is_some() {
+                    FLEET_TICK_MS
                 } else if waits {
-                    let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(
-                        u64::from(WAIT_POLL_MS),
-                    ));
-                }
+                    WAIT_POLL_MS
+                } else {
+                    METRICS_FLUSH_MS
+                };
+                let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(u64::from(
+                    tick_ms,
+                )));
                 log::info!(
                     "idemgate: configured (root_id {root_id:?}, {} route rule(s), namespace {}, capacity {}){}",
                     config.routes.len(),
@@ -319,6 +353,11 @@ impl RootContext for Root {
             }
         }
         drain_fleet_ops(self.id);
+        if let Some(s) = &self.shared {
+            s.metrics.flush();
+            // An operator may change Envoy's level at run time (admin /logging).
+            follow_host_log_level();
+        }
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -362,16 +401,7 @@ impl Context for Gate {
 
 impl HttpContext for Gate {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        let Ok(Some(raw)) =
-            hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, GATE_HEADER)
-        else {
-            return Action::Continue;
-        };
-        let _ = hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, GATE_HEADER, None);
-        let token = std::str::from_utf8(&raw)
-            .ok()
-            .and_then(|s| s.parse::<u64>().ok());
-        match token {
+        match NEXT_GATE.with(Cell::take) {
             Some(t) => {
                 GATES.with(|g| g.borrow_mut().insert(t, self.id));
                 self.token = Some(t);
@@ -953,9 +983,15 @@ impl Reader {
 impl HttpContext for Reader {
     fn on_http_request_headers(&mut self, _n: usize, eos: bool) -> Action {
         let s = self.shared.clone();
-        // Never trust a client-sent gate token.
-        let _ = hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, GATE_HEADER, None);
+        // A token left by a request whose reader passed its headers on but whose gate never
+        // took them is stale: never hand it to this request's gate.
+        NEXT_GATE.with(Cell::take);
         let mut headers = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default();
+        if headers.iter().any(|(n, _)| n == GATE_HEADER) {
+            // The gate no longer reads it, but an origin must never see a forged one.
+            let _ = hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, GATE_HEADER, None);
+            headers.retain(|(n, _)| n != GATE_HEADER);
+        }
         self.correlate(&mut headers);
         let pseudo = |name: &str| {
             headers
@@ -1002,19 +1038,7 @@ impl HttpContext for Reader {
                     return self.body_complete(pending, None, &[]);
                 }
                 let token = fresh_token();
-                if let Err(e) = hostcalls::set_map_value_bytes(
-                    MapType::HttpRequestHeaders,
-                    GATE_HEADER,
-                    Some(token.to_string().as_bytes()),
-                ) {
-                    log::error!("idemgate: could not tag request for the gate: {e:?}");
-                    return self.reject(
-                        rule,
-                        Rejection::Misconfigured {
-                            detail: "could not tag the request for the gate".into(),
-                        },
-                    );
-                }
+                NEXT_GATE.with(|g| g.set(Some(token)));
                 self.phase = Phase::Buffering { pending, token };
                 Action::Continue
             }
