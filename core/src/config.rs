@@ -1,5 +1,6 @@
-//! Configuration: a JSON document parsed into serde DTOs with `deny_unknown_fields`, then
-//! validated into [`Config`]. Every error names the field path and the bad value.
+//! Configuration: a JSON document read by hand into DTOs (unknown and duplicate fields
+//! refused), then validated into [`Config`]. Every error names the field path and the bad
+//! value.
 //!
 //! The document holds process-wide settings (`store`, `correlation`), a default [`Rule`]
 //! (every other top-level field) and optional per-route rules (`routes`): the first route
@@ -15,14 +16,12 @@
 //! let err = Config::from_json(r#"{"key": {"maxLength": 0}}"#).unwrap_err();
 //! assert_eq!(err.to_string(), "key.maxLength: must be 1..=1024, got 0");
 //! ```
-use serde::de::DeserializeOwned;
-use serde::Deserialize;
-use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
 use crate::canonical::valid_pointer;
 use crate::error::ConfigError;
 use crate::headers::{is_token, never_stored};
+use crate::json::{self, Value};
 use crate::ratelimit::{ContentionPolicy, Quota, ResetFormat};
 
 /// Default response headers stored and replayed.
@@ -41,9 +40,13 @@ pub const DEFAULT_STORE_HEADERS: &[&str] = &[
 ];
 
 // ------------------------------------------------------------------------------------- DTOs
+//
+// The document's blocks as written, every field optional. Each is read by hand from the
+// parsed JSON (`read` below): unknown and duplicate names are refused, type errors name the
+// path and what was found, `null` counts as absent. tests/test_schema.py checks that these
+// fields are exactly the schema's properties.
 
-#[derive(Debug, Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[derive(Default, Clone)]
 struct RawRule {
     methods: Option<Vec<String>>,
     key: Option<RawKey>,
@@ -62,8 +65,55 @@ struct RawRule {
     rate_limit: Option<RawRateLimit>,
 }
 
-#[derive(Debug, Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+impl RawRule {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(
+            path,
+            v,
+            &[
+                "methods",
+                "key",
+                "fingerprint",
+                "ttlSeconds",
+                "leaseSeconds",
+                "expiry",
+                "maxBodyBytes",
+                "maxResponseBytes",
+                "onMismatch",
+                "onDuplicate",
+                "onConcurrent",
+                "response",
+                "scope",
+                "errors",
+                "rateLimit",
+            ],
+            |name, p, v| {
+                match name {
+                    "methods" => r.methods = opt(p, v, strings)?,
+                    "key" => r.key = opt(p, v, RawKey::read)?,
+                    "fingerprint" => r.fingerprint = opt(p, v, RawFingerprint::read)?,
+                    "ttlSeconds" => r.ttl_seconds = opt(p, v, uint)?,
+                    "leaseSeconds" => r.lease_seconds = opt(p, v, uint)?,
+                    "expiry" => r.expiry = opt(p, v, RawExpiry::read)?,
+                    "maxBodyBytes" => r.max_body_bytes = opt(p, v, uint)?,
+                    "maxResponseBytes" => r.max_response_bytes = opt(p, v, uint)?,
+                    "onMismatch" => r.on_mismatch = opt(p, v, RawPolicy::read)?,
+                    "onDuplicate" => r.on_duplicate = opt(p, v, RawPolicy::read)?,
+                    "onConcurrent" => r.on_concurrent = opt(p, v, RawPolicy::read)?,
+                    "response" => r.response = opt(p, v, RawResponse::read)?,
+                    "scope" => r.scope = opt(p, v, RawScope::read)?,
+                    "errors" => r.errors = opt(p, v, RawErrors::read)?,
+                    _ => r.rate_limit = opt(p, v, RawRateLimit::read)?,
+                }
+                Ok(())
+            },
+        )?;
+        Ok(r)
+    }
+}
+
+#[derive(Default, Clone)]
 struct RawRateLimit {
     rate: Option<u64>,
     period_seconds: Option<u64>,
@@ -78,8 +128,47 @@ struct RawRateLimit {
     status: Option<u64>,
 }
 
-#[derive(Debug, Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+impl RawRateLimit {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(
+            path,
+            v,
+            &[
+                "rate",
+                "periodSeconds",
+                "burst",
+                "callerHeaders",
+                "perRoute",
+                "resetFormat",
+                "onContention",
+                "chargeReplays",
+                "capacity",
+                "probes",
+                "status",
+            ],
+            |name, p, v| {
+                match name {
+                    "rate" => r.rate = opt(p, v, uint)?,
+                    "periodSeconds" => r.period_seconds = opt(p, v, uint)?,
+                    "burst" => r.burst = opt(p, v, uint)?,
+                    "callerHeaders" => r.caller_headers = opt(p, v, strings)?,
+                    "perRoute" => r.per_route = opt(p, v, boolean)?,
+                    "resetFormat" => r.reset_format = opt(p, v, string)?,
+                    "onContention" => r.on_contention = opt(p, v, string)?,
+                    "chargeReplays" => r.charge_replays = opt(p, v, boolean)?,
+                    "capacity" => r.capacity = opt(p, v, uint)?,
+                    "probes" => r.probes = opt(p, v, uint)?,
+                    _ => r.status = opt(p, v, uint)?,
+                }
+                Ok(())
+            },
+        )?;
+        Ok(r)
+    }
+}
+
+#[derive(Default, Clone)]
 struct RawKey {
     header: Option<String>,
     sources: Option<Vec<RawSource>>,
@@ -88,8 +177,35 @@ struct RawKey {
     max_length: Option<u64>,
 }
 
-#[derive(Debug, Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+impl RawKey {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(
+            path,
+            v,
+            &[
+                "header",
+                "sources",
+                "deriveFromBody",
+                "required",
+                "maxLength",
+            ],
+            |name, p, v| {
+                match name {
+                    "header" => r.header = opt(p, v, string)?,
+                    "sources" => r.sources = opt(p, v, |p, v| list(p, v, RawSource::read))?,
+                    "deriveFromBody" => r.derive_from_body = opt(p, v, boolean)?,
+                    "required" => r.required = opt(p, v, boolean)?,
+                    _ => r.max_length = opt(p, v, uint)?,
+                }
+                Ok(())
+            },
+        )?;
+        Ok(r)
+    }
+}
+
+#[derive(Default, Clone)]
 struct RawSource {
     header: Option<String>,
     json_pointer: Option<String>,
@@ -98,8 +214,29 @@ struct RawSource {
     caller: Option<bool>,
 }
 
-#[derive(Debug, Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+impl RawSource {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(
+            path,
+            v,
+            &["header", "jsonPointer", "composite", "route", "caller"],
+            |name, p, v| {
+                match name {
+                    "header" => r.header = opt(p, v, string)?,
+                    "jsonPointer" => r.json_pointer = opt(p, v, string)?,
+                    "composite" => r.composite = opt(p, v, |p, v| list(p, v, RawSource::read))?,
+                    "route" => r.route = opt(p, v, boolean)?,
+                    _ => r.caller = opt(p, v, boolean)?,
+                }
+                Ok(())
+            },
+        )?;
+        Ok(r)
+    }
+}
+
+#[derive(Default, Clone)]
 struct RawFingerprint {
     method: Option<bool>,
     path: Option<bool>,
@@ -109,16 +246,64 @@ struct RawFingerprint {
     exclude_pointers: Option<Vec<String>>,
 }
 
-#[derive(Debug, Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+impl RawFingerprint {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(
+            path,
+            v,
+            &[
+                "method",
+                "path",
+                "query",
+                "headers",
+                "body",
+                "excludePointers",
+            ],
+            |name, p, v| {
+                match name {
+                    "method" => r.method = opt(p, v, boolean)?,
+                    "path" => r.path = opt(p, v, boolean)?,
+                    "query" => r.query = opt(p, v, boolean)?,
+                    "headers" => r.headers = opt(p, v, strings)?,
+                    "body" => r.body = opt(p, v, string)?,
+                    _ => r.exclude_pointers = opt(p, v, strings)?,
+                }
+                Ok(())
+            },
+        )?;
+        Ok(r)
+    }
+}
+
+#[derive(Default, Clone)]
 struct RawExpiry {
     header: Option<String>,
     min_seconds: Option<u64>,
     max_seconds: Option<u64>,
 }
 
-#[derive(Debug, Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+impl RawExpiry {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(
+            path,
+            v,
+            &["header", "minSeconds", "maxSeconds"],
+            |name, p, v| {
+                match name {
+                    "header" => r.header = opt(p, v, string)?,
+                    "minSeconds" => r.min_seconds = opt(p, v, uint)?,
+                    _ => r.max_seconds = opt(p, v, uint)?,
+                }
+                Ok(())
+            },
+        )?;
+        Ok(r)
+    }
+}
+
+#[derive(Default, Clone)]
 struct RawPolicy {
     action: Option<String>,
     status: Option<u64>,
@@ -129,8 +314,39 @@ struct RawPolicy {
     body: Option<Value>,
 }
 
-#[derive(Debug, Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+impl RawPolicy {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(
+            path,
+            v,
+            &[
+                "action",
+                "status",
+                "code",
+                "message",
+                "retryAfterSeconds",
+                "waitMillis",
+                "body",
+            ],
+            |name, p, v| {
+                match name {
+                    "action" => r.action = opt(p, v, string)?,
+                    "status" => r.status = opt(p, v, uint)?,
+                    "code" => r.code = opt(p, v, string)?,
+                    "message" => r.message = opt(p, v, string)?,
+                    "retryAfterSeconds" => r.retry_after_seconds = opt(p, v, uint)?,
+                    "waitMillis" => r.wait_millis = opt(p, v, uint)?,
+                    _ => r.body = (!v.is_null()).then_some(v),
+                }
+                Ok(())
+            },
+        )?;
+        Ok(r)
+    }
+}
+
+#[derive(Default, Clone)]
 struct RawResponse {
     store_statuses: Option<Vec<StatusItem>>,
     never_store_statuses: Option<Vec<StatusItem>>,
@@ -138,21 +354,70 @@ struct RawResponse {
     replay_header: Option<String>,
 }
 
-#[derive(Debug, Deserialize, Clone)]
-#[serde(untagged)]
+impl RawResponse {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(
+            path,
+            v,
+            &[
+                "storeStatuses",
+                "neverStoreStatuses",
+                "storeHeaders",
+                "replayHeader",
+            ],
+            |name, p, v| {
+                match name {
+                    "storeStatuses" => r.store_statuses = opt(p, v, status_items)?,
+                    "neverStoreStatuses" => r.never_store_statuses = opt(p, v, status_items)?,
+                    "storeHeaders" => r.store_headers = opt(p, v, strings)?,
+                    _ => r.replay_header = opt(p, v, string)?,
+                }
+                Ok(())
+            },
+        )?;
+        Ok(r)
+    }
+}
+
+/// A status as written: a code (`404`) or text (`"2xx"`, `"500-503"`, `"all"`).
+#[derive(Clone)]
 enum StatusItem {
     Code(i64),
     Text(String),
 }
 
-#[derive(Debug, Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+fn status_items(path: &str, v: Value) -> Result<Vec<StatusItem>, ConfigError> {
+    list(path, v, |p, v| match v {
+        Value::String(s) => Ok(StatusItem::Text(s)),
+        Value::Number(n) if n.as_i64().is_some() => Ok(StatusItem::Code(n.as_i64().unwrap_or(0))),
+        other => Err(ConfigError::new(
+            p,
+            format!(
+                "data did not match any variant: must be a status code or a string, got {}",
+                unexpected(&other)
+            ),
+        )),
+    })
+}
+
+#[derive(Default, Clone)]
 struct RawScope {
     credential_headers: Option<Vec<String>>,
 }
 
-#[derive(Debug, Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+impl RawScope {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(path, v, &["credentialHeaders"], |_, p, v| {
+            r.credential_headers = opt(p, v, strings)?;
+            Ok(())
+        })?;
+        Ok(r)
+    }
+}
+
+#[derive(Default, Clone)]
 struct RawErrors {
     format: Option<String>,
     envelope: Option<Value>,
@@ -161,8 +426,29 @@ struct RawErrors {
     messages: Option<BTreeMap<String, String>>,
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+impl RawErrors {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(
+            path,
+            v,
+            &["format", "envelope", "contentType", "codes", "messages"],
+            |name, p, v| {
+                match name {
+                    "format" => r.format = opt(p, v, string)?,
+                    "envelope" => r.envelope = (!v.is_null()).then_some(v),
+                    "contentType" => r.content_type = opt(p, v, string)?,
+                    "codes" => r.codes = opt(p, v, string_map)?,
+                    _ => r.messages = opt(p, v, string_map)?,
+                }
+                Ok(())
+            },
+        )?;
+        Ok(r)
+    }
+}
+
+#[derive(Default)]
 struct RawStore {
     capacity: Option<u64>,
     probes: Option<u64>,
@@ -170,8 +456,28 @@ struct RawStore {
     etcd: Option<RawEtcd>,
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+impl RawStore {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(
+            path,
+            v,
+            &["capacity", "probes", "namespace", "etcd"],
+            |name, p, v| {
+                match name {
+                    "capacity" => r.capacity = opt(p, v, uint)?,
+                    "probes" => r.probes = opt(p, v, uint)?,
+                    "namespace" => r.namespace = opt(p, v, string)?,
+                    _ => r.etcd = opt(p, v, RawEtcd::read)?,
+                }
+                Ok(())
+            },
+        )?;
+        Ok(r)
+    }
+}
+
+#[derive(Default)]
 struct RawEtcd {
     cluster: Option<String>,
     prefix: Option<String>,
@@ -183,19 +489,225 @@ struct RawEtcd {
     max_value_bytes: Option<u64>,
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+impl RawEtcd {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(
+            path,
+            v,
+            &[
+                "cluster",
+                "prefix",
+                "authority",
+                "timeoutMillis",
+                "retries",
+                "failPolicy",
+                "leaseBucketSeconds",
+                "maxValueBytes",
+            ],
+            |name, p, v| {
+                match name {
+                    "cluster" => r.cluster = opt(p, v, string)?,
+                    "prefix" => r.prefix = opt(p, v, string)?,
+                    "authority" => r.authority = opt(p, v, string)?,
+                    "timeoutMillis" => r.timeout_millis = opt(p, v, uint)?,
+                    "retries" => r.retries = opt(p, v, uint)?,
+                    "failPolicy" => r.fail_policy = opt(p, v, string)?,
+                    "leaseBucketSeconds" => r.lease_bucket_seconds = opt(p, v, uint)?,
+                    _ => r.max_value_bytes = opt(p, v, uint)?,
+                }
+                Ok(())
+            },
+        )?;
+        Ok(r)
+    }
+}
+
+#[derive(Default)]
 struct RawCorrelation {
     header: Option<String>,
     generate: Option<bool>,
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+impl RawCorrelation {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(path, v, &["header", "generate"], |name, p, v| {
+            match name {
+                "header" => r.header = opt(p, v, string)?,
+                _ => r.generate = opt(p, v, boolean)?,
+            }
+            Ok(())
+        })?;
+        Ok(r)
+    }
+}
+
+#[derive(Default)]
 struct RawMatch {
     prefix: Option<String>,
     exact: Option<String>,
     methods: Option<Vec<String>>,
+}
+
+impl RawMatch {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(path, v, &["prefix", "exact", "methods"], |name, p, v| {
+            match name {
+                "prefix" => r.prefix = opt(p, v, string)?,
+                "exact" => r.exact = opt(p, v, string)?,
+                _ => r.methods = opt(p, v, strings)?,
+            }
+            Ok(())
+        })?;
+        Ok(r)
+    }
+}
+
+// ------------------------------------------------------------------- reading the document
+
+/// `path.field`, or `field` at the top.
+fn join(path: &str, field: &str) -> String {
+    if path.is_empty() {
+        field.to_string()
+    } else {
+        format!("{path}.{field}")
+    }
+}
+
+/// An error at `path` (`$` for the document itself).
+fn error_at(path: &str, problem: String) -> ConfigError {
+    ConfigError::new(if path.is_empty() { "$" } else { path }, problem)
+}
+
+/// What was found, as type errors name it: `string "x"`, ``integer `-1` ``, `sequence`, …
+fn unexpected(v: &Value) -> String {
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(b) => format!("boolean `{b}`"),
+        Value::Number(n) if n.is_integer() => format!("integer `{}`", n.as_str()),
+        Value::Number(n) => format!("floating point `{}`", n.as_str()),
+        Value::String(s) => format!("string {s:?}"),
+        Value::Array(_) => "sequence".into(),
+        Value::Object(_) => "map".into(),
+    }
+}
+
+fn invalid_type(path: &str, v: &Value, expected: &str) -> ConfigError {
+    error_at(
+        path,
+        format!("invalid type: {}, expected {expected}", unexpected(v)),
+    )
+}
+
+/// The members of the object at `path` in document order; the first name that is given
+/// twice is refused (a JSON object's names should be unique, RFC 8259 §4).
+fn members(path: &str, v: Value) -> Result<Vec<(String, Value)>, ConfigError> {
+    let Value::Object(obj) = v else {
+        return Err(invalid_type(path, &v, "a map"));
+    };
+    let mut names: Vec<&str> = obj.0.iter().map(|(k, _)| k.as_str()).collect();
+    names.sort_unstable();
+    if let Some(dup) = names.windows(2).find(|w| w.first() == w.last()) {
+        let name = dup.first().copied().unwrap_or_default();
+        return Err(error_at(
+            &join(path, name),
+            format!("duplicate field `{name}`"),
+        ));
+    }
+    Ok(obj.0)
+}
+
+/// Reads the block at `path`: every member must be one of `fields` (else `unknown field`),
+/// and is handed to `set` with its path.
+fn block(
+    path: &str,
+    v: Value,
+    fields: &[&str],
+    mut set: impl FnMut(&str, &str, Value) -> Result<(), ConfigError>,
+) -> Result<(), ConfigError> {
+    for (name, value) in members(path, v)? {
+        let p = join(path, &name);
+        if !fields.contains(&name.as_str()) {
+            return Err(error_at(
+                &p,
+                format!(
+                    "unknown field `{name}`, expected one of `{}`",
+                    fields.join("`, `")
+                ),
+            ));
+        }
+        set(&name, &p, value)?;
+    }
+    Ok(())
+}
+
+/// `None` for an absent (`null`) value, else what `read` makes of it.
+fn opt<T>(
+    path: &str,
+    v: Value,
+    read: impl FnOnce(&str, Value) -> Result<T, ConfigError>,
+) -> Result<Option<T>, ConfigError> {
+    if v.is_null() {
+        Ok(None)
+    } else {
+        read(path, v).map(Some)
+    }
+}
+
+fn list<T>(
+    path: &str,
+    v: Value,
+    item: impl Fn(&str, Value) -> Result<T, ConfigError>,
+) -> Result<Vec<T>, ConfigError> {
+    let Value::Array(items) = v else {
+        return Err(invalid_type(path, &v, "a sequence"));
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for (i, v) in items.into_iter().enumerate() {
+        out.push(item(&format!("{path}[{i}]"), v)?);
+    }
+    Ok(out)
+}
+
+fn string(path: &str, v: Value) -> Result<String, ConfigError> {
+    match v {
+        Value::String(s) => Ok(s),
+        other => Err(invalid_type(path, &other, "a string")),
+    }
+}
+
+fn strings(path: &str, v: Value) -> Result<Vec<String>, ConfigError> {
+    list(path, v, string)
+}
+
+fn boolean(path: &str, v: Value) -> Result<bool, ConfigError> {
+    match v {
+        Value::Bool(b) => Ok(b),
+        other => Err(invalid_type(path, &other, "a boolean")),
+    }
+}
+
+fn uint(path: &str, v: Value) -> Result<u64, ConfigError> {
+    match &v {
+        Value::Number(n) if n.is_integer() => n.as_u64().ok_or_else(|| {
+            error_at(
+                path,
+                format!("invalid value: {}, expected u64", unexpected(&v)),
+            )
+        }),
+        _ => Err(invalid_type(path, &v, "u64")),
+    }
+}
+
+fn string_map(path: &str, v: Value) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for (k, v) in members(path, v)? {
+        let s = string(&join(path, &k), v)?;
+        out.insert(k, s);
+    }
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------- validated
@@ -565,15 +1077,14 @@ impl Config {
     /// gives the defaults.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
         let text = if text.trim().is_empty() { "{}" } else { text };
-        let de = &mut serde_json::Deserializer::from_str(text);
-        let doc: Value = serde_path_to_error::deserialize(de)
-            .map_err(|e| ConfigError::new("$", e.inner().to_string()))?;
-        let Value::Object(mut top) = doc else {
+        let doc = json::parse_str(text).map_err(|e| ConfigError::new("$", e.to_string()))?;
+        if !matches!(doc, Value::Object(_)) {
             return Err(ConfigError::new(
                 "$",
                 format!("must be a JSON object, got {}", kind(&doc)),
             ));
-        };
+        }
+        let mut top = json::Object(members("", doc)?);
         let description = match top.remove("description") {
             None => None,
             Some(Value::String(s)) => Some(s),
@@ -585,8 +1096,14 @@ impl Config {
             }
         };
         top.remove("$schema");
-        let store: RawStore = take(&mut top, "store")?.unwrap_or_default();
-        let correlation: Option<RawCorrelation> = take(&mut top, "correlation")?;
+        let store = match top.remove("store") {
+            None => RawStore::default(),
+            Some(v) => opt("store", v, RawStore::read)?.unwrap_or_default(),
+        };
+        let correlation = match top.remove("correlation") {
+            None => None,
+            Some(v) => opt("correlation", v, RawCorrelation::read)?,
+        };
         let routes = match top.remove("routes") {
             None => Vec::new(),
             Some(Value::Array(items)) => items,
@@ -597,18 +1114,19 @@ impl Config {
                 ))
             }
         };
-        let base: RawRule = typed("", Value::Object(top))?;
+        let base = RawRule::read("", Value::Object(top))?;
         let default_rule = validate_rule("", "default".into(), None, base.clone())?;
 
         let mut rules = Vec::new();
         for (i, item) in routes.into_iter().enumerate() {
             let prefix = format!("routes[{i}].");
-            let Value::Object(mut obj) = item else {
+            if !matches!(item, Value::Object(_)) {
                 return Err(ConfigError::new(
                     format!("routes[{i}]"),
                     "must be an object".to_string(),
                 ));
-            };
+            }
+            let mut obj = json::Object(members(&format!("routes[{i}]"), item)?);
             let name = match obj.remove("name") {
                 None => format!("route{i}"),
                 Some(Value::String(s)) if !s.is_empty() && s.len() <= 64 => s,
@@ -619,14 +1137,14 @@ impl Config {
                     ))
                 }
             };
-            let m: RawMatch = match obj.remove("match") {
-                None => {
+            let m = match obj.remove("match") {
+                None | Some(Value::Null) => {
                     return Err(ConfigError::new(
                         format!("{prefix}match"),
                         "is required".to_string(),
                     ))
                 }
-                Some(v) => typed(&format!("{prefix}match."), v)?,
+                Some(v) => RawMatch::read(&format!("{prefix}match"), v)?,
             };
             if name == "default" || rules.iter().any(|r: &Rule| r.name == name) {
                 return Err(ConfigError::new(
@@ -635,7 +1153,7 @@ impl Config {
                 ));
             }
             let matcher = validate_match(&prefix, m)?;
-            let over: RawRule = typed(&prefix, Value::Object(obj))?;
+            let over = RawRule::read(&format!("routes[{i}]"), Value::Object(obj))?;
             let merged = merge(&base, over);
             rules.push(validate_rule(&prefix, name, Some(matcher), merged)?);
         }
@@ -891,30 +1409,6 @@ fn kind(v: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
-    }
-}
-
-/// Deserializes `value` into `T`, naming errors with `prefix` + the path inside.
-fn typed<T: DeserializeOwned>(prefix: &str, value: Value) -> Result<T, ConfigError> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let inner = e.path().to_string();
-        let path = match (prefix.trim_end_matches('.'), inner.as_str()) {
-            ("", "." | "?") => "$".to_string(),
-            (p, "." | "?") => p.to_string(),
-            ("", i) => i.to_string(),
-            (_, i) => format!("{prefix}{i}"),
-        };
-        ConfigError::new(path, e.inner().to_string())
-    })
-}
-
-fn take<T: DeserializeOwned>(
-    top: &mut Map<String, Value>,
-    field: &str,
-) -> Result<Option<T>, ConfigError> {
-    match top.remove(field) {
-        None => Ok(None),
-        Some(v) => typed(&format!("{field}."), v).map(Some),
     }
 }
 
@@ -1265,7 +1759,9 @@ fn check_template(path: &str, v: &Value) -> Result<(), ConfigError> {
             Ok(())
         }
         Value::Object(map) => {
-            for (k, item) in map {
+            // refuses duplicate names
+            members(path, Value::Object(map.clone()))?;
+            for (k, item) in map.iter() {
                 check_template(&format!("{path}.{k}"), item)?;
             }
             Ok(())
@@ -1858,6 +2354,173 @@ mod tests {
             .starts_with("key.sources[0].route: is only valid"));
         assert!(err(r#"{"onConcurrent":{"action":"wait"}}"#)
             .starts_with("onConcurrent.waitMillis: must be set"));
+    }
+
+    #[test]
+    fn duplicate_fields_are_refused_naming_the_path() {
+        assert_eq!(
+            err(r#"{"ttlSeconds": 10, "ttlSeconds": 20}"#),
+            "ttlSeconds: duplicate field `ttlSeconds`"
+        );
+        assert_eq!(
+            err(r#"{"key": {"header": "a", "header": "b"}}"#),
+            "key.header: duplicate field `header`"
+        );
+        assert_eq!(
+            err(r#"{"routes": [{"match": {"prefix": "/a"}, "name": "x", "name": "y"}]}"#),
+            "routes[0].name: duplicate field `name`"
+        );
+        assert_eq!(
+            err(r#"{"errors": {"codes": {"conflict": "a", "conflict": "b"}}}"#),
+            "errors.codes.conflict: duplicate field `conflict`"
+        );
+        assert_eq!(
+            err(r#"{"errors": {"format": "envelope", "envelope": {"e": {"x": 1, "x": 2}}}}"#),
+            "errors.envelope.e.x: duplicate field `x`"
+        );
+    }
+
+    #[test]
+    fn type_errors_name_what_was_found() {
+        for (json, want) in [
+            (r#"{"ttlSeconds": "x"}"#, "ttlSeconds: invalid type: string \"x\", expected u64"),
+            (r#"{"ttlSeconds": -1}"#, "ttlSeconds: invalid value: integer `-1`, expected u64"),
+            (r#"{"ttlSeconds": 1.5}"#, "ttlSeconds: invalid type: floating point `1.5`, expected u64"),
+            (r#"{"ttlSeconds": 18446744073709551616}"#, "ttlSeconds: invalid value: integer `18446744073709551616`, expected u64"),
+            (r#"{"methods": "POST"}"#, "methods: invalid type: string \"POST\", expected a sequence"),
+            (r#"{"methods": [null]}"#, "methods[0]: invalid type: null, expected a string"),
+            (r#"{"key": []}"#, "key: invalid type: sequence, expected a map"),
+            (r#"{"key": {"required": "yes"}}"#, "key.required: invalid type: string \"yes\", expected a boolean"),
+            (r#"{"key": {"sources": [{"composite": [{"header": 5}]}]}}"#, "key.sources[0].composite[0].header: invalid type: integer `5`, expected a string"),
+            (r#"{"errors": {"codes": {"conflict": true}}}"#, "errors.codes.conflict: invalid type: boolean `true`, expected a string"),
+            (r#"{"response": {"storeStatuses": [{}]}}"#, "response.storeStatuses[0]: data did not match any variant: must be a status code or a string, got map"),
+            (r#"{"routes": [{"match": []}]}"#, "routes[0].match: invalid type: sequence, expected a map"),
+        ] {
+            assert_eq!(err(json), want, "{json}");
+        }
+        assert!(err(r#"{"bogus": 1}"#)
+            .starts_with("bogus: unknown field `bogus`, expected one of `methods`, `key`,"));
+        assert_eq!(err("[1,]"), "$: trailing comma at line 1 column 4");
+    }
+
+    #[test]
+    fn null_counts_as_absent() {
+        let c = Config::from_json(
+            r#"{"ttlSeconds": null, "key": null, "store": null, "correlation": null,
+                "onDuplicate": {"body": null, "action": null}, "errors": {"envelope": null}}"#,
+        )
+        .unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn every_block_accepts_each_of_its_fields() {
+        // Each field name listed in a block's reader gets past the unknown-field check: the
+        // value `{"?": 1}` is wrong for every field, so the error must name the field itself
+        // (or something inside it), never refuse it as unknown.
+        let blocks: &[(&str, &[&str])] = &[
+            (
+                "",
+                &[
+                    "methods",
+                    "key",
+                    "fingerprint",
+                    "ttlSeconds",
+                    "leaseSeconds",
+                    "expiry",
+                    "maxBodyBytes",
+                    "maxResponseBytes",
+                    "onMismatch",
+                    "onDuplicate",
+                    "onConcurrent",
+                    "response",
+                    "scope",
+                    "rateLimit",
+                ],
+            ),
+            (
+                "key",
+                &[
+                    "header",
+                    "sources",
+                    "deriveFromBody",
+                    "required",
+                    "maxLength",
+                ],
+            ),
+            (
+                "fingerprint",
+                &[
+                    "method",
+                    "path",
+                    "query",
+                    "headers",
+                    "body",
+                    "excludePointers",
+                ],
+            ),
+            ("expiry", &["header", "minSeconds", "maxSeconds"]),
+            (
+                "onMismatch",
+                &[
+                    "action",
+                    "status",
+                    "code",
+                    "message",
+                    "retryAfterSeconds",
+                    "waitMillis",
+                ],
+            ),
+            (
+                "response",
+                &[
+                    "storeStatuses",
+                    "neverStoreStatuses",
+                    "storeHeaders",
+                    "replayHeader",
+                ],
+            ),
+            ("scope", &["credentialHeaders"]),
+            ("errors", &["format", "contentType", "codes", "messages"]),
+            ("store", &["capacity", "probes", "namespace", "etcd"]),
+            ("correlation", &["header", "generate"]),
+            (
+                "rateLimit",
+                &[
+                    "rate",
+                    "periodSeconds",
+                    "burst",
+                    "callerHeaders",
+                    "perRoute",
+                    "resetFormat",
+                    "onContention",
+                    "chargeReplays",
+                    "capacity",
+                    "probes",
+                    "status",
+                ],
+            ),
+        ];
+        for (block, fields) in blocks {
+            for field in *fields {
+                let inner = format!(r#"{{"{field}": [[]]}}"#);
+                let json = if block.is_empty() {
+                    inner
+                } else {
+                    format!(r#"{{"{block}": {inner}}}"#)
+                };
+                let e = err(&json);
+                let path = if block.is_empty() {
+                    field.to_string()
+                } else {
+                    format!("{block}.{field}")
+                };
+                assert!(
+                    e.starts_with(&path) && !e.contains("unknown field"),
+                    "{json}: {e}"
+                );
+            }
+        }
     }
 
     #[test]

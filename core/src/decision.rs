@@ -18,7 +18,7 @@
 //!     other => unreachable!("{other:?}"),
 //! }
 //! ```
-use serde_json::Value;
+use crate::json::{self, Value};
 use sha2::{Digest, Sha256};
 
 use crate::canonical::{canonical_bytes, key_text, pointer_get, pointer_remove};
@@ -226,7 +226,7 @@ pub fn resolve(config: &Config, pending: &Pending, body: &[u8]) -> Resolution {
         });
     }
     let json: Option<Value> = if rule.needs_json() && !body.is_empty() {
-        serde_json::from_slice(body).ok()
+        json::parse(body).ok()
     } else {
         None
     };
