@@ -41,7 +41,10 @@ cp "target/$WASM_TARGET/release/idemgate_bench_probe.wasm" dist/bench/probe.wasm
 log "where the bytes of dist/idemgate.wasm go (an unstripped build of the same source)"
 CARGO_TARGET_DIR=target/bench-unstripped cargo build --quiet --release --target "$WASM_TARGET" \
   -p idemgate-filter --config 'profile.release.strip=false'
-"$PY" bench/wasm_sizes.py "target/bench-unstripped/$WASM_TARGET/release/idemgate_filter.wasm" \
+# the same wasm-opt pass as `make build`, keeping the function names (-g)
+"$(make --no-print-directory -s print-wasm-opt)" $(make --no-print-directory -s print-wasm-opt-flags) -g \
+  "target/bench-unstripped/$WASM_TARGET/release/idemgate_filter.wasm" -o "$OUT/idemgate_filter.named.wasm"
+"$PY" bench/wasm_sizes.py "$OUT/idemgate_filter.named.wasm" \
   --json "$OUT/wasm-sizes.json" --top 12 >&2
 
 if [[ "${BENCH_SKIP_CORE:-0}" != 1 ]]; then
