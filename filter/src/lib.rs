@@ -22,13 +22,14 @@
 #![forbid(unsafe_code)]
 
 pub mod metrics;
+mod vecmap;
 
 use std::cell::{Cell, RefCell};
 use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
+use vecmap::VecMap;
 
 use idemgate_core::config::ConcurrentAction;
 use idemgate_core::decision::Request;
@@ -63,7 +64,7 @@ proxy_wasm::main! {{
 
 thread_local! {
     /// Gate contexts waiting for release, by token (this VM = this worker thread).
-    static GATES: RefCell<HashMap<u64, u32>> = RefCell::new(HashMap::new());
+    static GATES: RefCell<VecMap<u64, u32>> = RefCell::new(VecMap::new());
     static SEED: u64 = RandomState::new().build_hasher().finish();
     static COUNTER: Cell<u64> = const { Cell::new(0) };
 }
@@ -138,12 +139,12 @@ impl CasStore for SharedData {
 /// Metric ids defined for one namespace.
 #[derive(Default)]
 struct Metrics {
-    ids: HashMap<&'static str, u32>,
+    ids: VecMap<&'static str, u32>,
 }
 
 impl Metrics {
     fn define(namespace: &str) -> Self {
-        let mut ids = HashMap::new();
+        let mut ids = VecMap::new();
         for m in metrics::COUNTERS {
             if let Ok(id) =
                 hostcalls::define_metric(MetricType::Counter, &metrics::name(namespace, m))
@@ -1424,7 +1425,7 @@ struct QueuedOp {
 
 thread_local! {
     static FLEET_QUEUE: RefCell<Vec<QueuedOp>> = const { RefCell::new(Vec::new()) };
-    static FLEET_PENDING: RefCell<HashMap<u32, QueuedOp>> = RefCell::new(HashMap::new());
+    static FLEET_PENDING: RefCell<VecMap<u32, QueuedOp>> = RefCell::new(VecMap::new());
 }
 
 fn queue_fleet_op(shared: &Rc<Shared>, op: FleetOp) {
