@@ -71,43 +71,83 @@ impl RawRule {
         block(
             path,
             v,
-            &[
-                "methods",
-                "key",
-                "fingerprint",
-                "ttlSeconds",
-                "leaseSeconds",
-                "expiry",
-                "maxBodyBytes",
-                "maxResponseBytes",
-                "onMismatch",
-                "onDuplicate",
-                "onConcurrent",
-                "response",
-                "scope",
-                "errors",
-                "rateLimit",
+            &mut [
+                ("methods", Slot::Strs(&mut r.methods)),
+                (
+                    "key",
+                    Slot::Read(&mut |p, v| {
+                        r.key = Some(RawKey::read(p, v)?);
+                        Ok(())
+                    }),
+                ),
+                (
+                    "fingerprint",
+                    Slot::Read(&mut |p, v| {
+                        r.fingerprint = Some(RawFingerprint::read(p, v)?);
+                        Ok(())
+                    }),
+                ),
+                ("ttlSeconds", Slot::U64(&mut r.ttl_seconds)),
+                ("leaseSeconds", Slot::U64(&mut r.lease_seconds)),
+                (
+                    "expiry",
+                    Slot::Read(&mut |p, v| {
+                        r.expiry = Some(RawExpiry::read(p, v)?);
+                        Ok(())
+                    }),
+                ),
+                ("maxBodyBytes", Slot::U64(&mut r.max_body_bytes)),
+                ("maxResponseBytes", Slot::U64(&mut r.max_response_bytes)),
+                (
+                    "onMismatch",
+                    Slot::Read(&mut |p, v| {
+                        r.on_mismatch = Some(RawPolicy::read(p, v)?);
+                        Ok(())
+                    }),
+                ),
+                (
+                    "onDuplicate",
+                    Slot::Read(&mut |p, v| {
+                        r.on_duplicate = Some(RawPolicy::read(p, v)?);
+                        Ok(())
+                    }),
+                ),
+                (
+                    "onConcurrent",
+                    Slot::Read(&mut |p, v| {
+                        r.on_concurrent = Some(RawPolicy::read(p, v)?);
+                        Ok(())
+                    }),
+                ),
+                (
+                    "response",
+                    Slot::Read(&mut |p, v| {
+                        r.response = Some(RawResponse::read(p, v)?);
+                        Ok(())
+                    }),
+                ),
+                (
+                    "scope",
+                    Slot::Read(&mut |p, v| {
+                        r.scope = Some(RawScope::read(p, v)?);
+                        Ok(())
+                    }),
+                ),
+                (
+                    "errors",
+                    Slot::Read(&mut |p, v| {
+                        r.errors = Some(RawErrors::read(p, v)?);
+                        Ok(())
+                    }),
+                ),
+                (
+                    "rateLimit",
+                    Slot::Read(&mut |p, v| {
+                        r.rate_limit = Some(RawRateLimit::read(p, v)?);
+                        Ok(())
+                    }),
+                ),
             ],
-            |name, p, v| {
-                match name {
-                    "methods" => r.methods = opt(p, v, strings)?,
-                    "key" => r.key = opt(p, v, RawKey::read)?,
-                    "fingerprint" => r.fingerprint = opt(p, v, RawFingerprint::read)?,
-                    "ttlSeconds" => r.ttl_seconds = opt(p, v, uint)?,
-                    "leaseSeconds" => r.lease_seconds = opt(p, v, uint)?,
-                    "expiry" => r.expiry = opt(p, v, RawExpiry::read)?,
-                    "maxBodyBytes" => r.max_body_bytes = opt(p, v, uint)?,
-                    "maxResponseBytes" => r.max_response_bytes = opt(p, v, uint)?,
-                    "onMismatch" => r.on_mismatch = opt(p, v, RawPolicy::read)?,
-                    "onDuplicate" => r.on_duplicate = opt(p, v, RawPolicy::read)?,
-                    "onConcurrent" => r.on_concurrent = opt(p, v, RawPolicy::read)?,
-                    "response" => r.response = opt(p, v, RawResponse::read)?,
-                    "scope" => r.scope = opt(p, v, RawScope::read)?,
-                    "errors" => r.errors = opt(p, v, RawErrors::read)?,
-                    _ => r.rate_limit = opt(p, v, RawRateLimit::read)?,
-                }
-                Ok(())
-            },
         )?;
         Ok(r)
     }
@@ -134,35 +174,19 @@ impl RawRateLimit {
         block(
             path,
             v,
-            &[
-                "rate",
-                "periodSeconds",
-                "burst",
-                "callerHeaders",
-                "perRoute",
-                "resetFormat",
-                "onContention",
-                "chargeReplays",
-                "capacity",
-                "probes",
-                "status",
+            &mut [
+                ("rate", Slot::U64(&mut r.rate)),
+                ("periodSeconds", Slot::U64(&mut r.period_seconds)),
+                ("burst", Slot::U64(&mut r.burst)),
+                ("callerHeaders", Slot::Strs(&mut r.caller_headers)),
+                ("perRoute", Slot::Bool(&mut r.per_route)),
+                ("resetFormat", Slot::Str(&mut r.reset_format)),
+                ("onContention", Slot::Str(&mut r.on_contention)),
+                ("chargeReplays", Slot::Bool(&mut r.charge_replays)),
+                ("capacity", Slot::U64(&mut r.capacity)),
+                ("probes", Slot::U64(&mut r.probes)),
+                ("status", Slot::U64(&mut r.status)),
             ],
-            |name, p, v| {
-                match name {
-                    "rate" => r.rate = opt(p, v, uint)?,
-                    "periodSeconds" => r.period_seconds = opt(p, v, uint)?,
-                    "burst" => r.burst = opt(p, v, uint)?,
-                    "callerHeaders" => r.caller_headers = opt(p, v, strings)?,
-                    "perRoute" => r.per_route = opt(p, v, boolean)?,
-                    "resetFormat" => r.reset_format = opt(p, v, string)?,
-                    "onContention" => r.on_contention = opt(p, v, string)?,
-                    "chargeReplays" => r.charge_replays = opt(p, v, boolean)?,
-                    "capacity" => r.capacity = opt(p, v, uint)?,
-                    "probes" => r.probes = opt(p, v, uint)?,
-                    _ => r.status = opt(p, v, uint)?,
-                }
-                Ok(())
-            },
         )?;
         Ok(r)
     }
@@ -183,23 +207,19 @@ impl RawKey {
         block(
             path,
             v,
-            &[
-                "header",
-                "sources",
-                "deriveFromBody",
-                "required",
-                "maxLength",
+            &mut [
+                ("header", Slot::Str(&mut r.header)),
+                (
+                    "sources",
+                    Slot::Read(&mut |p, v| {
+                        r.sources = Some(list(p, v, RawSource::read)?);
+                        Ok(())
+                    }),
+                ),
+                ("deriveFromBody", Slot::Bool(&mut r.derive_from_body)),
+                ("required", Slot::Bool(&mut r.required)),
+                ("maxLength", Slot::U64(&mut r.max_length)),
             ],
-            |name, p, v| {
-                match name {
-                    "header" => r.header = opt(p, v, string)?,
-                    "sources" => r.sources = opt(p, v, |p, v| list(p, v, RawSource::read))?,
-                    "deriveFromBody" => r.derive_from_body = opt(p, v, boolean)?,
-                    "required" => r.required = opt(p, v, boolean)?,
-                    _ => r.max_length = opt(p, v, uint)?,
-                }
-                Ok(())
-            },
         )?;
         Ok(r)
     }
@@ -220,17 +240,19 @@ impl RawSource {
         block(
             path,
             v,
-            &["header", "jsonPointer", "composite", "route", "caller"],
-            |name, p, v| {
-                match name {
-                    "header" => r.header = opt(p, v, string)?,
-                    "jsonPointer" => r.json_pointer = opt(p, v, string)?,
-                    "composite" => r.composite = opt(p, v, |p, v| list(p, v, RawSource::read))?,
-                    "route" => r.route = opt(p, v, boolean)?,
-                    _ => r.caller = opt(p, v, boolean)?,
-                }
-                Ok(())
-            },
+            &mut [
+                ("header", Slot::Str(&mut r.header)),
+                ("jsonPointer", Slot::Str(&mut r.json_pointer)),
+                (
+                    "composite",
+                    Slot::Read(&mut |p, v| {
+                        r.composite = Some(list(p, v, RawSource::read)?);
+                        Ok(())
+                    }),
+                ),
+                ("route", Slot::Bool(&mut r.route)),
+                ("caller", Slot::Bool(&mut r.caller)),
+            ],
         )?;
         Ok(r)
     }
@@ -252,25 +274,14 @@ impl RawFingerprint {
         block(
             path,
             v,
-            &[
-                "method",
-                "path",
-                "query",
-                "headers",
-                "body",
-                "excludePointers",
+            &mut [
+                ("method", Slot::Bool(&mut r.method)),
+                ("path", Slot::Bool(&mut r.path)),
+                ("query", Slot::Bool(&mut r.query)),
+                ("headers", Slot::Strs(&mut r.headers)),
+                ("body", Slot::Str(&mut r.body)),
+                ("excludePointers", Slot::Strs(&mut r.exclude_pointers)),
             ],
-            |name, p, v| {
-                match name {
-                    "method" => r.method = opt(p, v, boolean)?,
-                    "path" => r.path = opt(p, v, boolean)?,
-                    "query" => r.query = opt(p, v, boolean)?,
-                    "headers" => r.headers = opt(p, v, strings)?,
-                    "body" => r.body = opt(p, v, string)?,
-                    _ => r.exclude_pointers = opt(p, v, strings)?,
-                }
-                Ok(())
-            },
         )?;
         Ok(r)
     }
@@ -289,15 +300,11 @@ impl RawExpiry {
         block(
             path,
             v,
-            &["header", "minSeconds", "maxSeconds"],
-            |name, p, v| {
-                match name {
-                    "header" => r.header = opt(p, v, string)?,
-                    "minSeconds" => r.min_seconds = opt(p, v, uint)?,
-                    _ => r.max_seconds = opt(p, v, uint)?,
-                }
-                Ok(())
-            },
+            &mut [
+                ("header", Slot::Str(&mut r.header)),
+                ("minSeconds", Slot::U64(&mut r.min_seconds)),
+                ("maxSeconds", Slot::U64(&mut r.max_seconds)),
+            ],
         )?;
         Ok(r)
     }
@@ -320,27 +327,15 @@ impl RawPolicy {
         block(
             path,
             v,
-            &[
-                "action",
-                "status",
-                "code",
-                "message",
-                "retryAfterSeconds",
-                "waitMillis",
-                "body",
+            &mut [
+                ("action", Slot::Str(&mut r.action)),
+                ("status", Slot::U64(&mut r.status)),
+                ("code", Slot::Str(&mut r.code)),
+                ("message", Slot::Str(&mut r.message)),
+                ("retryAfterSeconds", Slot::U64(&mut r.retry_after_seconds)),
+                ("waitMillis", Slot::U64(&mut r.wait_millis)),
+                ("body", Slot::Any(&mut r.body)),
             ],
-            |name, p, v| {
-                match name {
-                    "action" => r.action = opt(p, v, string)?,
-                    "status" => r.status = opt(p, v, uint)?,
-                    "code" => r.code = opt(p, v, string)?,
-                    "message" => r.message = opt(p, v, string)?,
-                    "retryAfterSeconds" => r.retry_after_seconds = opt(p, v, uint)?,
-                    "waitMillis" => r.wait_millis = opt(p, v, uint)?,
-                    _ => r.body = (!v.is_null()).then_some(v),
-                }
-                Ok(())
-            },
         )?;
         Ok(r)
     }
@@ -360,21 +355,15 @@ impl RawResponse {
         block(
             path,
             v,
-            &[
-                "storeStatuses",
-                "neverStoreStatuses",
-                "storeHeaders",
-                "replayHeader",
+            &mut [
+                ("storeStatuses", Slot::Statuses(&mut r.store_statuses)),
+                (
+                    "neverStoreStatuses",
+                    Slot::Statuses(&mut r.never_store_statuses),
+                ),
+                ("storeHeaders", Slot::Strs(&mut r.store_headers)),
+                ("replayHeader", Slot::Str(&mut r.replay_header)),
             ],
-            |name, p, v| {
-                match name {
-                    "storeStatuses" => r.store_statuses = opt(p, v, status_items)?,
-                    "neverStoreStatuses" => r.never_store_statuses = opt(p, v, status_items)?,
-                    "storeHeaders" => r.store_headers = opt(p, v, strings)?,
-                    _ => r.replay_header = opt(p, v, string)?,
-                }
-                Ok(())
-            },
         )?;
         Ok(r)
     }
@@ -409,10 +398,11 @@ struct RawScope {
 impl RawScope {
     fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
         let mut r = Self::default();
-        block(path, v, &["credentialHeaders"], |_, p, v| {
-            r.credential_headers = opt(p, v, strings)?;
-            Ok(())
-        })?;
+        block(
+            path,
+            v,
+            &mut [("credentialHeaders", Slot::Strs(&mut r.credential_headers))],
+        )?;
         Ok(r)
     }
 }
@@ -432,17 +422,13 @@ impl RawErrors {
         block(
             path,
             v,
-            &["format", "envelope", "contentType", "codes", "messages"],
-            |name, p, v| {
-                match name {
-                    "format" => r.format = opt(p, v, string)?,
-                    "envelope" => r.envelope = (!v.is_null()).then_some(v),
-                    "contentType" => r.content_type = opt(p, v, string)?,
-                    "codes" => r.codes = opt(p, v, string_map)?,
-                    _ => r.messages = opt(p, v, string_map)?,
-                }
-                Ok(())
-            },
+            &mut [
+                ("format", Slot::Str(&mut r.format)),
+                ("envelope", Slot::Any(&mut r.envelope)),
+                ("contentType", Slot::Str(&mut r.content_type)),
+                ("codes", Slot::Map(&mut r.codes)),
+                ("messages", Slot::Map(&mut r.messages)),
+            ],
         )?;
         Ok(r)
     }
@@ -462,16 +448,18 @@ impl RawStore {
         block(
             path,
             v,
-            &["capacity", "probes", "namespace", "etcd"],
-            |name, p, v| {
-                match name {
-                    "capacity" => r.capacity = opt(p, v, uint)?,
-                    "probes" => r.probes = opt(p, v, uint)?,
-                    "namespace" => r.namespace = opt(p, v, string)?,
-                    _ => r.etcd = opt(p, v, RawEtcd::read)?,
-                }
-                Ok(())
-            },
+            &mut [
+                ("capacity", Slot::U64(&mut r.capacity)),
+                ("probes", Slot::U64(&mut r.probes)),
+                ("namespace", Slot::Str(&mut r.namespace)),
+                (
+                    "etcd",
+                    Slot::Read(&mut |p, v| {
+                        r.etcd = Some(RawEtcd::read(p, v)?);
+                        Ok(())
+                    }),
+                ),
+            ],
         )?;
         Ok(r)
     }
@@ -495,29 +483,16 @@ impl RawEtcd {
         block(
             path,
             v,
-            &[
-                "cluster",
-                "prefix",
-                "authority",
-                "timeoutMillis",
-                "retries",
-                "failPolicy",
-                "leaseBucketSeconds",
-                "maxValueBytes",
+            &mut [
+                ("cluster", Slot::Str(&mut r.cluster)),
+                ("prefix", Slot::Str(&mut r.prefix)),
+                ("authority", Slot::Str(&mut r.authority)),
+                ("timeoutMillis", Slot::U64(&mut r.timeout_millis)),
+                ("retries", Slot::U64(&mut r.retries)),
+                ("failPolicy", Slot::Str(&mut r.fail_policy)),
+                ("leaseBucketSeconds", Slot::U64(&mut r.lease_bucket_seconds)),
+                ("maxValueBytes", Slot::U64(&mut r.max_value_bytes)),
             ],
-            |name, p, v| {
-                match name {
-                    "cluster" => r.cluster = opt(p, v, string)?,
-                    "prefix" => r.prefix = opt(p, v, string)?,
-                    "authority" => r.authority = opt(p, v, string)?,
-                    "timeoutMillis" => r.timeout_millis = opt(p, v, uint)?,
-                    "retries" => r.retries = opt(p, v, uint)?,
-                    "failPolicy" => r.fail_policy = opt(p, v, string)?,
-                    "leaseBucketSeconds" => r.lease_bucket_seconds = opt(p, v, uint)?,
-                    _ => r.max_value_bytes = opt(p, v, uint)?,
-                }
-                Ok(())
-            },
         )?;
         Ok(r)
     }
@@ -532,13 +507,14 @@ struct RawCorrelation {
 impl RawCorrelation {
     fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
         let mut r = Self::default();
-        block(path, v, &["header", "generate"], |name, p, v| {
-            match name {
-                "header" => r.header = opt(p, v, string)?,
-                _ => r.generate = opt(p, v, boolean)?,
-            }
-            Ok(())
-        })?;
+        block(
+            path,
+            v,
+            &mut [
+                ("header", Slot::Str(&mut r.header)),
+                ("generate", Slot::Bool(&mut r.generate)),
+            ],
+        )?;
         Ok(r)
     }
 }
@@ -553,14 +529,15 @@ struct RawMatch {
 impl RawMatch {
     fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
         let mut r = Self::default();
-        block(path, v, &["prefix", "exact", "methods"], |name, p, v| {
-            match name {
-                "prefix" => r.prefix = opt(p, v, string)?,
-                "exact" => r.exact = opt(p, v, string)?,
-                _ => r.methods = opt(p, v, strings)?,
-            }
-            Ok(())
-        })?;
+        block(
+            path,
+            v,
+            &mut [
+                ("prefix", Slot::Str(&mut r.prefix)),
+                ("exact", Slot::Str(&mut r.exact)),
+                ("methods", Slot::Strs(&mut r.methods)),
+            ],
+        )?;
         Ok(r)
     }
 }
@@ -619,26 +596,48 @@ fn members(path: &str, v: Value) -> Result<Vec<(String, Value)>, ConfigError> {
     Ok(obj.0)
 }
 
-/// Reads the block at `path`: every member must be one of `fields` (else `unknown field`),
-/// and is handed to `set` with its path.
-fn block(
-    path: &str,
-    v: Value,
-    fields: &[&str],
-    mut set: impl FnMut(&str, &str, Value) -> Result<(), ConfigError>,
-) -> Result<(), ConfigError> {
+/// Where a field of a block goes once read (`null` counts as absent and leaves it `None`).
+enum Slot<'a> {
+    U64(&'a mut Option<u64>),
+    Bool(&'a mut Option<bool>),
+    Str(&'a mut Option<String>),
+    Strs(&'a mut Option<Vec<String>>),
+    Statuses(&'a mut Option<Vec<StatusItem>>),
+    Map(&'a mut Option<BTreeMap<String, String>>),
+    /// Any JSON (templates), kept as is.
+    Any(&'a mut Option<Value>),
+    /// A nested block or list of blocks: the reader gets the field's path and value.
+    Read(&'a mut dyn FnMut(&str, Value) -> Result<(), ConfigError>),
+}
+
+/// Reads the block at `path` into its fields' slots: every member must be one of `fields`
+/// (else `unknown field`), given once (see [`members`]), of the slot's type.
+fn block(path: &str, v: Value, fields: &mut [(&str, Slot<'_>)]) -> Result<(), ConfigError> {
     for (name, value) in members(path, v)? {
         let p = join(path, &name);
-        if !fields.contains(&name.as_str()) {
+        let Some((_, slot)) = fields.iter_mut().find(|(n, _)| *n == name) else {
+            let names: Vec<&str> = fields.iter().map(|(n, _)| *n).collect();
             return Err(error_at(
                 &p,
                 format!(
                     "unknown field `{name}`, expected one of `{}`",
-                    fields.join("`, `")
+                    names.join("`, `")
                 ),
             ));
+        };
+        if value.is_null() {
+            continue;
         }
-        set(&name, &p, value)?;
+        match slot {
+            Slot::U64(s) => **s = Some(uint(&p, value)?),
+            Slot::Bool(s) => **s = Some(boolean(&p, value)?),
+            Slot::Str(s) => **s = Some(string(&p, value)?),
+            Slot::Strs(s) => **s = Some(strings(&p, value)?),
+            Slot::Statuses(s) => **s = Some(status_items(&p, value)?),
+            Slot::Map(s) => **s = Some(string_map(&p, value)?),
+            Slot::Any(s) => **s = Some(value),
+            Slot::Read(read) => read(&p, value)?,
+        }
     }
     Ok(())
 }
