@@ -181,7 +181,19 @@ impl Number {
                 self.0.to_string()
             };
         }
-        es6_number(self.as_f64())
+        let f = self.as_f64();
+        if f == 0.0 || !f.is_finite() {
+            // -0 is written "0"; non-finite numbers never come out of the parser
+            return "0".into();
+        }
+        // A decimal of at most 15 significant digits reads back from its double (DBL_DIG), and
+        // no other decimal of as few digits reads as that double: it is the shortest form.
+        // Subnormals have less precision: they take the exact path.
+        let (digits, n) = match significant_digits(&self.0) {
+            Some(short) if short.0.len() <= 15 && f.abs() >= f64::MIN_POSITIVE => short,
+            _ => shortest_digits(f.abs()),
+        };
+        es6_number(f < 0.0, &digits, n)
     }
 }
 
@@ -191,43 +203,34 @@ impl PartialEq for Number {
     }
 }
 
-/// `f` as ECMAScript's `Number.prototype.toString` writes it (shortest round-trip digits).
-fn es6_number(f: f64) -> String {
-    if f == 0.0 || !f.is_finite() {
-        // -0 is written "0"; non-finite numbers never come out of the parser
-        return "0".into();
-    }
-    // `{:e}` gives the shortest digits that round-trip: "-1.2345e-7", "1e21". When two
-    // spellings of that length are equally close, ECMAScript takes the even one: so does
-    // exact formatting at that precision (round half to even), if it still round-trips.
-    let shortest = format!("{f:e}");
-    let precision = shortest
-        .split_once('e')
-        .map_or(0, |(m, _)| m.bytes().filter(u8::is_ascii_digit).count())
-        .saturating_sub(1);
-    let exact = format!("{f:.precision$e}");
-    let sci = if exact.parse::<f64>() == Ok(f) {
-        exact
-    } else {
-        shortest
+/// The significant digits `d1…dk` of a number's text (no leading or trailing zeros) and `n`
+/// with value `0.d1…dk × 10^n`; `None` for zero or an exponent out of range.
+fn significant_digits(text: &str) -> Option<(String, i64)> {
+    let unsigned = text.strip_prefix('-').unwrap_or(text);
+    let (mantissa, exp) = match unsigned.split_once(['e', 'E']) {
+        Some((m, e)) => (m, e.strip_prefix('+').unwrap_or(e).parse::<i64>().ok()?),
+        None => (unsigned, 0),
     };
-    let (mantissa, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
-    let negative = mantissa.starts_with('-');
-    let digits: String = mantissa
-        .bytes()
-        .filter(u8::is_ascii_digit)
-        .map(char::from)
-        .collect();
-    let k = i64::try_from(digits.len()).unwrap_or(1);
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let all: String = int.chars().chain(frac.chars()).collect();
+    let trimmed = all.trim_start_matches('0');
+    let n = i64::try_from(int.len()).ok()? - i64::try_from(all.len() - trimmed.len()).ok()?;
+    let digits = trimmed.trim_end_matches('0');
+    (!digits.is_empty()).then(|| (digits.to_string(), n.saturating_add(exp)))
+}
+
+/// `0.digits × 10^n` (negative when `negative`) as ECMAScript's `Number.prototype.toString`
+/// writes it, given its shortest round-trip digits.
+fn es6_number(negative: bool, digits: &str, n: i64) -> String {
     // value = 0.d1d2…dk × 10^n
-    let n = exp.parse::<i64>().unwrap_or(0) + 1;
+    let k = i64::try_from(digits.len()).unwrap_or(1);
     let mut out = String::with_capacity(digits.len() + 8);
     if negative {
         out.push('-');
     }
     let zeros = |count: i64| "0".repeat(usize::try_from(count).unwrap_or(0));
     if k <= n && n <= 21 {
-        out.push_str(&digits);
+        out.push_str(digits);
         out.push_str(&zeros(n - k));
     } else if 0 < n && n <= 21 {
         let at = usize::try_from(n).unwrap_or(0);
@@ -237,7 +240,7 @@ fn es6_number(f: f64) -> String {
     } else if -6 < n && n <= 0 {
         out.push_str("0.");
         out.push_str(&zeros(-n));
-        out.push_str(&digits);
+        out.push_str(digits);
     } else {
         out.push_str(digits.get(..1).unwrap_or_default());
         if k > 1 {
@@ -249,6 +252,154 @@ fn es6_number(f: f64) -> String {
         out.push_str(&(n - 1).abs().to_string());
     }
     out
+}
+
+/// The fewest significant digits `d1…dk` (no trailing zeros) and `n` with
+/// `0.d1…dk × 10^n` reading back as `f` (positive, finite): the exact decimal expansion of
+/// `f` rounded half-to-even to 1, 2, … 17 digits until one round-trips. When two spellings
+/// of that length read back as `f`, this is the one nearer to `f` (the even one on a tie), as
+/// ECMAScript asks. Exact arithmetic on a small big integer; no float formatting tables.
+fn shortest_digits(f: f64) -> (String, i64) {
+    let bits = f.to_bits();
+    let exp_bits = i64::try_from((bits >> 52) & 0x7ff).unwrap_or(0);
+    let frac = bits & ((1 << 52) - 1);
+    let (mantissa, e) = if exp_bits == 0 {
+        (frac, -1074)
+    } else {
+        (frac | (1 << 52), exp_bits - 1075)
+    };
+    // exact = mantissa × 2^e = digits × 10^scale
+    let mut big = Big::from(mantissa);
+    // ×2^e or ×5^-e, in steps of 2^31 / 5^13 (the largest powers that fit a limb)
+    let (base, step, big_step, mut count) = if e >= 0 {
+        (2, 31, 1 << 31, e)
+    } else {
+        (5, 13, 1_220_703_125, -e)
+    };
+    while count >= step {
+        big.mul_small(big_step);
+        count -= step;
+    }
+    for _ in 0..count {
+        big.mul_small(base);
+    }
+    let scale = e.min(0);
+    let exact = big.into_decimal();
+    let len = i64::try_from(exact.len()).unwrap_or(0);
+    let n = len + scale;
+    for p in 1..=exact.len().min(17) {
+        let (mut d, carried) = round_half_even(&exact, p);
+        let n = if carried { n + 1 } else { n };
+        let candidate = format!("0.{d}e{n}");
+        if candidate.parse::<f64>() == Ok(f) {
+            while d.len() > 1 && d.ends_with('0') {
+                d.pop();
+            }
+            return (d, n);
+        }
+    }
+    let mut d = exact;
+    while d.len() > 1 && d.ends_with('0') {
+        d.pop();
+    }
+    (d, n)
+}
+
+/// `digits` (ASCII, no leading zero) rounded half-to-even to `p` digits; `true` when the
+/// rounding carried into a new leading digit (`999` → `100`, one more digit of magnitude).
+fn round_half_even(digits: &str, p: usize) -> (String, bool) {
+    let bytes = digits.as_bytes();
+    let mut kept: Vec<u8> = bytes.get(..p).unwrap_or(bytes).to_vec();
+    let next = bytes.get(p).copied().unwrap_or(b'0');
+    let rest_nonzero = bytes
+        .get(p + 1..)
+        .is_some_and(|r| r.iter().any(|&b| b != b'0'));
+    let last_odd = kept.last().is_some_and(|&b| (b - b'0') % 2 == 1);
+    let up = next > b'5' || (next == b'5' && (rest_nonzero || last_odd));
+    let mut carried = false;
+    if up {
+        let mut i = kept.len();
+        loop {
+            if i == 0 {
+                kept.insert(0, b'1');
+                kept.pop();
+                carried = true;
+                break;
+            }
+            i -= 1;
+            match kept.get_mut(i) {
+                Some(b) if *b == b'9' => *b = b'0',
+                Some(b) => {
+                    *b += 1;
+                    break;
+                }
+                None => break,
+            }
+        }
+    }
+    (String::from_utf8(kept).unwrap_or_default(), carried)
+}
+
+/// A non-negative big integer, little-endian base-2^32 limbs.
+struct Big(Vec<u32>);
+
+impl Big {
+    fn from(v: u64) -> Self {
+        #[allow(clippy::cast_possible_truncation)]
+        Big(vec![v as u32, (v >> 32) as u32])
+    }
+
+    fn mul_small(&mut self, m: u32) {
+        let mut carry = 0u64;
+        for limb in &mut self.0 {
+            let x = u64::from(*limb) * u64::from(m) + carry;
+            #[allow(clippy::cast_possible_truncation)]
+            {
+                *limb = x as u32;
+            }
+            carry = x >> 32;
+        }
+        if carry > 0 {
+            #[allow(clippy::cast_possible_truncation)]
+            self.0.push(carry as u32);
+        }
+    }
+
+    /// Divides by `d`, returning the remainder.
+    fn div_small(&mut self, d: u32) -> u32 {
+        let mut rem = 0u64;
+        for limb in self.0.iter_mut().rev() {
+            let x = (rem << 32) | u64::from(*limb);
+            #[allow(clippy::cast_possible_truncation)]
+            {
+                *limb = (x / u64::from(d)) as u32;
+            }
+            rem = x % u64::from(d);
+        }
+        while self.0.last() == Some(&0) {
+            self.0.pop();
+        }
+        #[allow(clippy::cast_possible_truncation)]
+        let rem = rem as u32;
+        rem
+    }
+
+    /// Decimal digits, no leading zeros ("0" for zero).
+    fn into_decimal(mut self) -> String {
+        let mut chunks = Vec::new();
+        while !self.0.is_empty() {
+            chunks.push(self.div_small(1_000_000_000));
+        }
+        let mut out = chunks
+            .last()
+            .map_or_else(|| "0".to_string(), u32::to_string);
+        for c in chunks.iter().rev().skip(1) {
+            let text = c.to_string();
+            out.push_str(&"0".repeat(9 - text.len()));
+            out.push_str(&text);
+        }
+        out
+    }
 }
 
 impl Value {
@@ -1148,6 +1299,23 @@ mod tests {
             prop_assert_eq!(&back, &v);
             // byte for byte, including member order and duplicates
             prop_assert_eq!(back.to_vec(), text);
+        }
+
+        #[test]
+        fn canonical_numbers_read_back_and_both_paths_agree(bits in any::<u64>(), digits in 1usize..=15) {
+            let f = f64::from_bits(bits);
+            prop_assume!(f.is_finite() && f != 0.0);
+            // the exact path always gives digits that read back as f
+            let (d, n) = shortest_digits(f.abs());
+            prop_assert!(d.len() <= 17);
+            prop_assert_eq!(format!("0.{d}e{n}").parse::<f64>(), Ok(f.abs()));
+            // a text of <= 15 digits: the fast path (its own digits) agrees with the exact one
+            let text = format!("{:.*e}", digits - 1, f);
+            let g: f64 = text.parse().unwrap();
+            prop_assume!(g.is_finite() && g.abs() >= f64::MIN_POSITIVE);
+            let fast = Number(text.clone().into()).canonical();
+            let (d, n) = shortest_digits(g.abs());
+            prop_assert_eq!(fast, es6_number(g < 0.0, &d, n), "{}", text);
         }
 
         #[test]
