@@ -76,12 +76,45 @@ deps-py:
 	  "$(VENV)/bin/python" -m pip install --quiet --disable-pip-version-check $(foreach d,$(PY_DEPS),'$(d)'); \
 	fi
 
-build: deps-rust
+# dist/idemgate.wasm = cargo's module shrunk by wasm-opt -Oz (binaryen from npm, the version
+# edge/package.json pins, installed once into $(IDEMGATE_CACHE)/binaryen-<version>). The
+# features are the ones rustc enables by default for wasm32-wasip1 (Envoy's V8 runs them all).
+# wasm-opt runs again only when cargo's output changed (stamp dist/.idemgate.wasm.from).
+BINARYEN_VERSION = $(shell sed -n 's/.*"binaryen": *"\([^"]*\)".*/\1/p' edge/package.json)
+WASM_OPT = $(IDEMGATE_CACHE)/binaryen-$(BINARYEN_VERSION)/node_modules/.bin/wasm-opt
+FILTER_WASM_OPT_FLAGS := -Oz --strip-debug --strip-producers --enable-bulk-memory \
+  --enable-bulk-memory-opt --enable-call-indirect-overlong --enable-extended-const \
+  --enable-multivalue --enable-mutable-globals --enable-nontrapping-float-to-int \
+  --enable-reference-types --enable-sign-ext
+
+.PHONY: wasm-opt-deps
+wasm-opt-deps:
+	@v="$(BINARYEN_VERSION)"; [[ -n "$$v" ]] || { echo "[build] no binaryen version in edge/package.json"; exit 1; }; \
+	if ! "$(WASM_OPT)" --version >/dev/null 2>&1; then \
+	  command -v npm >/dev/null || { echo "[build] npm not found (Node.js is needed for binaryen's wasm-opt)"; exit 1; }; \
+	  echo "[build] npm install binaryen@$$v into $(IDEMGATE_CACHE)/binaryen-$$v (once)"; \
+	  mkdir -p "$(IDEMGATE_CACHE)/binaryen-$$v"; \
+	  npm install --prefix "$(IDEMGATE_CACHE)/binaryen-$$v" --no-save --no-audit --no-fund --loglevel=error "binaryen@$$v"; \
+	fi
+
+.PHONY: print-wasm-opt print-wasm-opt-flags
+print-wasm-opt:
+	@echo "$(WASM_OPT)"
+print-wasm-opt-flags:
+	@echo "$(FILTER_WASM_OPT_FLAGS)"
+
+build: deps-rust wasm-opt-deps
 	@echo "[build] cargo build --release --target $(WASM_TARGET) -p idemgate-filter"
 	@cargo build --release --target $(WASM_TARGET) -p idemgate-filter
 	@mkdir -p dist
-	@cp $(WASM_OUT) dist/idemgate.wasm
-	@echo "[build] dist/idemgate.wasm: $$(stat -c %s dist/idemgate.wasm) bytes"
+	@stamp="dist/.idemgate.wasm.from"; want="$$(sha256sum $(WASM_OUT) | cut -c1-64) binaryen $(BINARYEN_VERSION)"; \
+	if [[ -f "$$stamp" && "$$(cat "$$stamp")" == "$$want" && -f dist/idemgate.wasm ]]; then \
+	  echo "[build] dist/idemgate.wasm is up to date: $$(stat -c %s dist/idemgate.wasm) bytes"; exit 0; \
+	fi; \
+	echo "[build] wasm-opt -Oz"; \
+	"$(WASM_OPT)" $(FILTER_WASM_OPT_FLAGS) $(WASM_OUT) -o dist/idemgate.wasm.tmp; \
+	mv dist/idemgate.wasm.tmp dist/idemgate.wasm; echo "$$want" > "$$stamp"; \
+	echo "[build] dist/idemgate.wasm: $$(stat -c %s dist/idemgate.wasm) bytes ($$(stat -c %s $(WASM_OUT)) before wasm-opt)"
 
 image: docker-up
 	@envoy/build-image.sh

@@ -58,7 +58,11 @@ else
   log "where the bytes of dist/idemgate.wasm go (an unstripped build of the same source)"
   CARGO_TARGET_DIR=target/bench-unstripped cargo build --quiet --release --target "$WASM_TARGET" \
     -p idemgate-filter --config 'profile.release.strip=false'
-  "$PY" bench/wasm_sizes.py "target/bench-unstripped/$WASM_TARGET/release/idemgate_filter.wasm" \
+  # the same wasm-opt pass as `make build`, keeping the function names (-g)
+  # shellcheck disable=SC2046
+  "$(make --no-print-directory -s print-wasm-opt)" $(make --no-print-directory -s print-wasm-opt-flags) -g \
+    "target/bench-unstripped/$WASM_TARGET/release/idemgate_filter.wasm" -o "$OUT/idemgate_filter.named.wasm"
+  "$PY" bench/wasm_sizes.py "$OUT/idemgate_filter.named.wasm" \
     --json "$OUT/wasm-sizes.json" --top 12 >&2
 fi
 if [[ -z "${BENCH_ONLY:-}" || ",$BENCH_ONLY," == *,fleet_* ]]; then

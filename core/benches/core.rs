@@ -4,7 +4,7 @@
 //! - `fingerprint/raw/<size>`: SHA-256 fingerprint of a POST with a 1 KiB / 64 KiB / 1 MiB
 //!   body (throughput in bytes/s), `Fingerprinter` as the filter uses it for raw bodies.
 //! - `fingerprint/canonical/<size>`: a rule with `fingerprint.body: "canonicalJson"`: parse
-//!   the JSON body (`serde_json`, as `resolve` does) and fingerprint it canonically.
+//!   the JSON body (`idemgate_core::json`, as `resolve` does) and fingerprint it canonically.
 //! - `decide/<case>`: one call of `decide` per iteration.
 //! - `record/{encode,decode}/<case>`: the record codec, and the slot index entry the store
 //!   scans.
@@ -101,7 +101,7 @@ fn fingerprint(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(b.len() as u64));
         g.bench_with_input(BenchmarkId::from_parameter(label), &b, |bch, b| {
             bch.iter(|| {
-                let json = serde_json::from_slice(black_box(b)).ok();
+                let json = idemgate_core::json::parse(black_box(b)).ok();
                 assert!(json.is_some());
                 black_box(decision::fingerprint(
                     r,

@@ -1,19 +1,24 @@
 //! Canonical JSON (RFC 8785 style) and JSON Pointers (RFC 6901).
 //!
-//! Canonical form: object members sorted by key, no insignificant whitespace, numbers that
-//! are integral and exactly representable written without a fraction (`1.0` → `1`), strings
-//! with minimal escaping. Two documents that differ only in member order, whitespace or
-//! number spelling canonicalize to the same bytes; any change of a value changes them.
+//! Canonical form: object members sorted by name (UTF-16 code units), no insignificant
+//! whitespace, strings with minimal escaping, numbers in one spelling: integers exactly as
+//! written (`-0` as `0`; never rounded through a double, unlike RFC 8785, so two large
+//! integer ids never collide), other numbers as ECMAScript writes the nearest double
+//! (`1.0` → `1`, `1e2` → `100`, `1e21` → `1e+21`). Two documents that differ only in member
+//! order, whitespace or number spelling canonicalize to the same bytes; any change of a value
+//! changes them. A name given twice counts once, with its last value (as for every reader
+//! of request bodies, see [`crate::json`]).
 //!
 //! ```
 //! use idemgate_core::canonical::{canonical_bytes, pointer_get};
-//! let a: serde_json::Value = serde_json::from_str(r#"{"b": 1.0, "a": [true, null]}"#).unwrap();
-//! let b: serde_json::Value = serde_json::from_str(r#"{ "a":[true,null],"b":1 }"#).unwrap();
+//! use idemgate_core::json::{parse_str, Value};
+//! let a = parse_str(r#"{"b": 1.0, "a": [true, null]}"#).unwrap();
+//! let b = parse_str(r#"{ "a":[true,null],"b":1 }"#).unwrap();
 //! assert_eq!(canonical_bytes(&a), canonical_bytes(&b));
 //! assert_eq!(canonical_bytes(&a), br#"{"a":[true,null],"b":1}"#);
-//! assert_eq!(pointer_get(&a, "/a/0"), Some(&serde_json::Value::Bool(true)));
+//! assert_eq!(pointer_get(&a, "/a/0"), Some(&Value::Bool(true)));
 //! ```
-use serde_json::Value;
+use crate::json::{write_string, Value};
 
 /// Canonical bytes of a JSON value.
 pub fn canonical_bytes(value: &Value) -> Vec<u8> {
@@ -26,28 +31,8 @@ fn write(value: &Value, out: &mut Vec<u8>) {
     match value {
         Value::Null => out.extend_from_slice(b"null"),
         Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
-        Value::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                out.extend_from_slice(i.to_string().as_bytes());
-            } else if let Some(u) = n.as_u64() {
-                out.extend_from_slice(u.to_string().as_bytes());
-            } else if let Some(f) = n.as_f64() {
-                // Integral floats within 2^53 are written as integers; others keep serde's
-                // shortest round-trip form.
-                if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
-                    #[allow(clippy::cast_possible_truncation)]
-                    let i = f as i64;
-                    out.extend_from_slice(i.to_string().as_bytes());
-                } else {
-                    out.extend_from_slice(n.to_string().as_bytes());
-                }
-            }
-        }
-        Value::String(s) => {
-            if let Ok(text) = serde_json::to_string(s) {
-                out.extend_from_slice(text.as_bytes());
-            }
-        }
+        Value::Number(n) => out.extend_from_slice(n.canonical().as_bytes()),
+        Value::String(s) => write_string(s, out),
         Value::Array(items) => {
             out.push(b'[');
             for (i, item) in items.iter().enumerate() {
@@ -59,29 +44,18 @@ fn write(value: &Value, out: &mut Vec<u8>) {
             out.push(b']');
         }
         Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort_by(|a, b| utf16_cmp(a, b));
             out.push(b'{');
-            for (i, k) in keys.iter().enumerate() {
+            for (i, (k, v)) in map.sorted_unique().into_iter().enumerate() {
                 if i > 0 {
                     out.push(b',');
                 }
-                if let Ok(text) = serde_json::to_string(k) {
-                    out.extend_from_slice(text.as_bytes());
-                }
+                write_string(k, out);
                 out.push(b':');
-                if let Some(v) = map.get(*k) {
-                    write(v, out);
-                }
+                write(v, out);
             }
             out.push(b'}');
         }
     }
-}
-
-/// RFC 8785 sorts member names by their UTF-16 code units.
-fn utf16_cmp(a: &str, b: &str) -> std::cmp::Ordering {
-    a.encode_utf16().cmp(b.encode_utf16())
 }
 
 /// Whether `pointer` is a syntactically valid JSON Pointer (RFC 6901).
@@ -180,14 +154,25 @@ pub fn key_text(value: &Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::json;
+    use crate::json::parse_str;
     use proptest::prelude::*;
-    use serde_json::json;
+
+    fn quoted(k: &str) -> String {
+        let mut out = Vec::new();
+        write_string(k, &mut out);
+        String::from_utf8(out).unwrap()
+    }
 
     fn arb_json() -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![
             Just(Value::Null),
             any::<bool>().prop_map(Value::Bool),
             any::<i32>().prop_map(|i| json!(i)),
+            any::<i64>().prop_map(|i| json!(i)),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(|f| parse_str(&format!("{f:e}")).unwrap()),
             "[a-z\u{e9}\u{1F600}\"\\\\ ]{0,6}".prop_map(Value::String),
         ];
         leaf.prop_recursive(3, 24, 4, |inner| {
@@ -197,6 +182,14 @@ mod tests {
                     .prop_map(|m| Value::Object(m.into_iter().collect())),
             ]
         })
+    }
+
+    /// The same decimal value written without a fraction: `-1.25e3` -> `-125E1`.
+    fn respell(text: &str) -> String {
+        let (mantissa, exp) = text.split_once(['e', 'E']).unwrap_or((text, "0"));
+        let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+        let exp: i64 = exp.parse().unwrap();
+        format!("{int}{frac}E{}", exp - frac.len() as i64)
     }
 
     /// Serialize with shuffled member order and random whitespace.
@@ -209,13 +202,7 @@ mod tests {
                 }
                 let parts: Vec<String> = items
                     .iter()
-                    .map(|(k, v)| {
-                        format!(
-                            " {} :\n {} ",
-                            serde_json::to_string(k).unwrap(),
-                            messy(v, seed / 2)
-                        )
-                    })
+                    .map(|(k, v)| format!(" {} :\n {} ", quoted(k), messy(v, seed / 2)))
                     .collect();
                 format!("{{ {} }}", parts.join(" ,\t"))
             }
@@ -226,6 +213,17 @@ mod tests {
                     .collect::<Vec<_>>()
                     .join(" , ")
             ),
+            // another spelling of the same number: 5 -> 5.0 / 50e-1, 0.25 -> 2.5E-1
+            Value::Number(n) if seed % 3 == 1 => match n.as_i64() {
+                Some(i) if i.unsigned_abs() < (1 << 53) => format!("{i}.0"),
+                Some(i) => i.to_string(),
+                None => respell(n.as_str()),
+            },
+            Value::Number(n)
+                if seed % 3 == 2 && n.as_i64().is_some_and(|i| i.unsigned_abs() < (1 << 50)) =>
+            {
+                format!("{}0e-1", n.as_str())
+            }
             other => other.to_string(),
         }
     }
@@ -233,10 +231,10 @@ mod tests {
     proptest! {
         #[test]
         fn order_and_whitespace_do_not_matter(v in arb_json(), seed in any::<u64>()) {
-            let reparsed: Value = serde_json::from_str(&messy(&v, seed)).unwrap();
+            let reparsed = parse_str(&messy(&v, seed)).unwrap();
             prop_assert_eq!(canonical_bytes(&reparsed), canonical_bytes(&v));
             // canonical output is itself valid JSON denoting the same value
-            let back: Value = serde_json::from_slice(&canonical_bytes(&v)).unwrap();
+            let back = json::parse(&canonical_bytes(&v)).unwrap();
             prop_assert_eq!(back, v);
         }
 
@@ -249,8 +247,29 @@ mod tests {
 
     #[test]
     fn numbers() {
-        let a: Value = serde_json::from_str("[1.0, 1, 1e2, 0.5, -0.0]").unwrap();
-        assert_eq!(canonical_bytes(&a), b"[1,1,100,0.5,0]");
+        let a = parse_str("[1.0, 1, 1e2, 0.5, -0.0, -0, 1E3, 2.50e-1]").unwrap();
+        assert_eq!(canonical_bytes(&a), b"[1,1,100,0.5,0,0,1000,0.25]");
+        // two large integer ids stay apart (a double would make them one)
+        let ids = |t: &str| canonical_bytes(&parse_str(t).unwrap());
+        assert_ne!(
+            ids(r#"{"id": 12345678901234567891}"#),
+            ids(r#"{"id": 12345678901234567890}"#)
+        );
+        assert_eq!(ids("[9007199254740993]"), b"[9007199254740993]");
+    }
+
+    #[test]
+    fn members_sort_by_utf16_and_last_duplicate_wins() {
+        // U+1F600 (surrogates D83D DE00) sorts before U+FF61 in UTF-16, after it in UTF-8
+        let v = parse_str("{\"\u{ff61}\":1,\"\u{1F600}\":2,\"b\":3,\"a\":4,\"b\":5}").unwrap();
+        assert_eq!(
+            String::from_utf8(canonical_bytes(&v)).unwrap(),
+            "{\"a\":4,\"b\":5,\"\u{1F600}\":2,\"\u{ff61}\":1}"
+        );
+        let mut w = v.clone();
+        pointer_remove(&mut w, "/b");
+        assert_eq!(pointer_get(&w, "/b"), None);
+        assert_eq!(pointer_get(&v, "/b"), Some(&json!(5)));
     }
 
     #[test]

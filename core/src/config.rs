@@ -1,5 +1,6 @@
-//! Configuration: a JSON document parsed into serde DTOs with `deny_unknown_fields`, then
-//! validated into [`Config`]. Every error names the field path and the bad value.
+//! Configuration: a JSON document read by hand into DTOs (unknown and duplicate fields
+//! refused), then validated into [`Config`]. Every error names the field path and the bad
+//! value.
 //!
 //! The document holds process-wide settings (`store`, `correlation`), a default [`Rule`]
 //! (every other top-level field) and optional per-route rules (`routes`): the first route
@@ -15,14 +16,12 @@
 //! let err = Config::from_json(r#"{"key": {"maxLength": 0}}"#).unwrap_err();
 //! assert_eq!(err.to_string(), "key.maxLength: must be 1..=1024, got 0");
 //! ```
-use serde::de::DeserializeOwned;
-use serde::Deserialize;
-use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
 use crate::canonical::valid_pointer;
 use crate::error::ConfigError;
 use crate::headers::{is_token, never_stored};
+use crate::json::{self, Value};
 use crate::ratelimit::{ContentionPolicy, Quota, ResetFormat};
 
 /// Default response headers stored and replayed.
@@ -41,9 +40,13 @@ pub const DEFAULT_STORE_HEADERS: &[&str] = &[
 ];
 
 // ------------------------------------------------------------------------------------- DTOs
+//
+// The document's blocks as written, every field optional. Each is read by hand from the
+// parsed JSON (`read` below): unknown and duplicate names are refused, type errors name the
+// path and what was found, `null` counts as absent. tests/test_schema.py checks that these
+// fields are exactly the schema's properties.
 
-#[derive(Debug, Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[derive(Default, Clone)]
 struct RawRule {
     methods: Option<Vec<String>>,
     key: Option<RawKey>,
@@ -62,8 +65,95 @@ struct RawRule {
     rate_limit: Option<RawRateLimit>,
 }
 
-#[derive(Debug, Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+impl RawRule {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(
+            path,
+            v,
+            &mut [
+                ("methods", Slot::Strs(&mut r.methods)),
+                (
+                    "key",
+                    Slot::Read(&mut |p, v| {
+                        r.key = Some(RawKey::read(p, v)?);
+                        Ok(())
+                    }),
+                ),
+                (
+                    "fingerprint",
+                    Slot::Read(&mut |p, v| {
+                        r.fingerprint = Some(RawFingerprint::read(p, v)?);
+                        Ok(())
+                    }),
+                ),
+                ("ttlSeconds", Slot::U64(&mut r.ttl_seconds)),
+                ("leaseSeconds", Slot::U64(&mut r.lease_seconds)),
+                (
+                    "expiry",
+                    Slot::Read(&mut |p, v| {
+                        r.expiry = Some(RawExpiry::read(p, v)?);
+                        Ok(())
+                    }),
+                ),
+                ("maxBodyBytes", Slot::U64(&mut r.max_body_bytes)),
+                ("maxResponseBytes", Slot::U64(&mut r.max_response_bytes)),
+                (
+                    "onMismatch",
+                    Slot::Read(&mut |p, v| {
+                        r.on_mismatch = Some(RawPolicy::read(p, v)?);
+                        Ok(())
+                    }),
+                ),
+                (
+                    "onDuplicate",
+                    Slot::Read(&mut |p, v| {
+                        r.on_duplicate = Some(RawPolicy::read(p, v)?);
+                        Ok(())
+                    }),
+                ),
+                (
+                    "onConcurrent",
+                    Slot::Read(&mut |p, v| {
+                        r.on_concurrent = Some(RawPolicy::read(p, v)?);
+                        Ok(())
+                    }),
+                ),
+                (
+                    "response",
+                    Slot::Read(&mut |p, v| {
+                        r.response = Some(RawResponse::read(p, v)?);
+                        Ok(())
+                    }),
+                ),
+                (
+                    "scope",
+                    Slot::Read(&mut |p, v| {
+                        r.scope = Some(RawScope::read(p, v)?);
+                        Ok(())
+                    }),
+                ),
+                (
+                    "errors",
+                    Slot::Read(&mut |p, v| {
+                        r.errors = Some(RawErrors::read(p, v)?);
+                        Ok(())
+                    }),
+                ),
+                (
+                    "rateLimit",
+                    Slot::Read(&mut |p, v| {
+                        r.rate_limit = Some(RawRateLimit::read(p, v)?);
+                        Ok(())
+                    }),
+                ),
+            ],
+        )?;
+        Ok(r)
+    }
+}
+
+#[derive(Default, Clone)]
 struct RawRateLimit {
     rate: Option<u64>,
     period_seconds: Option<u64>,
@@ -78,8 +168,31 @@ struct RawRateLimit {
     status: Option<u64>,
 }
 
-#[derive(Debug, Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+impl RawRateLimit {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(
+            path,
+            v,
+            &mut [
+                ("rate", Slot::U64(&mut r.rate)),
+                ("periodSeconds", Slot::U64(&mut r.period_seconds)),
+                ("burst", Slot::U64(&mut r.burst)),
+                ("callerHeaders", Slot::Strs(&mut r.caller_headers)),
+                ("perRoute", Slot::Bool(&mut r.per_route)),
+                ("resetFormat", Slot::Str(&mut r.reset_format)),
+                ("onContention", Slot::Str(&mut r.on_contention)),
+                ("chargeReplays", Slot::Bool(&mut r.charge_replays)),
+                ("capacity", Slot::U64(&mut r.capacity)),
+                ("probes", Slot::U64(&mut r.probes)),
+                ("status", Slot::U64(&mut r.status)),
+            ],
+        )?;
+        Ok(r)
+    }
+}
+
+#[derive(Default, Clone)]
 struct RawKey {
     header: Option<String>,
     sources: Option<Vec<RawSource>>,
@@ -88,8 +201,31 @@ struct RawKey {
     max_length: Option<u64>,
 }
 
-#[derive(Debug, Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+impl RawKey {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(
+            path,
+            v,
+            &mut [
+                ("header", Slot::Str(&mut r.header)),
+                (
+                    "sources",
+                    Slot::Read(&mut |p, v| {
+                        r.sources = Some(list(p, v, RawSource::read)?);
+                        Ok(())
+                    }),
+                ),
+                ("deriveFromBody", Slot::Bool(&mut r.derive_from_body)),
+                ("required", Slot::Bool(&mut r.required)),
+                ("maxLength", Slot::U64(&mut r.max_length)),
+            ],
+        )?;
+        Ok(r)
+    }
+}
+
+#[derive(Default, Clone)]
 struct RawSource {
     header: Option<String>,
     json_pointer: Option<String>,
@@ -98,8 +234,31 @@ struct RawSource {
     caller: Option<bool>,
 }
 
-#[derive(Debug, Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+impl RawSource {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(
+            path,
+            v,
+            &mut [
+                ("header", Slot::Str(&mut r.header)),
+                ("jsonPointer", Slot::Str(&mut r.json_pointer)),
+                (
+                    "composite",
+                    Slot::Read(&mut |p, v| {
+                        r.composite = Some(list(p, v, RawSource::read)?);
+                        Ok(())
+                    }),
+                ),
+                ("route", Slot::Bool(&mut r.route)),
+                ("caller", Slot::Bool(&mut r.caller)),
+            ],
+        )?;
+        Ok(r)
+    }
+}
+
+#[derive(Default, Clone)]
 struct RawFingerprint {
     method: Option<bool>,
     path: Option<bool>,
@@ -110,16 +269,50 @@ struct RawFingerprint {
     algorithm: Option<String>,
 }
 
-#[derive(Debug, Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+impl RawFingerprint {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(
+            path,
+            v,
+            &mut [
+                ("method", Slot::Bool(&mut r.method)),
+                ("path", Slot::Bool(&mut r.path)),
+                ("query", Slot::Bool(&mut r.query)),
+                ("headers", Slot::Strs(&mut r.headers)),
+                ("body", Slot::Str(&mut r.body)),
+                ("excludePointers", Slot::Strs(&mut r.exclude_pointers)),
+                ("algorithm", Slot::Str(&mut r.algorithm)),
+            ],
+        )?;
+        Ok(r)
+    }
+}
+
+#[derive(Default, Clone)]
 struct RawExpiry {
     header: Option<String>,
     min_seconds: Option<u64>,
     max_seconds: Option<u64>,
 }
 
-#[derive(Debug, Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+impl RawExpiry {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(
+            path,
+            v,
+            &mut [
+                ("header", Slot::Str(&mut r.header)),
+                ("minSeconds", Slot::U64(&mut r.min_seconds)),
+                ("maxSeconds", Slot::U64(&mut r.max_seconds)),
+            ],
+        )?;
+        Ok(r)
+    }
+}
+
+#[derive(Default, Clone)]
 struct RawPolicy {
     action: Option<String>,
     status: Option<u64>,
@@ -130,8 +323,27 @@ struct RawPolicy {
     body: Option<Value>,
 }
 
-#[derive(Debug, Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+impl RawPolicy {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(
+            path,
+            v,
+            &mut [
+                ("action", Slot::Str(&mut r.action)),
+                ("status", Slot::U64(&mut r.status)),
+                ("code", Slot::Str(&mut r.code)),
+                ("message", Slot::Str(&mut r.message)),
+                ("retryAfterSeconds", Slot::U64(&mut r.retry_after_seconds)),
+                ("waitMillis", Slot::U64(&mut r.wait_millis)),
+                ("body", Slot::Any(&mut r.body)),
+            ],
+        )?;
+        Ok(r)
+    }
+}
+
+#[derive(Default, Clone)]
 struct RawResponse {
     store_statuses: Option<Vec<StatusItem>>,
     never_store_statuses: Option<Vec<StatusItem>>,
@@ -139,21 +351,65 @@ struct RawResponse {
     replay_header: Option<String>,
 }
 
-#[derive(Debug, Deserialize, Clone)]
-#[serde(untagged)]
+impl RawResponse {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(
+            path,
+            v,
+            &mut [
+                ("storeStatuses", Slot::Statuses(&mut r.store_statuses)),
+                (
+                    "neverStoreStatuses",
+                    Slot::Statuses(&mut r.never_store_statuses),
+                ),
+                ("storeHeaders", Slot::Strs(&mut r.store_headers)),
+                ("replayHeader", Slot::Str(&mut r.replay_header)),
+            ],
+        )?;
+        Ok(r)
+    }
+}
+
+/// A status as written: a code (`404`) or text (`"2xx"`, `"500-503"`, `"all"`).
+#[derive(Clone)]
 enum StatusItem {
     Code(i64),
     Text(String),
 }
 
-#[derive(Debug, Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+fn status_items(path: &str, v: Value) -> Result<Vec<StatusItem>, ConfigError> {
+    list(path, v, |p, v| match v {
+        Value::String(s) => Ok(StatusItem::Text(s)),
+        Value::Number(n) if n.as_i64().is_some() => Ok(StatusItem::Code(n.as_i64().unwrap_or(0))),
+        other => Err(ConfigError::new(
+            p,
+            format!(
+                "data did not match any variant: must be a status code or a string, got {}",
+                unexpected(&other)
+            ),
+        )),
+    })
+}
+
+#[derive(Default, Clone)]
 struct RawScope {
     credential_headers: Option<Vec<String>>,
 }
 
-#[derive(Debug, Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+impl RawScope {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(
+            path,
+            v,
+            &mut [("credentialHeaders", Slot::Strs(&mut r.credential_headers))],
+        )?;
+        Ok(r)
+    }
+}
+
+#[derive(Default, Clone)]
 struct RawErrors {
     format: Option<String>,
     envelope: Option<Value>,
@@ -162,8 +418,25 @@ struct RawErrors {
     messages: Option<BTreeMap<String, String>>,
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+impl RawErrors {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(
+            path,
+            v,
+            &mut [
+                ("format", Slot::Str(&mut r.format)),
+                ("envelope", Slot::Any(&mut r.envelope)),
+                ("contentType", Slot::Str(&mut r.content_type)),
+                ("codes", Slot::Map(&mut r.codes)),
+                ("messages", Slot::Map(&mut r.messages)),
+            ],
+        )?;
+        Ok(r)
+    }
+}
+
+#[derive(Default)]
 struct RawStore {
     capacity: Option<u64>,
     probes: Option<u64>,
@@ -171,8 +444,30 @@ struct RawStore {
     etcd: Option<RawEtcd>,
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+impl RawStore {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(
+            path,
+            v,
+            &mut [
+                ("capacity", Slot::U64(&mut r.capacity)),
+                ("probes", Slot::U64(&mut r.probes)),
+                ("namespace", Slot::Str(&mut r.namespace)),
+                (
+                    "etcd",
+                    Slot::Read(&mut |p, v| {
+                        r.etcd = Some(RawEtcd::read(p, v)?);
+                        Ok(())
+                    }),
+                ),
+            ],
+        )?;
+        Ok(r)
+    }
+}
+
+#[derive(Default)]
 struct RawEtcd {
     cluster: Option<String>,
     prefix: Option<String>,
@@ -184,19 +479,236 @@ struct RawEtcd {
     max_value_bytes: Option<u64>,
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+impl RawEtcd {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(
+            path,
+            v,
+            &mut [
+                ("cluster", Slot::Str(&mut r.cluster)),
+                ("prefix", Slot::Str(&mut r.prefix)),
+                ("authority", Slot::Str(&mut r.authority)),
+                ("timeoutMillis", Slot::U64(&mut r.timeout_millis)),
+                ("retries", Slot::U64(&mut r.retries)),
+                ("failPolicy", Slot::Str(&mut r.fail_policy)),
+                ("leaseBucketSeconds", Slot::U64(&mut r.lease_bucket_seconds)),
+                ("maxValueBytes", Slot::U64(&mut r.max_value_bytes)),
+            ],
+        )?;
+        Ok(r)
+    }
+}
+
+#[derive(Default)]
 struct RawCorrelation {
     header: Option<String>,
     generate: Option<bool>,
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+impl RawCorrelation {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(
+            path,
+            v,
+            &mut [
+                ("header", Slot::Str(&mut r.header)),
+                ("generate", Slot::Bool(&mut r.generate)),
+            ],
+        )?;
+        Ok(r)
+    }
+}
+
+#[derive(Default)]
 struct RawMatch {
     prefix: Option<String>,
     exact: Option<String>,
     methods: Option<Vec<String>>,
+}
+
+impl RawMatch {
+    fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
+        let mut r = Self::default();
+        block(
+            path,
+            v,
+            &mut [
+                ("prefix", Slot::Str(&mut r.prefix)),
+                ("exact", Slot::Str(&mut r.exact)),
+                ("methods", Slot::Strs(&mut r.methods)),
+            ],
+        )?;
+        Ok(r)
+    }
+}
+
+// ------------------------------------------------------------------- reading the document
+
+/// `path.field`, or `field` at the top.
+fn join(path: &str, field: &str) -> String {
+    if path.is_empty() {
+        field.to_string()
+    } else {
+        format!("{path}.{field}")
+    }
+}
+
+/// An error at `path` (`$` for the document itself).
+fn error_at(path: &str, problem: String) -> ConfigError {
+    ConfigError::new(if path.is_empty() { "$" } else { path }, problem)
+}
+
+/// What was found, as type errors name it: `string "x"`, ``integer `-1` ``, `sequence`, …
+fn unexpected(v: &Value) -> String {
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(b) => format!("boolean `{b}`"),
+        Value::Number(n) if n.is_integer() => format!("integer `{}`", n.as_str()),
+        Value::Number(n) => format!("floating point `{}`", n.as_str()),
+        Value::String(s) => format!("string {s:?}"),
+        Value::Array(_) => "sequence".into(),
+        Value::Object(_) => "map".into(),
+    }
+}
+
+fn invalid_type(path: &str, v: &Value, expected: &str) -> ConfigError {
+    error_at(
+        path,
+        format!("invalid type: {}, expected {expected}", unexpected(v)),
+    )
+}
+
+/// The members of the object at `path` in document order; the first name that is given
+/// twice is refused (a JSON object's names should be unique, RFC 8259 §4).
+fn members(path: &str, v: Value) -> Result<Vec<(String, Value)>, ConfigError> {
+    let Value::Object(obj) = v else {
+        return Err(invalid_type(path, &v, "a map"));
+    };
+    let mut names: Vec<&str> = obj.0.iter().map(|(k, _)| k.as_str()).collect();
+    names.sort_unstable();
+    if let Some(dup) = names.windows(2).find(|w| w.first() == w.last()) {
+        let name = dup.first().copied().unwrap_or_default();
+        return Err(error_at(
+            &join(path, name),
+            format!("duplicate field `{name}`"),
+        ));
+    }
+    Ok(obj.0)
+}
+
+/// Where a field of a block goes once read (`null` counts as absent and leaves it `None`).
+enum Slot<'a> {
+    U64(&'a mut Option<u64>),
+    Bool(&'a mut Option<bool>),
+    Str(&'a mut Option<String>),
+    Strs(&'a mut Option<Vec<String>>),
+    Statuses(&'a mut Option<Vec<StatusItem>>),
+    Map(&'a mut Option<BTreeMap<String, String>>),
+    /// Any JSON (templates), kept as is.
+    Any(&'a mut Option<Value>),
+    /// A nested block or list of blocks: the reader gets the field's path and value.
+    Read(&'a mut dyn FnMut(&str, Value) -> Result<(), ConfigError>),
+}
+
+/// Reads the block at `path` into its fields' slots: every member must be one of `fields`
+/// (else `unknown field`), given once (see [`members`]), of the slot's type.
+fn block(path: &str, v: Value, fields: &mut [(&str, Slot<'_>)]) -> Result<(), ConfigError> {
+    for (name, value) in members(path, v)? {
+        let p = join(path, &name);
+        let Some((_, slot)) = fields.iter_mut().find(|(n, _)| *n == name) else {
+            let names: Vec<&str> = fields.iter().map(|(n, _)| *n).collect();
+            return Err(error_at(
+                &p,
+                format!(
+                    "unknown field `{name}`, expected one of `{}`",
+                    names.join("`, `")
+                ),
+            ));
+        };
+        if value.is_null() {
+            continue;
+        }
+        match slot {
+            Slot::U64(s) => **s = Some(uint(&p, value)?),
+            Slot::Bool(s) => **s = Some(boolean(&p, value)?),
+            Slot::Str(s) => **s = Some(string(&p, value)?),
+            Slot::Strs(s) => **s = Some(strings(&p, value)?),
+            Slot::Statuses(s) => **s = Some(status_items(&p, value)?),
+            Slot::Map(s) => **s = Some(string_map(&p, value)?),
+            Slot::Any(s) => **s = Some(value),
+            Slot::Read(read) => read(&p, value)?,
+        }
+    }
+    Ok(())
+}
+
+/// `None` for an absent (`null`) value, else what `read` makes of it.
+fn opt<T>(
+    path: &str,
+    v: Value,
+    read: impl FnOnce(&str, Value) -> Result<T, ConfigError>,
+) -> Result<Option<T>, ConfigError> {
+    if v.is_null() {
+        Ok(None)
+    } else {
+        read(path, v).map(Some)
+    }
+}
+
+fn list<T>(
+    path: &str,
+    v: Value,
+    item: impl Fn(&str, Value) -> Result<T, ConfigError>,
+) -> Result<Vec<T>, ConfigError> {
+    let Value::Array(items) = v else {
+        return Err(invalid_type(path, &v, "a sequence"));
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for (i, v) in items.into_iter().enumerate() {
+        out.push(item(&format!("{path}[{i}]"), v)?);
+    }
+    Ok(out)
+}
+
+fn string(path: &str, v: Value) -> Result<String, ConfigError> {
+    match v {
+        Value::String(s) => Ok(s),
+        other => Err(invalid_type(path, &other, "a string")),
+    }
+}
+
+fn strings(path: &str, v: Value) -> Result<Vec<String>, ConfigError> {
+    list(path, v, string)
+}
+
+fn boolean(path: &str, v: Value) -> Result<bool, ConfigError> {
+    match v {
+        Value::Bool(b) => Ok(b),
+        other => Err(invalid_type(path, &other, "a boolean")),
+    }
+}
+
+fn uint(path: &str, v: Value) -> Result<u64, ConfigError> {
+    match &v {
+        Value::Number(n) if n.is_integer() => n.as_u64().ok_or_else(|| {
+            error_at(
+                path,
+                format!("invalid value: {}, expected u64", unexpected(&v)),
+            )
+        }),
+        _ => Err(invalid_type(path, &v, "u64")),
+    }
+}
+
+fn string_map(path: &str, v: Value) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for (k, v) in members(path, v)? {
+        let s = string(&join(path, &k), v)?;
+        out.insert(k, s);
+    }
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------- validated
@@ -578,15 +1090,14 @@ impl Config {
     /// gives the defaults.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
         let text = if text.trim().is_empty() { "{}" } else { text };
-        let de = &mut serde_json::Deserializer::from_str(text);
-        let doc: Value = serde_path_to_error::deserialize(de)
-            .map_err(|e| ConfigError::new("$", e.inner().to_string()))?;
-        let Value::Object(mut top) = doc else {
+        let doc = json::parse_str(text).map_err(|e| ConfigError::new("$", e.to_string()))?;
+        if !matches!(doc, Value::Object(_)) {
             return Err(ConfigError::new(
                 "$",
                 format!("must be a JSON object, got {}", kind(&doc)),
             ));
-        };
+        }
+        let mut top = json::Object(members("", doc)?);
         let description = match top.remove("description") {
             None => None,
             Some(Value::String(s)) => Some(s),
@@ -598,8 +1109,14 @@ impl Config {
             }
         };
         top.remove("$schema");
-        let store: RawStore = take(&mut top, "store")?.unwrap_or_default();
-        let correlation: Option<RawCorrelation> = take(&mut top, "correlation")?;
+        let store = match top.remove("store") {
+            None => RawStore::default(),
+            Some(v) => opt("store", v, RawStore::read)?.unwrap_or_default(),
+        };
+        let correlation = match top.remove("correlation") {
+            None => None,
+            Some(v) => opt("correlation", v, RawCorrelation::read)?,
+        };
         let routes = match top.remove("routes") {
             None => Vec::new(),
             Some(Value::Array(items)) => items,
@@ -610,18 +1127,19 @@ impl Config {
                 ))
             }
         };
-        let base: RawRule = typed("", Value::Object(top))?;
+        let base = RawRule::read("", Value::Object(top))?;
         let default_rule = validate_rule("", "default".into(), None, base.clone())?;
 
         let mut rules = Vec::new();
         for (i, item) in routes.into_iter().enumerate() {
             let prefix = format!("routes[{i}].");
-            let Value::Object(mut obj) = item else {
+            if !matches!(item, Value::Object(_)) {
                 return Err(ConfigError::new(
                     format!("routes[{i}]"),
                     "must be an object".to_string(),
                 ));
-            };
+            }
+            let mut obj = json::Object(members(&format!("routes[{i}]"), item)?);
             let name = match obj.remove("name") {
                 None => format!("route{i}"),
                 Some(Value::String(s)) if !s.is_empty() && s.len() <= 64 => s,
@@ -632,14 +1150,14 @@ impl Config {
                     ))
                 }
             };
-            let m: RawMatch = match obj.remove("match") {
-                None => {
+            let m = match obj.remove("match") {
+                None | Some(Value::Null) => {
                     return Err(ConfigError::new(
                         format!("{prefix}match"),
                         "is required".to_string(),
                     ))
                 }
-                Some(v) => typed(&format!("{prefix}match."), v)?,
+                Some(v) => RawMatch::read(&format!("{prefix}match"), v)?,
             };
             if name == "default" || rules.iter().any(|r: &Rule| r.name == name) {
                 return Err(ConfigError::new(
@@ -648,7 +1166,7 @@ impl Config {
                 ));
             }
             let matcher = validate_match(&prefix, m)?;
-            let over: RawRule = typed(&prefix, Value::Object(obj))?;
+            let over = RawRule::read(&format!("routes[{i}]"), Value::Object(obj))?;
             let merged = merge(&base, over);
             rules.push(validate_rule(&prefix, name, Some(matcher), merged)?);
         }
@@ -905,30 +1423,6 @@ fn kind(v: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
-    }
-}
-
-/// Deserializes `value` into `T`, naming errors with `prefix` + the path inside.
-fn typed<T: DeserializeOwned>(prefix: &str, value: Value) -> Result<T, ConfigError> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let inner = e.path().to_string();
-        let path = match (prefix.trim_end_matches('.'), inner.as_str()) {
-            ("", "." | "?") => "$".to_string(),
-            (p, "." | "?") => p.to_string(),
-            ("", i) => i.to_string(),
-            (_, i) => format!("{prefix}{i}"),
-        };
-        ConfigError::new(path, e.inner().to_string())
-    })
-}
-
-fn take<T: DeserializeOwned>(
-    top: &mut Map<String, Value>,
-    field: &str,
-) -> Result<Option<T>, ConfigError> {
-    match top.remove(field) {
-        None => Ok(None),
-        Some(v) => typed(&format!("{field}."), v).map(Some),
     }
 }
 
@@ -1279,7 +1773,9 @@ fn check_template(path: &str, v: &Value) -> Result<(), ConfigError> {
             Ok(())
         }
         Value::Object(map) => {
-            for (k, item) in map {
+            // refuses duplicate names
+            members(path, Value::Object(map.clone()))?;
+            for (k, item) in map.iter() {
                 check_template(&format!("{path}.{k}"), item)?;
             }
             Ok(())
@@ -1897,6 +2393,174 @@ mod tests {
             .starts_with("key.sources[0].route: is only valid"));
         assert!(err(r#"{"onConcurrent":{"action":"wait"}}"#)
             .starts_with("onConcurrent.waitMillis: must be set"));
+    }
+
+    #[test]
+    fn duplicate_fields_are_refused_naming_the_path() {
+        assert_eq!(
+            err(r#"{"ttlSeconds": 10, "ttlSeconds": 20}"#),
+            "ttlSeconds: duplicate field `ttlSeconds`"
+        );
+        assert_eq!(
+            err(r#"{"key": {"header": "a", "header": "b"}}"#),
+            "key.header: duplicate field `header`"
+        );
+        assert_eq!(
+            err(r#"{"routes": [{"match": {"prefix": "/a"}, "name": "x", "name": "y"}]}"#),
+            "routes[0].name: duplicate field `name`"
+        );
+        assert_eq!(
+            err(r#"{"errors": {"codes": {"conflict": "a", "conflict": "b"}}}"#),
+            "errors.codes.conflict: duplicate field `conflict`"
+        );
+        assert_eq!(
+            err(r#"{"errors": {"format": "envelope", "envelope": {"e": {"x": 1, "x": 2}}}}"#),
+            "errors.envelope.e.x: duplicate field `x`"
+        );
+    }
+
+    #[test]
+    fn type_errors_name_what_was_found() {
+        for (json, want) in [
+            (r#"{"ttlSeconds": "x"}"#, "ttlSeconds: invalid type: string \"x\", expected u64"),
+            (r#"{"ttlSeconds": -1}"#, "ttlSeconds: invalid value: integer `-1`, expected u64"),
+            (r#"{"ttlSeconds": 1.5}"#, "ttlSeconds: invalid type: floating point `1.5`, expected u64"),
+            (r#"{"ttlSeconds": 18446744073709551616}"#, "ttlSeconds: invalid value: integer `18446744073709551616`, expected u64"),
+            (r#"{"methods": "POST"}"#, "methods: invalid type: string \"POST\", expected a sequence"),
+            (r#"{"methods": [null]}"#, "methods[0]: invalid type: null, expected a string"),
+            (r#"{"key": []}"#, "key: invalid type: sequence, expected a map"),
+            (r#"{"key": {"required": "yes"}}"#, "key.required: invalid type: string \"yes\", expected a boolean"),
+            (r#"{"key": {"sources": [{"composite": [{"header": 5}]}]}}"#, "key.sources[0].composite[0].header: invalid type: integer `5`, expected a string"),
+            (r#"{"errors": {"codes": {"conflict": true}}}"#, "errors.codes.conflict: invalid type: boolean `true`, expected a string"),
+            (r#"{"response": {"storeStatuses": [{}]}}"#, "response.storeStatuses[0]: data did not match any variant: must be a status code or a string, got map"),
+            (r#"{"routes": [{"match": []}]}"#, "routes[0].match: invalid type: sequence, expected a map"),
+        ] {
+            assert_eq!(err(json), want, "{json}");
+        }
+        assert!(err(r#"{"bogus": 1}"#)
+            .starts_with("bogus: unknown field `bogus`, expected one of `methods`, `key`,"));
+        assert_eq!(err("[1,]"), "$: trailing comma at line 1 column 4");
+    }
+
+    #[test]
+    fn null_counts_as_absent() {
+        let c = Config::from_json(
+            r#"{"ttlSeconds": null, "key": null, "store": null, "correlation": null,
+                "onDuplicate": {"body": null, "action": null}, "errors": {"envelope": null}}"#,
+        )
+        .unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn every_block_accepts_each_of_its_fields() {
+        // Each field name listed in a block's reader gets past the unknown-field check: the
+        // value `{"?": 1}` is wrong for every field, so the error must name the field itself
+        // (or something inside it), never refuse it as unknown.
+        let blocks: &[(&str, &[&str])] = &[
+            (
+                "",
+                &[
+                    "methods",
+                    "key",
+                    "fingerprint",
+                    "ttlSeconds",
+                    "leaseSeconds",
+                    "expiry",
+                    "maxBodyBytes",
+                    "maxResponseBytes",
+                    "onMismatch",
+                    "onDuplicate",
+                    "onConcurrent",
+                    "response",
+                    "scope",
+                    "rateLimit",
+                ],
+            ),
+            (
+                "key",
+                &[
+                    "header",
+                    "sources",
+                    "deriveFromBody",
+                    "required",
+                    "maxLength",
+                ],
+            ),
+            (
+                "fingerprint",
+                &[
+                    "method",
+                    "path",
+                    "query",
+                    "headers",
+                    "body",
+                    "excludePointers",
+                    "algorithm",
+                ],
+            ),
+            ("expiry", &["header", "minSeconds", "maxSeconds"]),
+            (
+                "onMismatch",
+                &[
+                    "action",
+                    "status",
+                    "code",
+                    "message",
+                    "retryAfterSeconds",
+                    "waitMillis",
+                ],
+            ),
+            (
+                "response",
+                &[
+                    "storeStatuses",
+                    "neverStoreStatuses",
+                    "storeHeaders",
+                    "replayHeader",
+                ],
+            ),
+            ("scope", &["credentialHeaders"]),
+            ("errors", &["format", "contentType", "codes", "messages"]),
+            ("store", &["capacity", "probes", "namespace", "etcd"]),
+            ("correlation", &["header", "generate"]),
+            (
+                "rateLimit",
+                &[
+                    "rate",
+                    "periodSeconds",
+                    "burst",
+                    "callerHeaders",
+                    "perRoute",
+                    "resetFormat",
+                    "onContention",
+                    "chargeReplays",
+                    "capacity",
+                    "probes",
+                    "status",
+                ],
+            ),
+        ];
+        for (block, fields) in blocks {
+            for field in *fields {
+                let inner = format!(r#"{{"{field}": [[]]}}"#);
+                let json = if block.is_empty() {
+                    inner
+                } else {
+                    format!(r#"{{"{block}": {inner}}}"#)
+                };
+                let e = err(&json);
+                let path = if block.is_empty() {
+                    field.to_string()
+                } else {
+                    format!("{block}.{field}")
+                };
+                assert!(
+                    e.starts_with(&path) && !e.contains("unknown field"),
+                    "{json}: {e}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -18,8 +18,8 @@
 //!     other => unreachable!("{other:?}"),
 //! }
 //! ```
+use crate::json::{self, Value};
 use crate::sha256::Sha256;
-use serde_json::Value;
 
 use crate::canonical::{canonical_bytes, key_text, pointer_get, pointer_remove};
 use crate::clock::Millis;
@@ -246,7 +246,7 @@ pub fn resolve(config: &Config, pending: &Pending, body: &[u8]) -> Resolution {
         });
     }
     let json: Option<Value> = if rule.needs_json() && !body.is_empty() {
-        serde_json::from_slice(body).ok()
+        json::parse(body).ok()
     } else {
         None
     };

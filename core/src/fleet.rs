@@ -36,7 +36,8 @@
 //! assert_eq!(lease_deadline(61_000, 60_000), 120_000);
 //! assert!(fleet.key(&idemgate_core::KeyId([0; 16])).starts_with("/idemgate/idemgate/"));
 //! ```
-use serde_json::{json, Value};
+use crate::json;
+use crate::json::Value;
 
 use crate::clock::Millis;
 use crate::config::{Config, EtcdSpec, FailPolicy, Rule};
@@ -453,7 +454,7 @@ fn answer(status: Option<u16>, body: &[u8]) -> Result<Value, EtcdError> {
             "no answer (timeout, reset or no healthy member)".into(),
         ));
     };
-    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let parsed: Option<Value> = json::parse(body).ok();
     let message = parsed
         .as_ref()
         .and_then(|v| v.get("message").or_else(|| v.get("error")))
@@ -1150,7 +1151,7 @@ mod tests {
     }
 
     fn body_of(call: &Call) -> Value {
-        serde_json::from_slice(&call.body).unwrap()
+        json::parse(&call.body).unwrap()
     }
 
     fn succeeded(rev: i64) -> Vec<u8> {

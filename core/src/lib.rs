@@ -38,6 +38,7 @@ pub mod error;
 pub mod fingerprint;
 pub mod fleet;
 pub mod headers;
+pub mod json;
 pub mod key;
 pub mod problem;
 pub mod ratelimit;

@@ -16,11 +16,12 @@
 //! let answer = render(&config.default_rule, &Rejection::Conflict { retry_after_s: 2 }, &AnswerContext::default());
 //! assert_eq!(answer.status, 409);
 //! assert!(answer.headers.contains(&("retry-after".to_string(), "2".to_string())));
-//! let doc: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+//! let doc = idemgate_core::json::parse(&answer.body).unwrap();
 //! assert_eq!(doc["error"]["code"], "CDP_ETL.CONFLICT");
 //! assert_eq!(doc["error"]["status"], 409);
 //! ```
-use serde_json::{json, Map, Value};
+use crate::json;
+use crate::json::{Object, Value};
 
 use crate::config::{DuplicateAction, ErrorFormat, Rule};
 use crate::decision::Rejection;
@@ -165,7 +166,7 @@ pub fn render(rule: &Rule, rejection: &Rejection, ctx: &AnswerContext) -> LocalA
                 (rule.errors.content_type.clone(), fill(template, &vars))
             }
             ErrorFormat::Problem => {
-                let mut m = Map::new();
+                let mut m = Object::new();
                 m.insert(
                     "type".into(),
                     Value::String(format!("{PROBLEM_BASE}{}", desc.slug)),
@@ -191,7 +192,7 @@ pub fn render(rule: &Rule, rejection: &Rejection, ctx: &AnswerContext) -> LocalA
     LocalAnswer {
         status: desc.status,
         headers,
-        body: serde_json::to_vec(&doc).unwrap_or_default(),
+        body: doc.to_vec(),
     }
 }
 
@@ -359,7 +360,7 @@ mod tests {
         for (rej, status) in cases {
             let a = render(r, &rej, &AnswerContext::default());
             assert_eq!(a.status, status);
-            let doc: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+            let doc = json::parse(&a.body).unwrap();
             assert_eq!(doc["status"], status);
             assert!(doc["type"].as_str().unwrap().starts_with(PROBLEM_BASE));
             assert!(doc["detail"].as_str().unwrap().len() > 20);
@@ -382,7 +383,7 @@ mod tests {
         };
         let a = render(&c.default_rule, &Rejection::Mismatch, &ctx);
         assert_eq!(a.status, 409);
-        let doc: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+        let doc = json::parse(&a.body).unwrap();
         assert_eq!(
             doc,
             json!({"error": {"code": "idempotency_conflict", "message": "The idempotency key was reused with a different request body.",
@@ -403,7 +404,7 @@ mod tests {
         };
         let a = render(&c.default_rule, &Rejection::Duplicate, &ctx);
         assert_eq!(a.status, 200);
-        let doc: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+        let doc = json::parse(&a.body).unwrap();
         assert_eq!(
             doc,
             json!({"received": true, "duplicate": true, "key": "evt_1"})

@@ -22,13 +22,14 @@
 #![forbid(unsafe_code)]
 
 pub mod metrics;
+mod vecmap;
 
 use std::cell::{Cell, RefCell};
 use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
+use vecmap::VecMap;
 
 use idemgate_core::config::ConcurrentAction;
 use idemgate_core::decision::Request;
@@ -64,7 +65,7 @@ proxy_wasm::main! {{
 
 thread_local! {
     /// Gate contexts waiting for release, by token (this VM = this worker thread).
-    static GATES: RefCell<HashMap<u64, u32>> = RefCell::new(HashMap::new());
+    static GATES: RefCell<VecMap<u64, u32>> = RefCell::new(VecMap::new());
     static SEED: u64 = RandomState::new().build_hasher().finish();
     static COUNTER: Cell<u64> = const { Cell::new(0) };
     /// The reader→gate token of the request whose headers are passing from the reader to
@@ -146,12 +147,12 @@ impl CasStore for SharedData {
 #[derive(Default)]
 struct Metrics {
     /// Host metric id and the count not yet flushed, by metric name.
-    ids: HashMap<&'static str, (u32, Cell<i64>)>,
+    ids: VecMap<&'static str, (u32, Cell<i64>)>,
 }
 
 impl Metrics {
     fn define(namespace: &str) -> Self {
-        let mut ids = HashMap::new();
+        let mut ids = VecMap::new();
         let kinds = metrics::COUNTERS
             .iter()
             .map(|m| (m, MetricType::Counter))
@@ -1683,7 +1684,7 @@ struct QueuedOp {
 
 thread_local! {
     static FLEET_QUEUE: RefCell<Vec<QueuedOp>> = const { RefCell::new(Vec::new()) };
-    static FLEET_PENDING: RefCell<HashMap<u32, QueuedOp>> = RefCell::new(HashMap::new());
+    static FLEET_PENDING: RefCell<VecMap<u32, QueuedOp>> = RefCell::new(VecMap::new());
 }
 
 fn queue_fleet_op(shared: &Rc<Shared>, op: FleetOp) {
@@ -1888,7 +1889,7 @@ thread_local! {
     /// Parked requests waiting for their next poll.
     static FLEET_WAITERS: RefCell<Vec<FleetWaiter>> = const { RefCell::new(Vec::new()) };
     /// Parked requests with a call to etcd in flight, by call token.
-    static FLEET_WAIT_CALLS: RefCell<HashMap<u32, FleetWaiter>> = RefCell::new(HashMap::new());
+    static FLEET_WAIT_CALLS: RefCell<VecMap<u32, FleetWaiter>> = RefCell::new(VecMap::new());
 }
 
 /// Re-polls etcd for every parked request that is due: a create txn whose failure branch
