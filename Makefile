@@ -82,7 +82,7 @@ deps-py:
 # wasm-opt runs again only when cargo's output changed (stamp dist/.idemgate.wasm.from).
 BINARYEN_VERSION = $(shell sed -n 's/.*"binaryen": *"\([^"]*\)".*/\1/p' edge/package.json)
 WASM_OPT = $(IDEMGATE_CACHE)/binaryen-$(BINARYEN_VERSION)/node_modules/.bin/wasm-opt
-FILTER_WASM_OPT_FLAGS := -Oz --strip-debug --strip-producers --enable-bulk-memory \
+FILTER_WASM_OPT_FLAGS := -Oz --strip-debug --strip-producers --enable-bulk-memory --enable-simd \
   --enable-bulk-memory-opt --enable-call-indirect-overlong --enable-extended-const \
   --enable-multivalue --enable-mutable-globals --enable-nontrapping-float-to-int \
   --enable-reference-types --enable-sign-ext
