@@ -84,6 +84,10 @@ def fleet(docker_engine: None) -> Iterator[Fleet]:
                 etcd_listener("keep", free_port(), "closed", leaseSeconds=2),
                 etcd_listener("wait", free_port(), "closed",
                               onConcurrent={"action": "wait", "waitMillis": WAIT_MS}),
+                # wait policy under a rate limit (per Envoy; 1/hour, burst 4: no refill in a test)
+                etcd_listener("waitrl", free_port(), "closed",
+                              onConcurrent={"action": "wait", "waitMillis": WAIT_MS},
+                              rateLimit={"rate": 1, "periodSeconds": 3600, "burst": 4}),
             ]
             admin = free_port()
             e = Envoy(ls, origin_port=origin.port, admin_port=admin, concurrency=CONCURRENCY,
@@ -366,5 +370,34 @@ def test_wait_policy_released_key_is_claimed_and_bound_answers_409(fleet: Fleet)
         waited = time.monotonic() - t0
         assert dup.status == 409 and dup.header("retry-after"), dup
         assert WAIT_MS / 1000 - 0.2 <= waited < WAIT_MS / 1000 + 1, waited
+        assert first.result().status == 200
+    assert executions(fleet.origin, path) == {path: 1}
+
+
+def test_wait_policy_charges_the_rate_limit_when_the_wait_ends(fleet: Fleet) -> None:
+    """A parked request pays its rate-limit charge when its wait ends, as in local mode: a
+    wait that ends in a replay is free, one that ends in a 409 at the bound costs 1, and
+    both answers carry X-RateLimit-* (the limit is per Envoy: Envoy 1 sees only the
+    duplicates)."""
+    # replayed after waiting: free
+    path = f"/fleet/wait-rl/{uuid.uuid4().hex}"
+    key = uuid.uuid4().hex
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(post, fleet.port(0, "waitrl"), path + "?delay=1", key)
+        time.sleep(0.3)
+        dup = post(fleet.port(1, "waitrl"), path + "?delay=1", key)
+        r1 = first.result()
+    assert r1.status == 200 and dup.status == 200, (r1, dup)
+    assert dup.header("idempotent-replayed") == "true", dup
+    assert dup.header("x-ratelimit-limit") == "4", dup
+    assert dup.header("x-ratelimit-remaining") == "4", dup  # the replay cost nothing
+    # still in flight at the bound: 409, charged
+    path, key = f"/fleet/wait-rl-bound/{uuid.uuid4().hex}", uuid.uuid4().hex
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(post, fleet.port(0, "waitrl"), path + "?delay=4", key)
+        time.sleep(0.3)
+        dup = post(fleet.port(1, "waitrl"), path + "?delay=4", key)
+        assert dup.status == 409 and dup.header("retry-after"), dup
+        assert dup.header("x-ratelimit-remaining") == "3", dup
         assert first.result().status == 200
     assert executions(fleet.origin, path) == {path: 1}

@@ -420,7 +420,8 @@ enum Settled {
     Pending,
     /// Forwarded with a claim, with the rate-limit headers of its charge.
     Forwarded(usize, ClaimHandle, Option<RateHeaders>),
-    FleetForwarded(usize, Box<FleetHandle>),
+    /// Forwarded with an etcd claim, with the rate-limit headers of its charge.
+    FleetForwarded(usize, Box<FleetHandle>, Option<RateHeaders>),
     Done,
 }
 
@@ -446,18 +447,27 @@ impl Waiter {
         &mut self,
         settled: Settlement,
     ) -> (Option<RateHeaders>, Option<(usize, Rejection)>) {
-        let Some((limit_rule, headers)) = self.charge.take() else {
-            return (None, None);
-        };
-        let s = self.shared.clone();
-        let Some(spec) = s.config.rule_at(limit_rule).rate_limit.as_ref() else {
-            return (None, None);
-        };
-        let cost = ratelimit::deferred_cost(spec, settled);
-        match charge_limit(&s, limit_rule, &headers, cost) {
-            Some((rate, limited)) => (Some(rate), limited.map(|r| (limit_rule, r))),
-            None => (None, None),
-        }
+        settle_deferred(&self.shared, self.charge.take(), settled)
+    }
+}
+
+/// Settles a rate-limit charge deferred until a wait ended as `settled`: the headers for the
+/// answer, and the refusal (with its limit rule) when the caller is over its limit.
+fn settle_deferred(
+    s: &Shared,
+    charge: Option<(usize, Headers)>,
+    settled: Settlement,
+) -> (Option<RateHeaders>, Option<(usize, Rejection)>) {
+    let Some((limit_rule, headers)) = charge else {
+        return (None, None);
+    };
+    let Some(spec) = s.config.rule_at(limit_rule).rate_limit.as_ref() else {
+        return (None, None);
+    };
+    let cost = ratelimit::deferred_cost(spec, settled);
+    match charge_limit(s, limit_rule, &headers, cost) {
+        Some((rate, limited)) => (Some(rate), limited.map(|r| (limit_rule, r))),
+        None => (None, None),
     }
 }
 
@@ -730,7 +740,12 @@ impl Reader {
                 }
                 self.phase = Phase::Forwarded(rule, h);
             }
-            Settled::FleetForwarded(rule, h) => self.phase = Phase::FleetForwarded(rule, h),
+            Settled::FleetForwarded(rule, h, rate) => {
+                if rate.is_some() {
+                    self.rate = rate;
+                }
+                self.phase = Phase::FleetForwarded(rule, h);
+            }
             Settled::Done => self.phase = Phase::Done,
         }
     }
@@ -1512,6 +1527,8 @@ impl Reader {
                         deadline,
                         claim,
                         settled: settled.clone(),
+                        charge: self.deferred_charge.take(),
+                        rate: None,
                     })
                 });
                 self.phase = Phase::Waiting(settled);
@@ -1883,6 +1900,10 @@ struct FleetWaiter {
     deadline: u64,
     claim: Box<FleetClaim>,
     settled: Rc<RefCell<Settled>>,
+    /// The rate-limit charge deferred until the wait ends (limit rule, request headers).
+    charge: Option<(usize, Headers)>,
+    /// The rate-limit headers of the settled charge, for the answer.
+    rate: Option<RateHeaders>,
 }
 
 thread_local! {
@@ -1949,6 +1970,11 @@ fn waiter_step(root: u32, mut w: FleetWaiter, step: Step) {
             return;
         }
         Step::Forward(handle) => {
+            if waiter_settle(&mut w, Settlement::Other) {
+                queue_fleet_op(&s, FleetOp::Release(Box::new(handle)));
+                let _ = hostcalls::set_effective_context(root);
+                return;
+            }
             s.keepalives
                 .borrow_mut()
                 .hold(handle.inflight_lease, handle.inflight, now_ms());
@@ -1962,7 +1988,7 @@ fn waiter_step(root: u32, mut w: FleetWaiter, step: Step) {
                 Ok(()) => {
                     s.metrics.inc("forwarded");
                     *w.settled.borrow_mut() =
-                        Settled::FleetForwarded(w.claim.rule, Box::new(handle));
+                        Settled::FleetForwarded(w.claim.rule, Box::new(handle), w.rate.take());
                 }
                 Err(detail) => {
                     queue_fleet_op(&s, FleetOp::Release(Box::new(handle)));
@@ -1979,12 +2005,23 @@ fn waiter_step(root: u32, mut w: FleetWaiter, step: Step) {
             if let Some(rec) = &completed {
                 cache_completed(&s, &w.claim.flow.key_id(), rec);
             }
+            let settled = match decision {
+                idemgate_core::Decision::Replay(_) => Settlement::Replayed,
+                _ => Settlement::Other,
+            };
+            if waiter_settle(&mut w, settled) {
+                let _ = hostcalls::set_effective_context(root);
+                return;
+            }
             match decision {
                 idemgate_core::Decision::Replay(stored) => {
                     if hostcalls::set_effective_context(w.reader).is_ok() {
                         s.metrics.inc("replayed");
                         s.metrics.inc("waited");
-                        send(problem::replay(rule, &stored, &w.claim.ctx));
+                        send(with_rate(
+                            problem::replay(rule, &stored, &w.claim.ctx),
+                            w.rate.as_ref(),
+                        ));
                     }
                     waiter_done(&w);
                 }
@@ -2030,6 +2067,10 @@ fn waiter_step(root: u32, mut w: FleetWaiter, step: Step) {
         Err(e) => {
             // etcd cannot decide: the fail policy answers, as for a first attempt.
             log::warn!("idemgate: etcd could not decide a waiting request: {e}");
+            if waiter_settle(&mut w, Settlement::Other) {
+                let _ = hostcalls::set_effective_context(root);
+                return;
+            }
             if Fleet::new(&s.config).is_some_and(|f| f.fails_open()) {
                 s.metrics.inc("fleet_fail_open");
                 let released = match w.claim.gate {
@@ -2061,12 +2102,35 @@ fn waiter_step(root: u32, mut w: FleetWaiter, step: Step) {
 
 /// Answers a parked request with `r` (from its own context).
 fn waiter_reject(w: &FleetWaiter, r: Rejection) {
-    let rule = w.shared.config.rule_at(w.claim.rule);
+    waiter_reject_by(w, w.claim.rule, r);
+}
+
+/// Answers a parked request with `r` in the error format of rule `rule`.
+fn waiter_reject_by(w: &FleetWaiter, rule: usize, r: Rejection) {
+    let rule = w.shared.config.rule_at(rule);
     if hostcalls::set_effective_context(w.reader).is_ok() {
         w.shared.metrics.rejection(&r);
-        send(problem::render(rule, &r, &w.claim.ctx));
+        send(with_rate(
+            problem::render(rule, &r, &w.claim.ctx),
+            w.rate.as_ref(),
+        ));
     }
     waiter_done(w);
+}
+
+/// Settles a parked request's deferred rate-limit charge now that its wait ended as
+/// `settled`, as local mode does; answers 429 and returns true when the caller is over its
+/// limit.
+fn waiter_settle(w: &mut FleetWaiter, settled: Settlement) -> bool {
+    let (rate, limited) = settle_deferred(&w.shared, w.charge.take(), settled);
+    w.rate = rate;
+    match limited {
+        Some((limit_rule, r)) => {
+            waiter_reject_by(w, limit_rule, r);
+            true
+        }
+        None => false,
+    }
 }
 
 fn waiter_done(w: &FleetWaiter) {
