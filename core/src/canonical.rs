@@ -18,44 +18,13 @@
 //! assert_eq!(canonical_bytes(&a), br#"{"a":[true,null],"b":1}"#);
 //! assert_eq!(pointer_get(&a, "/a/0"), Some(&Value::Bool(true)));
 //! ```
-use crate::json::{write_string, Value};
+use crate::json::{write_json, Value};
 
 /// Canonical bytes of a JSON value.
 pub fn canonical_bytes(value: &Value) -> Vec<u8> {
     let mut out = Vec::new();
-    write(value, &mut out);
+    write_json(value, &mut out, true);
     out
-}
-
-fn write(value: &Value, out: &mut Vec<u8>) {
-    match value {
-        Value::Null => out.extend_from_slice(b"null"),
-        Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
-        Value::Number(n) => out.extend_from_slice(n.canonical().as_bytes()),
-        Value::String(s) => write_string(s, out),
-        Value::Array(items) => {
-            out.push(b'[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write(item, out);
-            }
-            out.push(b']');
-        }
-        Value::Object(map) => {
-            out.push(b'{');
-            for (i, (k, v)) in map.sorted_unique().into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_string(k, out);
-                out.push(b':');
-                write(v, out);
-            }
-            out.push(b'}');
-        }
-    }
 }
 
 /// Whether `pointer` is a syntactically valid JSON Pointer (RFC 6901).
@@ -155,7 +124,7 @@ pub fn key_text(value: &Value) -> Option<String> {
 mod tests {
     use super::*;
     use crate::json;
-    use crate::json::parse_str;
+    use crate::json::{parse_str, write_string};
     use proptest::prelude::*;
 
     fn quoted(k: &str) -> String {

@@ -65,6 +65,16 @@ struct RawRule {
     rate_limit: Option<RawRateLimit>,
 }
 
+/// The slot of a nested block read by `$ty::read` into `$dst` (an `Option`).
+macro_rules! nested {
+    ($dst:expr, $ty:ty) => {
+        Slot::Read(&mut |p, v| {
+            $dst = Some(<$ty>::read(p, v)?);
+            Ok(())
+        })
+    };
+}
+
 impl RawRule {
     fn read(path: &str, v: Value) -> Result<Self, ConfigError> {
         let mut r = Self::default();
@@ -73,80 +83,20 @@ impl RawRule {
             v,
             &mut [
                 ("methods", Slot::Strs(&mut r.methods)),
-                (
-                    "key",
-                    Slot::Read(&mut |p, v| {
-                        r.key = Some(RawKey::read(p, v)?);
-                        Ok(())
-                    }),
-                ),
-                (
-                    "fingerprint",
-                    Slot::Read(&mut |p, v| {
-                        r.fingerprint = Some(RawFingerprint::read(p, v)?);
-                        Ok(())
-                    }),
-                ),
+                ("key", nested!(r.key, RawKey)),
+                ("fingerprint", nested!(r.fingerprint, RawFingerprint)),
                 ("ttlSeconds", Slot::U64(&mut r.ttl_seconds)),
                 ("leaseSeconds", Slot::U64(&mut r.lease_seconds)),
-                (
-                    "expiry",
-                    Slot::Read(&mut |p, v| {
-                        r.expiry = Some(RawExpiry::read(p, v)?);
-                        Ok(())
-                    }),
-                ),
+                ("expiry", nested!(r.expiry, RawExpiry)),
                 ("maxBodyBytes", Slot::U64(&mut r.max_body_bytes)),
                 ("maxResponseBytes", Slot::U64(&mut r.max_response_bytes)),
-                (
-                    "onMismatch",
-                    Slot::Read(&mut |p, v| {
-                        r.on_mismatch = Some(RawPolicy::read(p, v)?);
-                        Ok(())
-                    }),
-                ),
-                (
-                    "onDuplicate",
-                    Slot::Read(&mut |p, v| {
-                        r.on_duplicate = Some(RawPolicy::read(p, v)?);
-                        Ok(())
-                    }),
-                ),
-                (
-                    "onConcurrent",
-                    Slot::Read(&mut |p, v| {
-                        r.on_concurrent = Some(RawPolicy::read(p, v)?);
-                        Ok(())
-                    }),
-                ),
-                (
-                    "response",
-                    Slot::Read(&mut |p, v| {
-                        r.response = Some(RawResponse::read(p, v)?);
-                        Ok(())
-                    }),
-                ),
-                (
-                    "scope",
-                    Slot::Read(&mut |p, v| {
-                        r.scope = Some(RawScope::read(p, v)?);
-                        Ok(())
-                    }),
-                ),
-                (
-                    "errors",
-                    Slot::Read(&mut |p, v| {
-                        r.errors = Some(RawErrors::read(p, v)?);
-                        Ok(())
-                    }),
-                ),
-                (
-                    "rateLimit",
-                    Slot::Read(&mut |p, v| {
-                        r.rate_limit = Some(RawRateLimit::read(p, v)?);
-                        Ok(())
-                    }),
-                ),
+                ("onMismatch", nested!(r.on_mismatch, RawPolicy)),
+                ("onDuplicate", nested!(r.on_duplicate, RawPolicy)),
+                ("onConcurrent", nested!(r.on_concurrent, RawPolicy)),
+                ("response", nested!(r.response, RawResponse)),
+                ("scope", nested!(r.scope, RawScope)),
+                ("errors", nested!(r.errors, RawErrors)),
+                ("rateLimit", nested!(r.rate_limit, RawRateLimit)),
             ],
         )?;
         Ok(r)
@@ -454,13 +404,7 @@ impl RawStore {
                 ("capacity", Slot::U64(&mut r.capacity)),
                 ("probes", Slot::U64(&mut r.probes)),
                 ("namespace", Slot::Str(&mut r.namespace)),
-                (
-                    "etcd",
-                    Slot::Read(&mut |p, v| {
-                        r.etcd = Some(RawEtcd::read(p, v)?);
-                        Ok(())
-                    }),
-                ),
+                ("etcd", nested!(r.etcd, RawEtcd)),
             ],
         )?;
         Ok(r)

@@ -579,9 +579,17 @@ macro_rules! __json_member {
 
 /// Appends the compact JSON text of `value` (members in order, numbers as written).
 pub fn write_value(value: &Value, out: &mut Vec<u8>) {
+    write_json(value, out, false);
+}
+
+/// Appends the JSON text of `value`: compact with members in order and numbers as written,
+/// or, when `canonical`, members sorted by UTF-16 name (a repeated name once, its last value)
+/// and numbers in canonical form (see [`crate::canonical`]).
+pub(crate) fn write_json(value: &Value, out: &mut Vec<u8>, canonical: bool) {
     match value {
         Value::Null => out.extend_from_slice(b"null"),
         Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        Value::Number(n) if canonical => out.extend_from_slice(n.canonical().as_bytes()),
         Value::Number(n) => out.extend_from_slice(n.as_str().as_bytes()),
         Value::String(s) => write_string(s, out),
         Value::Array(items) => {
@@ -590,19 +598,24 @@ pub fn write_value(value: &Value, out: &mut Vec<u8>) {
                 if i > 0 {
                     out.push(b',');
                 }
-                write_value(item, out);
+                write_json(item, out, canonical);
             }
             out.push(b']');
         }
         Value::Object(o) => {
+            let members: Vec<(&str, &Value)> = if canonical {
+                o.sorted_unique()
+            } else {
+                o.0.iter().map(|(k, v)| (k.as_str(), v)).collect()
+            };
             out.push(b'{');
-            for (i, (k, v)) in o.0.iter().enumerate() {
+            for (i, (k, v)) in members.into_iter().enumerate() {
                 if i > 0 {
                     out.push(b',');
                 }
                 write_string(k, out);
                 out.push(b':');
-                write_value(v, out);
+                write_json(v, out, canonical);
             }
             out.push(b'}');
         }
