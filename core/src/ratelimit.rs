@@ -509,6 +509,23 @@ impl LimitKey {
         LimitKey(crate::prefix(&h.finalize()))
     }
 
+    /// The bucket of a request's caller under `rule`'s rate limit: its caller headers'
+    /// values (repeated headers joined with `,`) and, with `perRoute`, the rule's name. The
+    /// default key when the rule has no limit.
+    pub fn for_request(rule: &crate::config::Rule, headers: &[(String, Vec<u8>)]) -> Self {
+        use crate::headers::HeaderLookup;
+        let Some(spec) = &rule.rate_limit else {
+            return LimitKey::default();
+        };
+        let values: Vec<Vec<u8>> = spec
+            .caller_headers
+            .iter()
+            .map(|h| headers.get_all(h).join(&b","[..]))
+            .collect();
+        let callers: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
+        LimitKey::new(&callers, spec.per_route.then_some(rule.name.as_str()))
+    }
+
     /// Lower-case hex, safe to log (and a Durable Object name on the edge).
     pub fn to_hex(&self) -> String {
         crate::hex(&self.0)
@@ -844,15 +861,8 @@ pub fn charge<S: CasStore + ?Sized>(
     now: Millis,
     cost: u32,
 ) -> Option<Charge> {
-    use crate::headers::HeaderLookup;
     let spec = rule.rate_limit.as_ref()?;
-    let values: Vec<Vec<u8>> = spec
-        .caller_headers
-        .iter()
-        .map(|h| headers.get_all(h).join(&b","[..]))
-        .collect();
-    let callers: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
-    let key = LimitKey::new(&callers, spec.per_route.then_some(rule.name.as_str()));
+    let key = LimitKey::for_request(rule, headers);
     // One table per rule with its own buckets, or one shared by every rule that does not
     // limit per route (their capacity and probes agree: the configuration checks it).
     let table_ns = format!(

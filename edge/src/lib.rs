@@ -28,8 +28,8 @@ use idemgate_core::decision::{decide_waiting, Decision, Request};
 use idemgate_core::problem::{self, AnswerContext, LocalAnswer};
 use idemgate_core::ratelimit::{self, LimitKey, Outcome, RateHeaders, Settlement, Tat};
 use idemgate_core::{
-    admit, resolve, Admission, Config, Fingerprint, HeaderLookup, Pending, Record, Rejection,
-    Resolution, Resolved, ResponseCapture, Rule,
+    admit, resolve, Admission, Config, Fingerprint, Pending, Record, Rejection, Resolution,
+    Resolved, ResponseCapture,
 };
 use wasm_bindgen::prelude::*;
 
@@ -202,7 +202,7 @@ impl Engine {
         let limit_rule = self.config.limit_rule_for(path_with_query);
         let limit = limit_rule.rate_limit.as_ref().map(|_| Limit {
             rule: self.config.rule_index(limit_rule),
-            key: limit_key(limit_rule, &headers),
+            key: LimitKey::for_request(limit_rule, &headers),
             deferred: false,
         });
         let mut ex = Exchange {
@@ -417,20 +417,6 @@ pub enum Step {
     Body = 2,
     /// Key and fingerprint known: look the key up.
     Ready = 3,
-}
-
-/// The bucket of a request's caller, as `ratelimit::charge` names it.
-fn limit_key(rule: &Rule, headers: &[(String, Vec<u8>)]) -> LimitKey {
-    let Some(spec) = &rule.rate_limit else {
-        return LimitKey::default();
-    };
-    let values: Vec<Vec<u8>> = spec
-        .caller_headers
-        .iter()
-        .map(|h| headers.get_all(h).join(&b","[..]))
-        .collect();
-    let callers: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
-    LimitKey::new(&callers, spec.per_route.then_some(rule.name.as_str()))
 }
 
 /// A rate-limit charge still to make.
