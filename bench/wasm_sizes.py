@@ -162,8 +162,11 @@ def analyse(path: Path) -> dict[str, object]:
     by_group: Counter[str] = Counter()
     for n, sz in enumerate(bodies):
         by_group[group(names.get(imported_funcs + n, "?"))] += sz
+    biggest = sorted(((sz, names.get(imported_funcs + n, "?")) for n, sz in enumerate(bodies)),
+                     reverse=True)
     return {"file": str(path), "total": len(buf), "code": sum(bodies), "functions": len(bodies),
-            "by_group": dict(by_group.most_common()), "sections": dict(sections)}
+            "by_group": dict(by_group.most_common()), "sections": dict(sections),
+            "biggest": [[sz, name] for sz, name in biggest]}
 
 
 def main() -> int:
@@ -171,6 +174,8 @@ def main() -> int:
     ap.add_argument("wasm", type=Path)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--functions", type=int, default=0,
+                    help="also list the N biggest functions (demangled)")
     a = ap.parse_args()
     r = analyse(a.wasm)
     if a.json:
@@ -180,6 +185,8 @@ def main() -> int:
         print(f"  {sz:>8,}  {sz / r['code'] * 100:5.1f}%  {g}")
     for s, sz in r["sections"].items():
         print(f"  {sz:>8,}  (section) {s}")
+    for sz, name in r["biggest"][: a.functions]:
+        print(f"  {sz:>8,}  {demangle_legacy(name)}")
     return 0
 
 

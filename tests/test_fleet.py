@@ -343,6 +343,7 @@ def test_wait_policy_duplicate_on_the_other_envoy_gets_the_replay(fleet: Fleet) 
     assert t2 >= t1 - 0.05, "the duplicate was answered before the first completed"
     assert t2 - t1 < 0.5, f"the duplicate waited {t2 - t1:.2f}s after the first completed"
     assert executions(fleet.origin, path) == {path: 1}
+    fleet.envoys[1].settle_metrics()
     waited = fleet.envoys[1].stats(r"\.wait\.waited$")
     assert waited.get("wasmcustom.idemgate.wait.waited", 0) >= 1, waited
 
