@@ -14,6 +14,7 @@
 #   make test-edge    node:test + Miniflare against the edge worker (part of make test, after integration)
 #   make run-fleet    fleet mode demo: 3 etcd members + 2 Envoys (--concurrency 2) + origin; see the fleet section
 #   make lint         rustfmt check + clippy (host and wasm32-wasip1)
+#   make sizes        sizes of the filter and edge wasm, and where their bytes go (scripts/sizes.sh)
 #   make clean        cargo clean + dist/
 #
 # Variables (make VAR=... or environment): IDEMGATE_CACHE, ENVOY_VERSION, ENVOY_IMAGE,
@@ -96,6 +97,10 @@ wasm-opt-deps:
 	  mkdir -p "$(IDEMGATE_CACHE)/binaryen-$$v"; \
 	  npm install --prefix "$(IDEMGATE_CACHE)/binaryen-$$v" --no-save --no-audit --no-fund --loglevel=error "binaryen@$$v"; \
 	fi
+
+.PHONY: sizes
+sizes: build
+	@scripts/sizes.sh
 
 .PHONY: print-wasm-opt print-wasm-opt-flags
 print-wasm-opt:
