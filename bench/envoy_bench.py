@@ -533,6 +533,68 @@ def measure(envoy: BenchEnvoy, sid: str, port: int, size: int, size_label: str, 
     return res
 
 
+# ----------------------------------------------------------------------------- profile
+
+# Where Envoy's CPU goes, by thread and by code: Envoy's binary is stripped, so samples are
+# grouped by the mapping they fall in. The wasm modules' machine code (V8 compiles them with
+# TurboFan; `--no-liftoff`) lives in anonymous executable mappings; Envoy's C++, V8's runtime
+# and V8's builtins (the wasm-to-host call stubs among them) are in the envoy binary.
+PROFILE_GROUPS = (
+    ("kernel", ("[kernel.kallsyms]", "[kernel.vmlinux]", "[vdso]")),
+    ("libc", ("libc.so.6", "libm.so.6", "libpthread.so.0", "ld-linux-x86-64.so.2", "librt.so.1")),
+    ("envoy", ("envoy",)),
+)
+
+
+def profile_group(dso: str) -> str:
+    for name, dsos in PROFILE_GROUPS:
+        if dso in dsos:
+            return name
+    return "jit"  # [unknown], //anon, [anon:...], perf-<pid>.map: V8's generated code
+
+
+def profile_run(envoy: "BenchEnvoy", sid: str, port: int, size: int, label: str, prefix: str,
+                seconds: float, wrk_cpu: str | None, outdir: Path) -> dict[str, Any]:
+    """One more wrk run of a configuration under `perf record -e cpu-clock` on the Envoy
+    process (every thread). Returns the run and the share of samples per (thread, group)."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    data = outdir / f"{label}-{sid.replace('@', '_')}.perf.data"
+    rec = subprocess.Popen(
+        ["perf", "record", "-q", "-e", "cpu-clock", "-F", "1999", "-p", str(envoy.pid), "-o", str(data)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(0.5)
+    try:
+        res = measure(envoy, sid, port, size, label, prefix, seconds, wrk_cpu)
+    finally:
+        rec.send_signal(signal.SIGINT)
+        try:
+            _, err = rec.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            rec.kill()
+            err = "perf record did not stop"
+    rep = subprocess.run(
+        ["perf", "report", "-i", str(data), "--stdio", "-q", "--sort", "comm,dso", "-F", "sample,comm,dso"],
+        capture_output=True, text=True, timeout=300,
+    )
+    shares: dict[str, int] = {}
+    total = 0
+    for line in rep.stdout.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) < 3 or not parts[0].isdigit():
+            continue
+        n, comm, dso = int(parts[0]), parts[1], parts[2].strip()
+        thread = "worker" if comm.startswith("wrk:") else "main"
+        key = f"{thread}/{profile_group(dso)}"
+        shares[key] = shares.get(key, 0) + n
+        total += n
+    if total == 0:
+        raise RuntimeError(f"perf recorded no samples for {label} {sid}: {err.strip()[-500:]} {rep.stderr[-500:]}")
+    res["profile"] = {"samples": total, "share": {k: v / total for k, v in sorted(shares.items())}}
+    data.unlink(missing_ok=True)
+    return res
+
+
 # ----------------------------------------------------------------------------- wait policy
 
 
@@ -681,6 +743,10 @@ def main() -> int:
     ap.add_argument("--etcd-dir", default=os.environ.get("BENCH_ETCD_DIR") or None,
                     help="parent of the etcd data dirs (default: the temp dir)")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--profile", action="store_true", default=os.environ.get("BENCH_PROFILE", "0") == "1",
+                    help="after the rounds, one more run per configuration under perf record "
+                    "(cpu-clock samples of the Envoy process): Envoy's CPU per request split by "
+                    "thread and by code (kernel, libc, envoy binary, generated code)")
     ap.add_argument(
         "--variant", action="append", default=[], metavar="NAME=WASM:SCENARIOS",
         help="also run SCENARIOS (comma-separated, e.g. first,replay or hash) with another build "
@@ -778,6 +844,17 @@ def main() -> int:
                 f"  err {res['errors']}{extra}")
     log(f"measured {len(configs) * args.rounds} runs in {time.monotonic() - t0:.0f}s")
 
+    profiles: dict[str, Any] = {}
+    if args.profile:
+        if shutil.which("perf") is None:
+            raise SystemExit("--profile needs perf (Debian package linux-perf)")
+        for label, sid in configs:
+            res = profile_run(envoy, sid, ports[sid], SIZES[label], label, key_prefix("p", sid, label),
+                              args.seconds, wrk_cpu, args.out.parent / "perf")
+            profiles[f"{label}/{sid}"] = res
+            split = ", ".join(f"{k} {v * res['cpu_us_per_req']:.0f}" for k, v in res["profile"]["share"].items())
+            log(f"profile {label:>5} {sid:<8} cpu {res['cpu_us_per_req']:6.1f}us/req: {split}")
+
     wait: dict[str, Any] = {}
     if "wait" in selected:
         for label, size in SIZES.items():
@@ -834,6 +911,7 @@ def main() -> int:
         "wait": wait,
         "gauges_end": {k: v for k, v in counters_end.items() if k.endswith("_keys")},
         "etcd": etcd_info,
+        "profiles": profiles,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))

@@ -255,24 +255,32 @@ pub fn self_test() -> Result<(), String> {
     Ok(())
 }
 
+// Σ0 and Σ1 nested (as OpenSSL's x86 code writes them): the same three rotations, but each
+// feeds the next, so V8's x86 code needs one scratch register instead of three copies of `x`.
+// With the reordered `t1` (the terms that do not wait for `e` first) and the three-operation
+// Maj, 64 KiB hashed in Envoy went from ~262 to ~244 µs (make bench probe rows, same Envoy).
 #[inline(always)]
 fn big_sigma0(x: u32) -> u32 {
-    x.rotate_right(2) ^ x.rotate_right(13) ^ x.rotate_right(22)
+    ((x.rotate_right(9) ^ x).rotate_right(11) ^ x).rotate_right(2)
 }
 
 #[inline(always)]
 fn big_sigma1(x: u32) -> u32 {
-    x.rotate_right(6) ^ x.rotate_right(11) ^ x.rotate_right(25)
+    ((x.rotate_right(14) ^ x).rotate_right(5) ^ x).rotate_right(6)
 }
 
-/// One round: `$d` and `$h` take their new values; the caller rotates the names.
+/// One round: `$d` and `$h` take their new values; the caller rotates the names. `$bc`
+/// holds `b ^ c` on entry and `a ^ b` on exit, which is the next round's `b ^ c`: with it
+/// Maj(a, b, c) = ((a ^ b) & (b ^ c)) ^ b costs three operations instead of five.
 macro_rules! round {
-    ($a:ident, $b:ident, $c:ident, $d:ident, $e:ident, $f:ident, $g:ident, $h:ident, $wk:expr) => {
+    ($a:ident, $b:ident, $c:ident, $d:ident, $e:ident, $f:ident, $g:ident, $h:ident, $wk:expr, $bc:ident) => {
         let t1 = $h
-            .wrapping_add(big_sigma1($e))
+            .wrapping_add($wk)
             .wrapping_add($g ^ ($e & ($f ^ $g)))
-            .wrapping_add($wk);
-        let t2 = big_sigma0($a).wrapping_add(($a & $b) | ($c & ($a | $b)));
+            .wrapping_add(big_sigma1($e));
+        let ab = $a ^ $b;
+        let t2 = big_sigma0($a).wrapping_add((ab & $bc) ^ $b);
+        $bc = ab;
         $d = $d.wrapping_add(t1);
         $h = t1.wrapping_add(t2);
     };
@@ -280,42 +288,44 @@ macro_rules! round {
 
 /// Four rounds from four schedule words (`W + K`), starting with the names in order.
 macro_rules! rounds4 {
-    ($wk:expr, $a:ident, $b:ident, $c:ident, $d:ident, $e:ident, $f:ident, $g:ident, $h:ident) => {
+    ($wk:expr, $bc:ident, $a:ident, $b:ident, $c:ident, $d:ident, $e:ident, $f:ident, $g:ident, $h:ident) => {
         let [w0, w1, w2, w3] = $wk;
-        round!($a, $b, $c, $d, $e, $f, $g, $h, w0);
-        round!($h, $a, $b, $c, $d, $e, $f, $g, w1);
-        round!($g, $h, $a, $b, $c, $d, $e, $f, w2);
-        round!($f, $g, $h, $a, $b, $c, $d, $e, w3);
+        round!($a, $b, $c, $d, $e, $f, $g, $h, w0, $bc);
+        round!($h, $a, $b, $c, $d, $e, $f, $g, w1, $bc);
+        round!($g, $h, $a, $b, $c, $d, $e, $f, w2, $bc);
+        round!($f, $g, $h, $a, $b, $c, $d, $e, w3, $bc);
     };
 }
 
 /// One block. Not inlined: one copy of the unrolled rounds (~6 kB of wasm) serves every
 /// caller.
 #[inline(never)]
+#[allow(unused_assignments)] // the last round's `bc` is not read
 fn compress(state: &mut [u32; 8], block: &[u8; 64]) {
     let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut h] = *state;
+    let mut bc = b ^ c;
     let mut v0 = lanes::load(block, 0);
     let mut v1 = lanes::load(block, 1);
     let mut v2 = lanes::load(block, 2);
     let mut v3 = lanes::load(block, 3);
     // Rounds 0..16 take the message words; each later group of four computes its words
     // from the previous sixteen (v0..v3, oldest first, renamed as they rotate).
-    rounds4!(lanes::plus_k(v0, 0), a, b, c, d, e, f, g, h);
-    rounds4!(lanes::plus_k(v1, 1), e, f, g, h, a, b, c, d);
-    rounds4!(lanes::plus_k(v2, 2), a, b, c, d, e, f, g, h);
-    rounds4!(lanes::plus_k(v3, 3), e, f, g, h, a, b, c, d);
+    rounds4!(lanes::plus_k(v0, 0), bc, a, b, c, d, e, f, g, h);
+    rounds4!(lanes::plus_k(v1, 1), bc, e, f, g, h, a, b, c, d);
+    rounds4!(lanes::plus_k(v2, 2), bc, a, b, c, d, e, f, g, h);
+    rounds4!(lanes::plus_k(v3, 3), bc, e, f, g, h, a, b, c, d);
     // Written out rather than looped: constant round-constant indices, no loop (the
     // filter's profile optimises for size, which would keep a loop).
     macro_rules! sixteen {
         ($group:expr) => {
             v0 = lanes::schedule(v0, v1, v2, v3);
-            rounds4!(lanes::plus_k(v0, $group), a, b, c, d, e, f, g, h);
+            rounds4!(lanes::plus_k(v0, $group), bc, a, b, c, d, e, f, g, h);
             v1 = lanes::schedule(v1, v2, v3, v0);
-            rounds4!(lanes::plus_k(v1, $group + 1), e, f, g, h, a, b, c, d);
+            rounds4!(lanes::plus_k(v1, $group + 1), bc, e, f, g, h, a, b, c, d);
             v2 = lanes::schedule(v2, v3, v0, v1);
-            rounds4!(lanes::plus_k(v2, $group + 2), a, b, c, d, e, f, g, h);
+            rounds4!(lanes::plus_k(v2, $group + 2), bc, a, b, c, d, e, f, g, h);
             v3 = lanes::schedule(v3, v0, v1, v2);
-            rounds4!(lanes::plus_k(v3, $group + 3), e, f, g, h, a, b, c, d);
+            rounds4!(lanes::plus_k(v3, $group + 3), bc, e, f, g, h, a, b, c, d);
         };
     }
     sixteen!(4);
