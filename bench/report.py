@@ -315,6 +315,87 @@ def criterion_section(crit_dir: Path, selected: set[str] | None) -> list[str]:
 # ------------------------------------------------------------------------------ main
 
 
+PROFILE_COLUMNS = [
+    ("worker/envoy", "worker: Envoy's code (C++, V8 runtime and builtins, hostcall handlers)"),
+    ("worker/jit", "worker: generated code (the wasm modules, V8's wasm↔host stubs)"),
+    ("worker/kernel", "worker: kernel (sockets, loopback)"),
+    ("worker/libc", "worker: libc"),
+    ("main", "main thread (stats, timers)"),
+]
+
+
+def profile_section(env: dict[str, Any]) -> list[str]:
+    """Envoy's CPU per request split by thread and code (envoy_bench.py --profile)."""
+    profiles = env.get("profiles") or {}
+    if not profiles:
+        return []
+    out = [
+        "#### Where Envoy's CPU goes (perf)",
+        "",
+        "One more run per configuration after the rounds, under `perf record -e cpu-clock -F 1999 -p <envoy>` "
+        "(every thread). Envoy's binary is stripped, so samples are split by the mapping they fall in; the "
+        "µs per request are the profiled run's Envoy CPU per request × each group's share of the samples. "
+        "Generated code is what V8 compiled at run time: the wasm filters (TurboFan) and the stubs between "
+        "wasm and Envoy's hostcall handlers.",
+        "",
+        "| size | scenario | Envoy CPU µs/req | " + " | ".join(c[1] for c in PROFILE_COLUMNS) + " |",
+        "|---|---|--:|" + "--:|" * len(PROFILE_COLUMNS),
+    ]
+    for key in sorted(profiles, key=lambda k: (k.split("/")[0] != "1KiB", order_key(k.split("/", 1)[1]))):
+        res = profiles[key]
+        size, sid = key.split("/", 1)
+        cpu = res["cpu_us_per_req"]
+        share = res["profile"]["share"]
+        cells = []
+        for col, _ in PROFILE_COLUMNS:
+            v = sum(x for k, x in share.items() if k == col or (col == "main" and k.startswith("main/")))
+            cells.append(f"{v * cpu:.0f}")
+        title = env.get("scenarios", {}).get(sid, sid)
+        out.append(f"| {size} | {title} | {cpu:.0f} | " + " | ".join(cells) + " |")
+    out.append("")
+    return out
+
+
+def wasm_profile_section(d: Path | None) -> list[str]:
+    """idemgate's own wasm functions ranked (bench/wasm_host.mjs + bench/wasm_profile.py)."""
+    if d is None or not d.is_dir():
+        return []
+    runs = []
+    for prof in sorted(d.glob("*.profile.json")):
+        meta_file = d / (prof.name.replace(".profile.json", ".json"))
+        if not meta_file.is_file():
+            continue
+        meta = json.loads(meta_file.read_text().strip().splitlines()[-1])
+        runs.append((meta, json.loads(prof.read_text())))
+    if not runs:
+        return []
+    runs.sort(key=lambda r: (r[0]["size"], r[0]["scenario"] != "first"))
+    out = [
+        "#### Inside the wasm: idemgate's own functions (V8 in node)",
+        "",
+        "Envoy gives perf no names for wasm code, so the same module (`make build`'s source, unstripped, the same "
+        "wasm-opt pass) runs in node's V8 (`--no-liftoff`, TurboFan only, as Envoy runs it) under "
+        "`bench/wasm_host.mjs`, a minimal proxy-wasm host that makes the same callbacks as Envoy for one "
+        "request through the reader and the gate, with an in-memory shared data; V8's CPU profiler then names "
+        "every wasm function. µs per request include the mock host's JavaScript (standing in for Envoy's "
+        "hostcall handlers); the shares below are of wasm samples only.",
+        "",
+        "| scenario | body | µs/request in node | of it in wasm | hottest wasm functions (share of wasm time) |",
+        "|---|--:|--:|--:|---|",
+    ]
+    for meta, prof in runs:
+        wasm = [(x, n[len("wasm "):]) for x, n in prof["top"] if n.startswith("wasm ")]
+        ws = prof["wasm_share"] or 1
+        top = "; ".join(f"`{n}` {x / ws * 100:.0f}%" for x, n in wasm[:6])
+        size = "1KiB" if meta["size"] == 1024 else "64KiB" if meta["size"] == 65536 else f"{meta['size']} B"
+        out.append(
+            f"| {meta['scenario']} | {size} | {meta['us_per_request']:.1f} | {meta['us_per_request'] * prof['wasm_share']:.1f} "
+            f"| {top} |"
+        )
+    out.append("")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--envoy", type=Path, help="bench/envoy_bench.py --out (absent: no Envoy rows)")
@@ -325,6 +406,7 @@ def main() -> int:
     ap.add_argument("--idemgate-wasm", type=Path, default=REPO / "dist" / "idemgate.wasm")
     ap.add_argument("--floor-wasm", type=Path, required=True)
     ap.add_argument("--wasm-sizes", type=Path)
+    ap.add_argument("--wasm-profile-dir", type=Path, help="bench/run.sh's cpuprof dir (wasm_host.mjs runs)")
     ap.add_argument("--command", default="make bench")
     ap.add_argument("--started", type=float, help="epoch seconds when the run started")
     ap.add_argument("--benchmarks", type=Path, default=REPO / "BENCHMARKS.md")
@@ -370,6 +452,8 @@ def main() -> int:
     for note in env.get("notes", []):
         out.append(f"- check: {note}")
     out.append("")
+    out += profile_section(env)
+    out += wasm_profile_section(args.wasm_profile_dir)
 
     # targets
     size = args.idemgate_wasm.stat().st_size if args.idemgate_wasm.is_file() else 0

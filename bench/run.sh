@@ -16,7 +16,8 @@
 # Env: BENCH_ROUNDS (5), BENCH_SECONDS (3), BENCH_WARMUP (1), BENCH_ONLY (scenario ids,
 # comma-separated, Envoy's and the edge's (edge_*) alike; default all; the Envoy or the edge
 # part is skipped when it names none of its scenarios), BENCH_CRITERION_ARGS,
-# BENCH_SKIP_CORE=1, BENCH_SKIP_EDGE=1, PYTHON; BENCH_ETCD_MEMBERS (3) and BENCH_ETCD_DIR
+# BENCH_SKIP_CORE=1, BENCH_SKIP_EDGE=1, BENCH_PROFILE (1: one more run per Envoy configuration
+# under `perf record`, Envoy's CPU split by thread and code; 0 skips it), PYTHON; BENCH_ETCD_MEMBERS (3) and BENCH_ETCD_DIR
 # (temp dir) for the fleet rows (fleet_first, fleet_replay: a local etcd cluster,
 # `make fleet-setup`).
 #
@@ -43,6 +44,12 @@ down() { if [[ $started_here == 1 ]]; then scripts/docker-engine.sh down || true
 trap down EXIT
 
 make --no-print-directory deps-sys build image
+export BENCH_PROFILE="${BENCH_PROFILE:-1}"
+if [[ $BENCH_PROFILE == 1 ]] && ! command -v perf >/dev/null; then
+  log "perf not found: apt-get install linux-perf (for the profile of Envoy's CPU)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends linux-perf >/dev/null; } \
+    || { log "could not install linux-perf: the Envoy CPU profile is skipped"; BENCH_PROFILE=0; }
+fi
 log "building the benchmark filters (bench/floor, bench/probe)"
 cargo build --quiet --release --target "$WASM_TARGET" -p idemgate-bench-floor -p idemgate-bench-probe
 mkdir -p dist/bench "$OUT"
@@ -64,6 +71,16 @@ else
     "target/bench-unstripped/$WASM_TARGET/release/idemgate_filter.wasm" -o "$OUT/idemgate_filter.named.wasm"
   "$PY" bench/wasm_sizes.py "$OUT/idemgate_filter.named.wasm" \
     --json "$OUT/wasm-sizes.json" --top 12 >&2
+  log "where idemgate's own wasm code spends its time (bench/wasm_host.mjs in node, V8 CPU profiler)"
+  rm -rf "$OUT/cpuprof" && mkdir -p "$OUT/cpuprof"  # one .cpuprofile per run: chrome://inspect or speedscope
+  for run in replay:1024:30000 first:1024:30000 replay:65536:3000 first:65536:3000; do
+    IFS=: read -r sc size n <<<"$run"
+    dir="$OUT/cpuprof/$sc-$size"
+    node --no-liftoff bench/wasm_host.mjs "$OUT/idemgate_filter.named.wasm" \
+      --scenario "$sc" --size "$size" --requests "$n" --cpu-profile "$dir.cpuprofile" >"$dir.json"
+    "$PY" bench/wasm_profile.py "$dir.cpuprofile" --top 60 --label "$sc $size" --json "$dir.profile.json" >/dev/null
+    log "  $(cat "$dir.json")"
+  done
 fi
 if [[ -z "${BENCH_ONLY:-}" || ",$BENCH_ONLY," == *,fleet_* ]]; then
   make --no-print-directory fleet-setup
@@ -94,7 +111,7 @@ if [[ "${BENCH_SKIP_EDGE:-0}" != 1 ]] && wants -e '^edge_'; then
   "$PY" bench/edge_bench.py --rounds "$ROUNDS" --seconds "$SECONDS_PER_RUN" --out "$OUT/edge.json"
 fi
 
-"$PY" bench/report.py --envoy "$OUT/envoy.json" --edge "$OUT/edge.json" --criterion-log "$OUT/criterion.log" \
+"$PY" bench/report.py --envoy "$OUT/envoy.json" --wasm-profile-dir "$OUT/cpuprof" --edge "$OUT/edge.json" --criterion-log "$OUT/criterion.log" \
   --wasm-sizes "$OUT/wasm-sizes.json" \
   --floor-wasm dist/bench/floor.wasm --idemgate-wasm dist/idemgate.wasm \
   --started "$started_at" --benchmarks "$REPORT" \

@@ -166,6 +166,9 @@ impl Metrics {
     }
 
     fn add(&self, metric: &str, n: i64) {
+        if n == 0 {
+            return; // most store events are zero: skip the lookup
+        }
         if let Some((_, pending)) = self.ids.get(metric) {
             pending.set(pending.get().saturating_add(n));
         }
