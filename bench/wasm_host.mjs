@@ -7,7 +7,7 @@
 // name section, e.g. target/sizes/filter.named.wasm from `make sizes`).
 //
 //   node --no-liftoff bench/wasm_host.mjs WASM [--scenario replay|first] [--size 1024]
-//        [--requests 20000] [--config JSON]
+//        [--requests 20000] [--config JSON] [--count-hostcalls]
 //   node --no-liftoff bench/wasm_host.mjs ... --cpu-profile OUT.cpuprofile   then
 //   python3 bench/wasm_profile.py OUT.cpuprofile
 // (the profile covers the measured requests only, not loading, configuring or warming up)
@@ -257,6 +257,15 @@ const wasi = {
   proc_exit(code) { throw new Error(`proc_exit(${code})`); },
 };
 
+const byName = {};
+if (args.includes("--count-hostcalls")) {
+  for (const [name, f] of Object.entries(env)) {
+    env[name] = (...a) => {
+      byName[name] = (byName[name] || 0) + 1;
+      return f(...a);
+    };
+  }
+}
 const module = new WebAssembly.Module(readFileSync(wasmPath));
 inst = new WebAssembly.Instance(module, { env, wasi_snapshot_preview1: wasi });
 const x = inst.exports;
@@ -354,6 +363,7 @@ if (scenario === "first" && check) throw new Error(`first request answered local
 const warm = Math.min(5000, requests);
 for (let i = 0; i < warm; i++) request(keyFor(`w${i}`));
 counts.hostcalls = 0;
+for (const k of Object.keys(byName)) delete byName[k];
 let session;
 if (cpuProfile) {
   session = new Session();
@@ -374,4 +384,7 @@ console.log(JSON.stringify({
   scenario, size, requests, us_per_request: Number(us.toFixed(2)),
   hostcalls_per_request: Number((counts.hostcalls / requests).toFixed(1)),
   errors_logged: logs.filter((l) => l.startsWith("[4]") || l.startsWith("[5]")).length,
+  ...(Object.keys(byName).length
+    ? { hostcalls: Object.fromEntries(Object.entries(byName).map(([k, v]) => [k, Number((v / requests).toFixed(2))])) }
+    : {}),
 }));

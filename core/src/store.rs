@@ -451,9 +451,24 @@ impl<'a, S: CasStore + ?Sized> SlotTable<'a, S> {
     /// Rewrites our in-flight entry in its bucket with `next`, retrying when other ways of
     /// the bucket change meanwhile. `Ok(false)` when the entry is no longer ours.
     fn replace_ours(&self, handle: &ClaimHandle, next: &SlotEntry) -> Result<bool, StoreError> {
+        self.replace_ours_in(handle, next, None)
+    }
+
+    /// [`Self::replace_ours`], starting from `read` (the bucket as just read by the caller)
+    /// when given: one store read fewer when nothing changed the bucket meanwhile; a CAS
+    /// mismatch reads it again.
+    fn replace_ours_in(
+        &self,
+        handle: &ClaimHandle,
+        next: &SlotEntry,
+        mut read: Option<Bucket>,
+    ) -> Result<bool, StoreError> {
         let (idx, way) = self.locate(handle);
         for _ in 0..MAX_ATTEMPTS {
-            let mut bucket = self.read(idx)?;
+            let mut bucket = match read.take() {
+                Some(b) => b,
+                None => self.read(idx)?,
+            };
             let ours = matches!(bucket.ways.get(way), Some(SlotEntry { key_id, state: SlotState::InFlight { owner, .. } })
                 if *key_id == handle.key_id && *owner == handle.claim.owner);
             if !ours {
@@ -482,7 +497,8 @@ impl<'a, S: CasStore + ?Sized> SlotTable<'a, S> {
     ) -> Result<(bool, Events), StoreError> {
         let mut ev = Events::default();
         let (idx, way) = self.locate(handle);
-        let still_ours = matches!(self.read(idx)?.ways.get(way), Some(SlotEntry { key_id, state: SlotState::InFlight { owner, .. } })
+        let bucket = self.read(idx)?;
+        let still_ours = matches!(bucket.ways.get(way), Some(SlotEntry { key_id, state: SlotState::InFlight { owner, .. } })
             if *key_id == handle.key_id && *owner == handle.claim.owner);
         if !still_ours {
             return Ok((false, ev));
@@ -510,7 +526,7 @@ impl<'a, S: CasStore + ?Sized> SlotTable<'a, S> {
                 fingerprint: handle.claim.fingerprint,
             },
         };
-        Ok((self.replace_ours(handle, &done)?, ev))
+        Ok((self.replace_ours_in(handle, &done, Some(bucket))?, ev))
     }
 
     /// Gives a won claim back, so the key is free at once. `Ok(false)` when it was no
@@ -727,6 +743,62 @@ mod tests {
     }
 
     /// Many threads race for one key, many rounds: exactly one wins each round.
+    /// A store where another writer claims a second key of the same bucket right after
+    /// `complete` has read that bucket (armed once): the completion's CAS then fails and
+    /// must read the bucket again, keeping the other claim.
+    struct Meddler<'a> {
+        inner: MemoryStore,
+        armed: std::cell::Cell<bool>,
+        meddle: Box<dyn Fn(&MemoryStore) + 'a>,
+    }
+
+    impl CasStore for Meddler<'_> {
+        fn get(&self, key: &str) -> Result<Option<(Vec<u8>, Cas)>, StoreError> {
+            let got = self.inner.get(key);
+            if key.contains(":i:") && self.armed.replace(false) {
+                (self.meddle)(&self.inner);
+            }
+            got
+        }
+        fn put(&self, key: &str, value: &[u8], expect: Expect) -> Result<bool, StoreError> {
+            self.inner.put(key, value, expect)
+        }
+    }
+
+    #[test]
+    fn complete_rereads_a_bucket_changed_after_its_check() {
+        // one bucket of two ways: both keys land in it
+        let c = cfg(r#"{"store": {"capacity": 2, "probes": 2}}"#);
+        let (k1, k2) = (KeyId([1; 16]), KeyId([2; 16]));
+        let s = Meddler {
+            inner: MemoryStore::default(),
+            armed: std::cell::Cell::new(false),
+            meddle: Box::new(|inner: &MemoryStore| {
+                let t = SlotTable::new(inner, &c);
+                assert!(matches!(
+                    t.begin(&c.default_rule, k2, &req(2, 2), 10).unwrap().0,
+                    Begun::Forward(_)
+                ));
+            }),
+        };
+        let t = SlotTable::new(&s, &c);
+        let Begun::Forward(h1) = t.begin(&c.default_rule, k1, &req(1, 1), 0).unwrap().0 else {
+            panic!()
+        };
+        s.armed.set(true);
+        assert!(t.complete(&h1, &resp(b"one")).unwrap().0);
+        assert!(!s.armed.get(), "the bucket was read");
+        // the completion landed and the other claim survived it
+        assert!(matches!(
+            t.begin(&c.default_rule, k1, &req(1, 3), 20).unwrap().0,
+            Begun::Replay(r) if r.body == b"one"
+        ));
+        assert!(matches!(
+            t.begin(&c.default_rule, k2, &req(2, 4), 20).unwrap().0,
+            Begun::Reject(Rejection::Conflict { .. })
+        ));
+    }
+
     #[test]
     fn one_winner_under_contention() {
         let c = Arc::new(cfg(r#"{"store": {"capacity": 8, "probes": 4}}"#));

@@ -341,7 +341,7 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        poll_waiters();
+        let _ = poll_waiters();
         if let Some(s) = &self.shared {
             if s.config.store_etcd.is_some() {
                 poll_fleet_waiters(self.id);
@@ -522,11 +522,12 @@ thread_local! {
 }
 
 /// Looks at the store for every waiting request of this worker; answers or forwards those
-/// whose key settled (or whose wait ran out).
-fn poll_waiters() {
+/// whose key settled (or whose wait ran out). Returns whether it changed the effective
+/// context (it had waiters to look at).
+fn poll_waiters() -> bool {
     let waiting = WAITERS.with(|w| std::mem::take(&mut *w.borrow_mut()));
     if waiting.is_empty() {
-        return;
+        return false;
     }
     let now = now_ms();
     let mut still = Vec::new();
@@ -622,6 +623,7 @@ fn poll_waiters() {
         }
     }
     WAITERS.with(|w| w.borrow_mut().extend(still));
+    true
 }
 
 fn send(answer: LocalAnswer) {
@@ -922,8 +924,9 @@ impl Reader {
     fn finish_response(&mut self) {
         self.settle_response();
         // Waiters on this worker learn the outcome now rather than at the next tick.
-        poll_waiters();
-        let _ = hostcalls::set_effective_context(self.id);
+        if poll_waiters() {
+            let _ = hostcalls::set_effective_context(self.id);
+        }
     }
 
     fn settle_response(&mut self) {
