@@ -18,7 +18,7 @@
 #   make clean        cargo clean + dist/
 #
 # Variables (make VAR=... or environment): IDEMGATE_CACHE, ENVOY_VERSION, ENVOY_IMAGE,
-# PYTEST_ARGS (default -q), PYTEST_PATHS (default tests/), PYTHON.
+# PYTEST_ARGS (default -q), PYTEST_PATHS (default tests/), PYTHON, FILTER_OPT_LEVEL (build).
 
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
@@ -108,9 +108,15 @@ print-wasm-opt:
 print-wasm-opt-flags:
 	@echo "$(FILTER_WASM_OPT_FLAGS)"
 
+# FILTER_OPT_LEVEL=z|s|1|2|3: the opt-level of the filter's crates (idemgate-core,
+# idemgate-filter) instead of Cargo.toml's 3 (speed); "z" gives the smallest module (see
+# BENCHMARKS.md for both).
+FILTER_OPT_LEVEL ?=
+FILTER_OPT_CONFIG := $(if $(FILTER_OPT_LEVEL),$(foreach c,idemgate-core idemgate-filter,--config 'profile.release.package.$(c).opt-level=$(if $(filter z s,$(FILTER_OPT_LEVEL)),"$(FILTER_OPT_LEVEL)",$(FILTER_OPT_LEVEL))'))
+
 build: deps-rust wasm-opt-deps
-	@echo "[build] cargo build --release --target $(WASM_TARGET) -p idemgate-filter"
-	@cargo build --release --target $(WASM_TARGET) -p idemgate-filter
+	@echo "[build] cargo build --release --target $(WASM_TARGET) -p idemgate-filter $(FILTER_OPT_CONFIG)"
+	@cargo build --release --target $(WASM_TARGET) -p idemgate-filter $(FILTER_OPT_CONFIG)
 	@mkdir -p dist
 	@stamp="dist/.idemgate.wasm.from"; want="$$(sha256sum $(WASM_OUT) | cut -c1-64) binaryen $(BINARYEN_VERSION)"; \
 	if [[ -f "$$stamp" && "$$(cat "$$stamp")" == "$$want" && -f dist/idemgate.wasm ]]; then \
