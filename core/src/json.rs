@@ -255,24 +255,12 @@ fn es6_number(negative: bool, digits: &str, n: i64) -> String {
 }
 
 /// The fewest significant digits `d1…dk` (no trailing zeros) and `n` with
-/// `0.d1…dk × 10^n` reading back as `f` (positive, finite). `{:e}` gives the shortest digits
-/// that round-trip; when two spellings of that length read back as `f` and are equally close,
-/// ECMAScript takes the even one: so does exact formatting at that precision (round half to
-/// even), used when it still round-trips. (A big-integer version without float formatting
-/// was 19 kB smaller but took 10–80 µs per long or extreme number: too slow for bodies.)
+/// `0.d1…dk × 10^n` reading back as `f` (positive, finite): Ryū's shortest round-trip
+/// digits, which among the spellings of that length is the one closest to `f`, the even one
+/// on a tie, as ECMAScript's `Number.prototype.toString` requires.
 fn shortest_digits(f: f64) -> (String, i64) {
-    let shortest = format!("{f:e}");
-    let precision = shortest
-        .split_once('e')
-        .map_or(0, |(m, _)| m.bytes().filter(u8::is_ascii_digit).count())
-        .saturating_sub(1);
-    let exact = format!("{f:.precision$e}");
-    let sci = if exact.parse::<f64>() == Ok(f) {
-        exact
-    } else {
-        shortest
-    };
-    significant_digits(&sci).unwrap_or_else(|| ("0".into(), 1))
+    let mut buf = ryu::Buffer::new();
+    significant_digits(buf.format_finite(f)).unwrap_or_else(|| ("0".into(), 1))
 }
 
 impl Value {
@@ -1211,6 +1199,19 @@ mod tests {
         }
 
         #[test]
+        fn shortest_digits_match_std_formatting(bits in any::<u64>(), scale in -30i32..30) {
+            // any finite positive double, and decimal-looking ones of every magnitude
+            let f = f64::from_bits(bits).abs();
+            let g = format!("{}e{scale}", f64::from_bits(bits >> 12 | 0x3ff0_0000_0000_0000))
+                .parse::<f64>()
+                .unwrap();
+            for x in [f, g] {
+                prop_assume!(x.is_finite() && x > 0.0);
+                prop_assert_eq!(shortest_digits(x), shortest_digits_std(x), "{:e}", x);
+            }
+        }
+
+        #[test]
         fn never_panics_and_agrees_with_serde_json(bytes in proptest::collection::vec(
             prop_oneof![Just(b'{'), Just(b'}'), Just(b'['), Just(b']'), Just(b'"'), Just(b':'),
                         Just(b','), Just(b'\\'), Just(b'u'), Just(b'1'), Just(b'-'), Just(b'.'),
@@ -1218,6 +1219,66 @@ mod tests {
             let ours = parse(&bytes);
             let theirs = serde_json::from_slice::<serde_json::Value>(&bytes);
             prop_assert_eq!(ours.is_ok(), theirs.is_ok(), "{:?}", String::from_utf8_lossy(&bytes));
+        }
+    }
+
+    /// The former implementation, on std's float formatting: `{:e}` gives the shortest digits
+    /// that round-trip; when two spellings of that length read back as `f` and are equally
+    /// close, exact formatting at that precision (round half to even) decides, when it still
+    /// round-trips.
+    fn shortest_digits_std(f: f64) -> (String, i64) {
+        let shortest = format!("{f:e}");
+        let precision = shortest
+            .split_once('e')
+            .map_or(0, |(m, _)| m.bytes().filter(u8::is_ascii_digit).count())
+            .saturating_sub(1);
+        let exact = format!("{f:.precision$e}");
+        let sci = if exact.parse::<f64>() == Ok(f) {
+            exact
+        } else {
+            shortest
+        };
+        significant_digits(&sci).unwrap_or_else(|| panic!("{sci}"))
+    }
+
+    #[test]
+    fn shortest_digits_match_std_on_edges() {
+        for x in [
+            f64::MIN_POSITIVE,
+            f64::MAX,
+            5e-324,
+            1e21,
+            1e-7,
+            0.1 + 0.2,
+            9007199254740993.0,
+            123456789012345680.0,
+            f64::from_bits(3),
+            1.7976931348623157e308,
+            4.35,
+            0.000001,
+            5e-7,
+        ] {
+            assert_eq!(shortest_digits(x), shortest_digits_std(x), "{x:e}");
+        }
+        // exhaustive around a few powers of ten and two
+        for base in [
+            1.0f64,
+            1e15,
+            1e16,
+            1e17,
+            1e22,
+            1e-5,
+            2.0f64.powi(53),
+            f64::MIN_POSITIVE,
+        ] {
+            let b = base.to_bits();
+            for d in 0..2000u64 {
+                for x in [f64::from_bits(b + d), f64::from_bits(b - d)] {
+                    if x.is_finite() && x > 0.0 {
+                        assert_eq!(shortest_digits(x), shortest_digits_std(x), "{x:e}");
+                    }
+                }
+            }
         }
     }
 
