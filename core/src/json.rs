@@ -165,9 +165,9 @@ impl Number {
         self.is_integer().then(|| self.0.parse().ok()).flatten()
     }
 
-    /// The nearest double (infinite when out of range).
+    /// The nearest double (infinite when out of range), by [`crate::decimal::to_f64`].
     pub fn as_f64(&self) -> f64 {
-        self.0.parse().unwrap_or(f64::NAN)
+        crate::decimal::to_f64(&self.0).unwrap_or(f64::NAN)
     }
 
     /// Canonical text: integers exactly as written (`-0` as `0`); other numbers as the

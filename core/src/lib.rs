@@ -33,6 +33,7 @@ pub mod canonical;
 pub mod clock;
 pub mod codec;
 pub mod config;
+pub mod decimal;
 pub mod decision;
 pub mod error;
 pub mod fingerprint;
