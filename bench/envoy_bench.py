@@ -18,6 +18,10 @@ One Envoy container (`--concurrency 1`, so one worker thread does all the work) 
     body      diagnostic, 64 KiB only: bench/probe buffers the body and copies it into the VM
     hash      diagnostic, 64 KiB only: bench/probe as `body`, plus SHA-256 of the body
     hash_b3   diagnostic, 64 KiB only: bench/probe as `body`, plus BLAKE3 of the body
+    answer    diagnostic: bench/probe answering every request itself after buffering and
+              copying its body, with a gate holding the headers, both in one VM: the floor
+              of a replay in idemgate's design (before any lookup)
+    answer_hash  diagnostic: `answer` plus SHA-256 of the body (a replay's fingerprint)
     upstream  diagnostic: wrk straight to the upstream listener (its share of the CPU)
     fleet_first   idemgate in fleet mode (store.etcd): a new key per request, claimed and
               completed in etcd (a local cluster of --etcd-members processes on loopback,
@@ -97,6 +101,10 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "body": {"title": "floor + buffer body + copy into VM [diag]", "mode": "unique", "sizes": ["64KiB"]},
     "hash": {"title": "floor + buffer + copy + SHA-256 [diag]", "mode": "unique", "sizes": ["64KiB"]},
     "hash_b3": {"title": "floor + buffer + copy + BLAKE3 (opt-in algorithm) [diag]", "mode": "unique", "sizes": ["64KiB"]},
+    "answer": {"title": "floor of a replay: 2 filters in 1 VM, body buffered + copied, answered locally [diag]",
+               "mode": "unique", "local": True},
+    "answer_hash": {"title": "floor of a replay + SHA-256 of the body [diag]", "mode": "unique",
+                    "local": True},
     "upstream": {"title": "upstream listener alone [diag]", "mode": "unique"},
     "fleet_first": {"title": "3f idemgate fleet (etcd) first requests", "mode": "unique", "ns": "fleetfirst",
                     "fleet": True},
@@ -193,6 +201,10 @@ def scenario_filters(sid: str) -> list[dict[str, Any]]:
         return [_wasm("floor_a", "floor_a", "floor2", floor), _wasm("floor_b", "floor_b", "floor2", floor)]
     if sid in ("body", "hash", "hash_b3"):
         return [_wasm(f"probe_{sid}", f"probe_{sid}", f"probe-{sid}", probe, sid)]
+    if sid in ("answer", "answer_hash"):
+        # as idemgate is loaded: the filter that answers, then a gate, in one VM
+        return [_wasm(f"probe_{sid}", f"probe_{sid}", f"probe-{sid}", probe, sid),
+                _wasm(f"probe_{sid}_gate", f"probe_{sid}_gate", f"probe-{sid}", probe, "gate")]
     ns = SCENARIOS[sid]["ns"]
     cfg: dict[str, Any] = {"store": {"namespace": ns}}
     if sid == "first_p1":
@@ -436,8 +448,9 @@ def check_scenarios(envoy: BenchEnvoy, ports: dict[str, int], tag: str) -> list[
         status, headers, body = post(port, f"check-{tag}-{sid}", 1024)
         if status != 200 or body != UPSTREAM_BODY.encode():
             raise RuntimeError(f"{sid}: sanity request got {status} {headers} {body[:200]!r}")
-        if headers.get("idempotent-replayed"):
-            raise RuntimeError(f"{sid}: first request came back as a replay")
+        local = SCENARIOS.get(sid, {}).get("local", False)
+        if bool(headers.get("idempotent-replayed")) != local:
+            raise RuntimeError(f"{sid}: first request came back {'not ' if local else ''}as a local answer: {headers}")
     for sid, port in ports.items():
         if SCENARIOS.get(sid, {}).get("mode") != "fixed":
             continue

@@ -10,7 +10,14 @@
 //! - `hash_b3`: `body`, plus BLAKE3 over the copied body (the opt-in
 //!   `fingerprint.algorithm: "blake3"`; the `blake3` crate with wasm SIMD).
 //!
-//! `make bench` runs both at 64 KiB; the difference in Envoy CPU per request between the
+//! - `answer` / `answer_hash`: `body` (`answer_hash`: and SHA-256 of it), then answers the
+//!   request itself with `send_http_response` (200, two headers, `{"ok":true}`), as idemgate
+//!   answers a replay; loaded with a `gate` in the same VM, as idemgate is.
+//! - `gate`: holds every request's headers (`Pause`) and never releases them: idemgate's
+//!   gate in front of a request answered locally.
+//!
+//! The `answer` rows are the floor of any replay with idemgate's design: what a replay costs
+//! before looking anything up. `make bench` runs `body` and `hash` at 64 KiB; the difference in Envoy CPU per request between the
 //! two is the hash alone, inside Envoy's V8, so 64 KiB / that difference is the in-Envoy
 //! hash throughput.
 #![forbid(unsafe_code)]
@@ -22,7 +29,7 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Warn);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(ProbeRoot { hash: Hash::None }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(ProbeRoot { hash: Hash::None, then: Then::Continue }) });
 }}
 
 #[derive(Clone, Copy)]
@@ -32,8 +39,20 @@ enum Hash {
     Blake3,
 }
 
+#[derive(Clone, Copy, Default)]
+enum Then {
+    /// Let the request go on.
+    #[default]
+    Continue,
+    /// Answer it locally.
+    Answer,
+    /// Hold its headers (a gate).
+    Hold,
+}
+
 struct ProbeRoot {
     hash: Hash,
+    then: Then,
 }
 
 impl Context for ProbeRoot {}
@@ -48,9 +67,12 @@ impl RootContext for ProbeRoot {
             "body" => self.hash = Hash::None,
             "hash" => self.hash = Hash::Sha256,
             "hash_b3" => self.hash = Hash::Blake3,
+            "answer" => self.then = Then::Answer,
+            "answer_hash" => (self.hash, self.then) = (Hash::Sha256, Then::Answer),
+            "gate" => self.then = Then::Hold,
             other => {
                 log::error!(
-                    "probe: configuration must be \"body\", \"hash\" or \"hash_b3\", got {other:?}"
+                    "probe: configuration must be one of body, hash, hash_b3, answer, answer_hash, gate; got {other:?}"
                 );
                 return false;
             }
@@ -59,7 +81,10 @@ impl RootContext for ProbeRoot {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Probe { hash: self.hash }))
+        Some(Box::new(Probe {
+            hash: self.hash,
+            then: self.then,
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -69,12 +94,16 @@ impl RootContext for ProbeRoot {
 
 struct Probe {
     hash: Hash,
+    then: Then,
 }
 
 impl Context for Probe {}
 
 impl HttpContext for Probe {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        if let Then::Hold = self.then {
+            return Action::Pause;
+        }
         let value = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "idempotency-key");
         std::hint::black_box(&value);
         Action::Continue
@@ -96,6 +125,14 @@ impl HttpContext for Probe {
                     std::hint::black_box(&body);
                 }
             }
+        }
+        if let Then::Answer = self.then {
+            let headers = vec![
+                ("content-type", "application/json"),
+                ("idempotent-replayed", "true"),
+            ];
+            let _ = hostcalls::send_http_response(200, headers, Some(b"{\"ok\":true}"));
+            return Action::Pause;
         }
         Action::Continue
     }
