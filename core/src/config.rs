@@ -531,7 +531,7 @@ fn members(path: &str, v: Value) -> Result<Vec<(String, Value)>, ConfigError> {
         return Err(invalid_type(path, &v, "a map"));
     };
     let mut names: Vec<&str> = obj.0.iter().map(|(k, _)| k.as_str()).collect();
-    names.sort_unstable();
+    crate::sort::sort_by(&mut names, |a, b| a < b);
     if let Some(dup) = names.windows(2).find(|w| w.first() == w.last()) {
         let name = dup.first().copied().unwrap_or_default();
         return Err(error_at(

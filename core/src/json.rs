@@ -109,11 +109,19 @@ impl Object {
     /// The members as readers see them: sorted by name (UTF-16 code units, as RFC 8785
     /// orders them), the last of each name only.
     pub fn sorted_unique(&self) -> Vec<(&str, &Value)> {
-        let mut items: Vec<(&str, &Value)> = self.0.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        // stable: equal names keep document order, so the last of a run is the last written
-        items.sort_by(|a, b| utf16_cmp(a.0, b.0));
+        let mut items: Vec<(usize, &str, &Value)> = self
+            .0
+            .iter()
+            .enumerate()
+            .map(|(i, (k, v))| (i, k.as_str(), v))
+            .collect();
+        // equal names keep document order, so the last of a run is the last written
+        crate::sort::sort_by(&mut items, |a, b| {
+            utf16_cmp(a.1, b.1).then(a.0.cmp(&b.0)) == std::cmp::Ordering::Less
+        });
         let mut out: Vec<(&str, &Value)> = Vec::with_capacity(items.len());
-        for item in items {
+        for (_, name, value) in items {
+            let item = (name, value);
             match out.last_mut() {
                 Some(last) if last.0 == item.0 => *last = item,
                 _ => out.push(item),

@@ -46,6 +46,7 @@ pub mod ratelimit;
 pub mod record;
 pub mod response;
 pub mod sha256;
+pub mod sort;
 pub mod store;
 
 pub use clock::{Clock, FakeClock, Millis};
