@@ -1734,21 +1734,34 @@ fn validate_rule(
     matcher: Option<RouteMatch>,
     raw: RawRule,
 ) -> Result<Rule, ConfigError> {
+    // Filled in place from a borrowed `raw`: an error then drops one `Rule` and nothing of
+    // `raw` piecemeal (each early return of a function that moves fields out of its
+    // arguments and builds many locals carries its own drop code: ~7 kB of wasm here).
+    let mut rule = Rule::fallback();
+    rule.name = name;
+    rule.matcher = matcher;
+    fill_rule(&mut rule, prefix, &raw)?;
+    Ok(rule)
+}
+
+/// Validates `raw` into `rule`, which holds the defaults of fields `raw` leaves unset.
+fn fill_rule(rule: &mut Rule, prefix: &str, raw: &RawRule) -> Result<(), ConfigError> {
     let p = |field: &str| format!("{prefix}{field}");
-    let fallback = Rule::fallback();
-    let methods = match &raw.methods {
-        None => fallback.methods.clone(),
-        Some(list) => methods(&p("methods"), list)?,
-    };
-    let key = raw.key.unwrap_or_default();
+    if let Some(list) = &raw.methods {
+        rule.methods = methods(&p("methods"), list)?;
+    }
+    let no_key = RawKey::default();
+    let key = raw.key.as_ref().unwrap_or(&no_key);
     if key.header.is_some() && key.sources.is_some() {
         return Err(ConfigError::new(
             p("key"),
             "set either header or sources, not both",
         ));
     }
-    let key_sources = match (&key.header, &key.sources) {
-        (Some(h), _) => vec![KeySource::Header(header_name(&p("key.header"), h)?)],
+    match (&key.header, &key.sources) {
+        (Some(h), _) => {
+            rule.key_sources = vec![KeySource::Header(header_name(&p("key.header"), h)?)];
+        }
         (None, Some(list)) => {
             if list.is_empty() && key.derive_from_body != Some(true) {
                 return Err(ConfigError::new(
@@ -1756,17 +1769,21 @@ fn validate_rule(
                     "must list at least one source, got []",
                 ));
             }
-            let mut out = Vec::new();
+            rule.key_sources.clear();
             for (i, s) in list.iter().enumerate() {
-                out.push(source(&p(&format!("key.sources[{i}]")), s, 0)?);
+                let source = source(&p(&format!("key.sources[{i}]")), s, 0)?;
+                rule.key_sources.push(source);
             }
-            out
         }
-        (None, None) => fallback.key_sources.clone(),
-    };
+        (None, None) => {}
+    }
     let key_max_length = bounded(&p("key.maxLength"), key.max_length.unwrap_or(255), 1, 1024)?;
+    rule.derive_from_body = key.derive_from_body.unwrap_or(false);
+    rule.key_required = key.required.unwrap_or(false);
+    rule.key_max_length = usize::try_from(key_max_length).unwrap_or(1024);
 
-    let fp = raw.fingerprint.unwrap_or_default();
+    let no_fp = RawFingerprint::default();
+    let fp = raw.fingerprint.as_ref().unwrap_or(&no_fp);
     let body = match fp.body.as_deref() {
         None | Some("raw") => BodyMode::Raw,
         Some("canonicalJson") => BodyMode::CanonicalJson,
@@ -1795,32 +1812,31 @@ fn validate_rule(
             ))
         }
     };
-    let mut fp_headers = Vec::new();
-    for (i, h) in fp.headers.unwrap_or_default().iter().enumerate() {
-        fp_headers.push(header_name(&p(&format!("fingerprint.headers[{i}]")), h)?);
+    let spec = &mut rule.fingerprint;
+    (spec.algorithm, spec.body) = (algorithm, body);
+    spec.method = fp.method.unwrap_or(true);
+    spec.path = fp.path.unwrap_or(true);
+    spec.query = fp.query.unwrap_or(true);
+    for (i, h) in fp.headers.as_deref().unwrap_or_default().iter().enumerate() {
+        let name = header_name(&p(&format!("fingerprint.headers[{i}]")), h)?;
+        rule.fingerprint.headers.push(name);
     }
-    let mut exclude_pointers = Vec::new();
-    for (i, e) in fp.exclude_pointers.unwrap_or_default().iter().enumerate() {
-        exclude_pointers.push(pointer(
-            &p(&format!("fingerprint.excludePointers[{i}]")),
-            e,
-        )?);
+    for (i, e) in fp
+        .exclude_pointers
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        let ptr = pointer(&p(&format!("fingerprint.excludePointers[{i}]")), e)?;
+        rule.fingerprint.exclude_pointers.push(ptr);
     }
-    if !exclude_pointers.is_empty() && body != BodyMode::CanonicalJson {
+    if !rule.fingerprint.exclude_pointers.is_empty() && body != BodyMode::CanonicalJson {
         return Err(ConfigError::new(
             p("fingerprint.excludePointers"),
             "needs fingerprint.body \"canonicalJson\"".to_string(),
         ));
     }
-    let fingerprint = FingerprintSpec {
-        algorithm,
-        method: fp.method.unwrap_or(true),
-        path: fp.path.unwrap_or(true),
-        query: fp.query.unwrap_or(true),
-        headers: fp_headers,
-        body,
-        exclude_pointers,
-    };
 
     let ttl_s = bounded(
         &p("ttlSeconds"),
@@ -1840,7 +1856,9 @@ fn validate_rule(
             format!("must not exceed ttlSeconds ({ttl_s}), got {lease_s}"),
         ));
     }
-    let expiry = match raw.expiry {
+    rule.ttl_ms = ttl_s.saturating_mul(1000);
+    rule.lease_ms = lease_s.saturating_mul(1000);
+    rule.expiry = match &raw.expiry {
         None => None,
         Some(e) => {
             let header = header_name(
@@ -1872,22 +1890,22 @@ fn validate_rule(
             })
         }
     };
-    let max_body_bytes = bounded(
+    rule.max_body_bytes = bounded(
         &p("maxBodyBytes"),
         raw.max_body_bytes.unwrap_or(1 << 20),
         0,
         1 << 30,
     )?;
-    let max_response_bytes = bounded(
+    rule.max_response_bytes = bounded(
         &p("maxResponseBytes"),
         raw.max_response_bytes.unwrap_or(1 << 20),
         0,
         64 << 20,
     )?;
 
-    let on_mismatch = validate_policy(
+    rule.on_mismatch = validate_policy(
         &p("onMismatch"),
-        raw.on_mismatch,
+        raw.on_mismatch.clone(),
         MismatchAction::Reject,
         &[
             ("reject", MismatchAction::Reject),
@@ -1896,9 +1914,9 @@ fn validate_rule(
         ],
         |_| 422,
     )?;
-    let on_duplicate = validate_policy(
+    rule.on_duplicate = validate_policy(
         &p("onDuplicate"),
-        raw.on_duplicate,
+        raw.on_duplicate.clone(),
         DuplicateAction::Replay,
         &[
             ("replay", DuplicateAction::Replay),
@@ -1913,9 +1931,9 @@ fn validate_rule(
             }
         },
     )?;
-    let on_concurrent = validate_policy(
+    rule.on_concurrent = validate_policy(
         &p("onConcurrent"),
-        raw.on_concurrent,
+        raw.on_concurrent.clone(),
         ConcurrentAction::Reject,
         &[
             ("reject", ConcurrentAction::Reject),
@@ -1923,26 +1941,27 @@ fn validate_rule(
         ],
         |_| 409,
     )?;
-    if on_concurrent.action == ConcurrentAction::Wait && on_concurrent.wait_ms == 0 {
+    if rule.on_concurrent.action == ConcurrentAction::Wait && rule.on_concurrent.wait_ms == 0 {
         return Err(ConfigError::new(
             p("onConcurrent.waitMillis"),
             "must be set (1..=60000) when action is \"wait\"".to_string(),
         ));
     }
 
-    let resp = raw.response.unwrap_or_default();
-    let store_statuses = match resp.store_statuses {
+    let no_resp = RawResponse::default();
+    let resp = raw.response.as_ref().unwrap_or(&no_resp);
+    rule.store_statuses = match &resp.store_statuses {
         None => vec![StatusRange { lo: 200, hi: 499 }],
-        Some(items) => statuses(&p("response.storeStatuses"), &items)?,
+        Some(items) => statuses(&p("response.storeStatuses"), items)?,
     };
-    let never_store_statuses = match resp.never_store_statuses {
+    rule.never_store_statuses = match &resp.never_store_statuses {
         None => [408, 409, 425, 429]
             .iter()
             .map(|&c| StatusRange { lo: c, hi: c })
             .collect(),
-        Some(items) => statuses(&p("response.neverStoreStatuses"), &items)?,
+        Some(items) => statuses(&p("response.neverStoreStatuses"), items)?,
     };
-    let store_headers = match resp.store_headers {
+    rule.store_headers = match &resp.store_headers {
         None => DEFAULT_STORE_HEADERS
             .iter()
             .map(|h| h.to_string())
@@ -1965,13 +1984,17 @@ fn validate_rule(
             out
         }
     };
-    let replay_header = header_name(
+    rule.replay_header = header_name(
         &p("response.replayHeader"),
         resp.replay_header
             .as_deref()
             .unwrap_or("idempotent-replayed"),
     )?;
-    let credential_headers = match raw.scope.and_then(|s| s.credential_headers) {
+    rule.credential_headers = match raw
+        .scope
+        .as_ref()
+        .and_then(|s| s.credential_headers.as_ref())
+    {
         None => vec!["authorization".to_string()],
         Some(list) => {
             let mut out = Vec::new();
@@ -1984,36 +2007,12 @@ fn validate_rule(
             out
         }
     };
-    let errors = validate_errors(&p("errors"), raw.errors.unwrap_or_default())?;
-    let rate_limit = match raw.rate_limit {
+    rule.errors = validate_errors(&p("errors"), raw.errors.clone().unwrap_or_default())?;
+    rule.rate_limit = match &raw.rate_limit {
         None => None,
-        Some(r) => Some(validate_rate_limit(&p("rateLimit"), r)?),
+        Some(r) => Some(validate_rate_limit(&p("rateLimit"), r.clone())?),
     };
-    Ok(Rule {
-        name,
-        matcher,
-        methods,
-        key_sources,
-        derive_from_body: key.derive_from_body.unwrap_or(false),
-        key_required: key.required.unwrap_or(false),
-        key_max_length: usize::try_from(key_max_length).unwrap_or(1024),
-        fingerprint,
-        ttl_ms: ttl_s.saturating_mul(1000),
-        lease_ms: lease_s.saturating_mul(1000),
-        expiry,
-        max_body_bytes,
-        max_response_bytes,
-        on_mismatch,
-        on_duplicate,
-        on_concurrent,
-        store_statuses,
-        never_store_statuses,
-        store_headers,
-        replay_header,
-        credential_headers,
-        errors,
-        rate_limit,
-    })
+    Ok(())
 }
 
 fn validate_rate_limit(path: &str, r: RawRateLimit) -> Result<RateLimitSpec, ConfigError> {
