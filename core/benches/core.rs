@@ -10,6 +10,10 @@
 //!   scans.
 //! - `store/<case>`: `SlotTable::begin` (+ `complete` for first requests) over
 //!   `MemoryStore`, with `store.probes` 8 (default) and 1.
+//! - `decimal/<case>`: a JSON number's text to `f64` by `idemgate_core::decimal` (what the
+//!   parser and canonical JSON use) beside `str::parse::<f64>`: a short number (the fast
+//!   path) and the worst case, 770 significant digits near the subnormal range (the exact
+//!   big-integer path).
 //!
 //! Before criterion starts, the bench prints how many store calls (`get`, `put`) one first
 //! request, one replay, makes through `SlotTable`: in Envoy each is a shared-data hostcall.
@@ -363,6 +367,20 @@ fn report_store_calls() {
     }
 }
 
+fn decimals(c: &mut Criterion) {
+    let mut g = c.benchmark_group("decimal");
+    let long = format!("{}e-1090", "7".repeat(770));
+    for (name, text) in [("short", "1234.5678"), ("long_770_digits", long.as_str())] {
+        g.bench_function(format!("ours/{name}"), |b| {
+            b.iter(|| idemgate_core::decimal::to_f64(black_box(text)))
+        });
+        g.bench_function(format!("std/{name}"), |b| {
+            b.iter(|| black_box(text).parse::<f64>())
+        });
+    }
+    g.finish();
+}
+
 fn short() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_secs(1))
@@ -372,7 +390,7 @@ fn short() -> Criterion {
 criterion_group! {
     name = benches;
     config = short();
-    targets = fingerprint, decisions, records, store
+    targets = fingerprint, decisions, records, store, decimals
 }
 
 fn main() {
