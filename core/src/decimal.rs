@@ -1,11 +1,13 @@
-//! Decimal text to the nearest `f64`, correctly rounded (ties to even), in a few hundred
-//! bytes of wasm.
+//! Decimal text to the nearest `f64`, correctly rounded (ties to even), in ~3 kB of wasm.
 //!
 //! `str::parse::<f64>` is fast but brings core's `dec2flt` (Eisel–Lemire and an 11 kB table
-//! of powers of five) into every module. idemgate needs a double only for the canonical form
-//! of a non-integer JSON number (RFC 8785) and to refuse numbers out of range, both rare, so
-//! it trades speed for size: the value is held exactly as a ratio of two big integers and
-//! its 53 significant bits are found by long division.
+//! of powers of five, ~17 kB in all) into every module. idemgate needs a double only for the
+//! canonical form of a non-integer JSON number (RFC 8785) and to refuse numbers out of range,
+//! so it trades speed for size: numbers of at most 15 significant digits and a small exponent
+//! (nearly all that people write) take Clinger's fast path, one exact floating-point
+//! operation (~30 ns); the others are held exactly as a ratio of two big integers whose 53
+//! significant bits are found by long division (~10 µs for 770 digits; criterion
+//! `decimal/*`).
 //!
 //! ```
 //! use idemgate_core::decimal::to_f64;
