@@ -1,7 +1,7 @@
 //! A small in-place heap sort for the two lists idemgate sorts (an object's member names for
 //! canonical JSON, a configuration block's field names to find duplicates).
 //!
-//! `slice::sort*` is faster on long inputs but brings ~7 kB of wasm (two quicksorts, drift
+//! `slice::sort*` is faster on long inputs but brings 7–15 kB of wasm (two quicksorts, drift
 //! sort, small-sort networks) into both modules; these lists are short, and a heap sort is
 //! O(n log n) on any input, without allocating. It is not stable: sort `(key, index)` pairs
 //! where order among equals matters.
