@@ -22,6 +22,10 @@ One Envoy container (`--concurrency 1`, so one worker thread does all the work) 
               copying its body, with a gate holding the headers, both in one VM: the floor
               of a replay in idemgate's design (before any lookup)
     answer_hash  diagnostic: `answer` plus SHA-256 of the body (a replay's fingerprint)
+    claim     diagnostic: bench/probe making idemgate's hostcalls for a first request (SHA-256
+              of the body, a bucket get + CAS set, the gate released, the answer's headers and
+              body read, a get and two sets to complete) with none of its logic: the floor of
+              a first request in idemgate's design
     upstream  diagnostic: wrk straight to the upstream listener (its share of the CPU)
     fleet_first   idemgate in fleet mode (store.etcd): a new key per request, claimed and
               completed in etcd (a local cluster of --etcd-members processes on loopback,
@@ -101,6 +105,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "body": {"title": "floor + buffer body + copy into VM [diag]", "mode": "unique", "sizes": ["64KiB"]},
     "hash": {"title": "floor + buffer + copy + SHA-256 [diag]", "mode": "unique", "sizes": ["64KiB"]},
     "hash_b3": {"title": "floor + buffer + copy + BLAKE3 (opt-in algorithm) [diag]", "mode": "unique", "sizes": ["64KiB"]},
+    "claim": {"title": "floor of a first request: 2 filters in 1 VM, body copied + SHA-256, claim (get + CAS set), gate released, answer read, completion (get + 2 sets) [diag]",
+              "mode": "unique"},
     "answer": {"title": "floor of a replay: 2 filters in 1 VM, body buffered + copied, answered locally [diag]",
                "mode": "unique", "local": True},
     "answer_hash": {"title": "floor of a replay + SHA-256 of the body [diag]", "mode": "unique",
@@ -201,7 +207,7 @@ def scenario_filters(sid: str) -> list[dict[str, Any]]:
         return [_wasm("floor_a", "floor_a", "floor2", floor), _wasm("floor_b", "floor_b", "floor2", floor)]
     if sid in ("body", "hash", "hash_b3"):
         return [_wasm(f"probe_{sid}", f"probe_{sid}", f"probe-{sid}", probe, sid)]
-    if sid in ("answer", "answer_hash"):
+    if sid in ("answer", "answer_hash", "claim"):
         # as idemgate is loaded: the filter that answers, then a gate, in one VM
         return [_wasm(f"probe_{sid}", f"probe_{sid}", f"probe-{sid}", probe, sid),
                 _wasm(f"probe_{sid}_gate", f"probe_{sid}_gate", f"probe-{sid}", probe, "gate")]

@@ -488,6 +488,19 @@ def main() -> int:
                 parts.append(f"{s} {x:.2f}×{detail}")
                 ok = ok and x >= goal
         out.append(f"| {label} | {', '.join(parts) or 'n/a'} | {'yes' if parts and ok else 'no'} |")
+        if a == "first":
+            claims = [
+                f"{s} {x:.2f}×"
+                for s in ("1KiB", "64KiB")
+                if (x := ratio(f"{s}/claim/rps", f"{s}/floor/rps")) is not None
+            ]
+            if claims:
+                out.append(
+                    "| … what any first request in this design can reach: the *floor of a first request* probe "
+                    "(idemgate's hostcalls for a first request — body copied and hashed, claim, gate released, "
+                    "answer read, completion — and none of its logic) | "
+                    f"{', '.join(claims)} | |"
+                )
         if a == "replay":
             floors = [
                 f"{s} {x:.2f}×{' / ' + format(y, '.2f') + '×' if y is not None else ''}"

@@ -16,11 +16,21 @@
 //! - `gate`: holds every request's headers (`Pause`) and never releases them: idemgate's
 //!   gate in front of a request answered locally.
 //!
+//! - `claim`: the floor of a first request in idemgate's design, with none of its logic:
+//!   `hash`, then a claim (get a bucket value from shared data, set it with its CAS), the
+//!   `gate` released (`set_effective_context` + `resume_http_request`), the request goes on;
+//!   on the answer, its headers (`get_map_bytes`, `response.code_details`) and body
+//!   (`get_buffer`) are read and the completion written (get the bucket, set a record, set the
+//!   bucket): the same hostcalls as idemgate's first request. Loaded with a `gate`.
+//!
 //! The `answer` rows are the floor of any replay with idemgate's design: what a replay costs
-//! before looking anything up. `make bench` runs `body` and `hash` at 64 KiB; the difference in Envoy CPU per request between the
+//! before looking anything up; `claim` the same for first requests. `make bench` runs `body` and `hash` at 64 KiB; the difference in Envoy CPU per request between the
 //! two is the hash alone, inside Envoy's V8, so 64 KiB / that difference is the in-Envoy
 //! hash throughput.
 #![forbid(unsafe_code)]
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 
 use idemgate_core::sha256::Sha256;
 use proxy_wasm::hostcalls;
@@ -46,8 +56,36 @@ enum Then {
     Continue,
     /// Answer it locally.
     Answer,
-    /// Hold its headers (a gate).
+    /// Hold its headers (a gate), until a `Claim` reader releases them.
     Hold,
+    /// Claim, release the gate, let it go on, complete on the answer.
+    Claim,
+}
+
+thread_local! {
+    /// Set by a `claim` reader for the gate right behind it (same VM, same thread).
+    static NEXT_GATE: Cell<Option<u64>> = const { Cell::new(None) };
+    /// Gate context ids by token.
+    static GATES: RefCell<BTreeMap<u64, u32>> = const { RefCell::new(BTreeMap::new()) };
+    static TOKENS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Buckets of the claim table, as idemgate's `store.capacity / store.probes`.
+const BUCKETS: u64 = 1250;
+
+fn bucket_of(key: &[u8]) -> u64 {
+    // FNV-1a: any spread will do
+    key.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    }) % BUCKETS
+}
+
+/// Get then CAS-set `key` to `value` (one try, as a claim without contention).
+fn get_and_set(key: &str, value: &[u8]) {
+    let cas = hostcalls::get_shared_data(key)
+        .ok()
+        .and_then(|(_, cas)| cas);
+    let _ = hostcalls::set_shared_data(key, Some(value), cas);
 }
 
 struct ProbeRoot {
@@ -70,9 +108,10 @@ impl RootContext for ProbeRoot {
             "answer" => self.then = Then::Answer,
             "answer_hash" => (self.hash, self.then) = (Hash::Sha256, Then::Answer),
             "gate" => self.then = Then::Hold,
+            "claim" => (self.hash, self.then) = (Hash::Sha256, Then::Claim),
             other => {
                 log::error!(
-                    "probe: configuration must be one of body, hash, hash_b3, answer, answer_hash, gate; got {other:?}"
+                    "probe: configuration must be one of body, hash, hash_b3, answer, answer_hash, gate, claim; got {other:?}"
                 );
                 return false;
             }
@@ -80,10 +119,13 @@ impl RootContext for ProbeRoot {
         true
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Probe {
+            id: context_id,
             hash: self.hash,
             then: self.then,
+            bucket: 0,
+            token: None,
         }))
     }
 
@@ -93,16 +135,67 @@ impl RootContext for ProbeRoot {
 }
 
 struct Probe {
+    id: u32,
     hash: Hash,
     then: Then,
+    /// The claim's bucket and the token of its gate (`claim`).
+    bucket: u64,
+    token: Option<u64>,
 }
 
 impl Context for Probe {}
 
+impl Probe {
+    /// The claim of a `claim` reader once the body is in: a bucket get + CAS set, then the
+    /// gate released.
+    fn claim(&mut self) {
+        let key = format!("probe:b:{}", self.bucket);
+        get_and_set(&key, &[7u8; 320]);
+        if let Some(gate) = self
+            .token
+            .take()
+            .and_then(|t| GATES.with(|g| g.borrow_mut().remove(&t)))
+        {
+            let _ = hostcalls::set_effective_context(gate);
+            let _ = hostcalls::resume_http_request();
+            let _ = hostcalls::set_effective_context(self.id);
+        }
+    }
+
+    /// The completion: the bucket read again, a record and the bucket written.
+    fn complete(&self, body: &[u8]) {
+        let key = format!("probe:b:{}", self.bucket);
+        let _ = hostcalls::get_shared_data(&key);
+        let record = format!("probe:r:{}", self.bucket);
+        let _ = hostcalls::set_shared_data(&record, Some(body), None);
+        get_and_set(&key, &[8u8; 320]);
+    }
+}
+
 impl HttpContext for Probe {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
         if let Then::Hold = self.then {
+            if let Some(t) = NEXT_GATE.with(Cell::take) {
+                GATES.with(|g| g.borrow_mut().insert(t, self.id));
+            }
             return Action::Pause;
+        }
+        if let Then::Claim = self.then {
+            // as idemgate's reader: every request header, then a token for the gate
+            let headers = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default();
+            let key = headers
+                .iter()
+                .find(|(n, _)| n == "idempotency-key")
+                .map(|(_, v)| v.as_slice())
+                .unwrap_or_default();
+            self.bucket = bucket_of(key);
+            let token = TOKENS.with(|t| {
+                t.set(t.get() + 1);
+                t.get()
+            });
+            NEXT_GATE.with(|g| g.set(Some(token)));
+            self.token = Some(token);
+            return Action::Continue;
         }
         let value = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "idempotency-key");
         std::hint::black_box(&value);
@@ -126,6 +219,10 @@ impl HttpContext for Probe {
                 }
             }
         }
+        if let Then::Claim = self.then {
+            self.claim();
+            return Action::Continue;
+        }
         if let Then::Answer = self.then {
             let headers = vec![
                 ("content-type", "application/json"),
@@ -133,6 +230,28 @@ impl HttpContext for Probe {
             ];
             let _ = hostcalls::send_http_response(200, headers, Some(b"{\"ok\":true}"));
             return Action::Pause;
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        if let Then::Claim = self.then {
+            let headers =
+                hostcalls::get_map_bytes(MapType::HttpResponseHeaders).unwrap_or_default();
+            std::hint::black_box(&headers);
+            let details = hostcalls::get_property(vec!["response", "code_details"]);
+            std::hint::black_box(&details);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, eos: bool) -> Action {
+        if let (Then::Claim, true) = (self.then, eos) {
+            let body = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            self.complete(&body);
         }
         Action::Continue
     }
