@@ -9,13 +9,11 @@
 //!   fingerprints: the wasm SIMD implementation of `core/src/sha256.rs`).
 //! - `hash_b3`: `body`, plus BLAKE3 over the copied body (the opt-in
 //!   `fingerprint.algorithm: "blake3"`; the `blake3` crate with wasm SIMD).
-//!
 //! - `answer` / `answer_hash`: `body` (`answer_hash`: and SHA-256 of it), then answers the
 //!   request itself with `send_http_response` (200, two headers, `{"ok":true}`), as idemgate
 //!   answers a replay; loaded with a `gate` in the same VM, as idemgate is.
-//! - `gate`: holds every request's headers (`Pause`) and never releases them: idemgate's
-//!   gate in front of a request answered locally.
-//!
+//! - `gate`: holds every request's headers (`Pause`), as idemgate's gate does, until a
+//!   `claim` reader releases them (an `answer` reader never does: it answers itself).
 //! - `claim`: the floor of a first request in idemgate's design, with none of its logic:
 //!   `hash`, then a claim (get a bucket value from shared data, set it with its CAS), the
 //!   `gate` released (`set_effective_context` + `resume_http_request`), the request goes on;
@@ -24,9 +22,11 @@
 //!   bucket): the same hostcalls as idemgate's first request. Loaded with a `gate`.
 //!
 //! The `answer` rows are the floor of any replay with idemgate's design: what a replay costs
-//! before looking anything up; `claim` the same for first requests. `make bench` runs `body` and `hash` at 64 KiB; the difference in Envoy CPU per request between the
-//! two is the hash alone, inside Envoy's V8, so 64 KiB / that difference is the in-Envoy
-//! hash throughput.
+//! before looking anything up; `claim` the same for first requests.
+//!
+//! `make bench` runs `body` and `hash` at 64 KiB; the difference in Envoy CPU per request
+//! between the two is the hash alone, inside Envoy's V8, so 64 KiB / that difference is the
+//! in-Envoy hash throughput.
 #![forbid(unsafe_code)]
 
 use std::cell::{Cell, RefCell};
