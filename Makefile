@@ -176,8 +176,9 @@ lint: deps-rust
 	@cargo fmt --all -- --check
 	@echo "[lint] clippy (host)"
 	@cargo clippy --workspace --all-targets -- -D warnings
-	@echo "[lint] clippy ($(WASM_TARGET), idemgate-filter)"
-	@cargo clippy -p idemgate-filter --target $(WASM_TARGET) -- -D warnings
+	@echo "[lint] clippy ($(WASM_TARGET), idemgate-filter and the bench filters)"
+	@cargo clippy -p idemgate-filter -p idemgate-bench-floor -p idemgate-bench-probe \
+	  -p idemgate-bench-bare --target $(WASM_TARGET) -- -D warnings
 	@echo "[lint] clippy (wasm32-unknown-unknown, idemgate-edge)"
 	@cargo clippy -p idemgate-edge --target wasm32-unknown-unknown -- -D warnings
 
@@ -189,7 +190,8 @@ clean:
 # make bench   idemgate's cost against Envoy itself, side by side (not part of `make test`):
 #              criterion benches of idemgate-core, then wrk (1 thread, 16 connections) against
 #              one Envoy (--concurrency 1) in Docker: passthrough, a minimal wasm filter (the
-#              floor, bench/floor), idemgate first requests, replays, the wait policy; runs
+#              floor, bench/floor; bench/bare, the floor without the SDK and std),
+#              idemgate first requests, replays, the wait policy; runs
 #              interleaved, medians of BENCH_ROUNDS. Raw results in target/bench/, tables in the
 #              generated section of BENCHMARKS.md. About 10 minutes; see bench/run.sh.
 #

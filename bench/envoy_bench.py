@@ -11,6 +11,9 @@ One Envoy container (`--concurrency 1`, so one worker thread does all the work) 
     pass      no HTTP filter but the router (the limit)
     floor     bench/floor: one Wasm filter that reads one header and continues
     floor2    diagnostic: two floor filters sharing one VM (idemgate is loaded as two)
+    bare      diagnostic (with --bare-wasm): bench/bare, the floor without the proxy-wasm SDK
+              and without std (its own ABI declarations, no_std): what of the floor's cost is
+              the SDK's dispatching rather than Envoy's work for any wasm filter
     first     idemgate, a new key per request (first requests)
     first_p1  idemgate with store.probes 1, a new key per request
     first_b3, replay_b3  idemgate with the opt-in fingerprint.algorithm blake3
@@ -97,6 +100,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "pass": {"title": "1 passthrough (no wasm)", "mode": "unique"},
     "floor": {"title": "2 floor wasm (1 filter, reads 1 header)", "mode": "unique"},
     "floor2": {"title": "floor x2 (2 filters, 1 VM) [diag]", "mode": "unique"},
+    "bare": {"title": "floor without the SDK and std (bench/bare: own ABI, no_std) [diag]", "mode": "unique"},
     "first": {"title": "3 idemgate first requests (probes 8)", "mode": "unique", "ns": "first"},
     "first_p1": {"title": "3b idemgate first requests, probes 1", "mode": "unique", "ns": "firstp1"},
     "replay": {"title": "4 idemgate replays (one key)", "mode": "fixed", "ns": "replay"},
@@ -205,6 +209,8 @@ def scenario_filters(sid: str) -> list[dict[str, Any]]:
         return [_wasm("floor", "floor", "floor", floor)]
     if sid == "floor2":
         return [_wasm("floor_a", "floor_a", "floor2", floor), _wasm("floor_b", "floor_b", "floor2", floor)]
+    if sid == "bare":
+        return [_wasm("bare", "bare", "bare", f"{CONTAINER_DIR}/bare.wasm")]
     if sid in ("body", "hash", "hash_b3"):
         return [_wasm(f"probe_{sid}", f"probe_{sid}", f"probe-{sid}", probe, sid)]
     if sid in ("answer", "answer_hash", "claim"):
@@ -753,6 +759,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=int(os.environ.get("BENCH_WARMUP", "1")))
     ap.add_argument("--floor-wasm", type=Path, required=True)
     ap.add_argument("--probe-wasm", type=Path, required=True)
+    ap.add_argument("--bare-wasm", type=Path, help="bench/bare's module (the `bare` row; absent: no such row)")
     ap.add_argument("--idemgate-wasm", type=Path, default=harness.wasm_path())
     ap.add_argument("--wait-trials", type=int, default=int(os.environ.get("BENCH_WAIT_TRIALS", "20")))
     ap.add_argument("--waiters", type=int, default=CONNECTIONS - 1)
@@ -791,6 +798,8 @@ def main() -> int:
             if "ns" in sc:
                 sc["ns"] = f"{sc['ns']}{name}"
             SCENARIOS[f"{base}@{name}"] = sc
+    if args.bare_wasm is None:
+        del SCENARIOS["bare"]
     selected = [s for s in SCENARIOS if not args.only or s in args.only.split(",") or "@" in s]
     ports = {sid: harness.free_port() for sid in selected if sid != "upstream"}
     ports["upstream"] = harness.free_port()
@@ -798,6 +807,8 @@ def main() -> int:
         ports["slow_upstream"] = harness.free_port()
     admin_port = harness.free_port()
     wasm = {"idemgate": args.idemgate_wasm.resolve(), "floor": args.floor_wasm.resolve(), "probe": args.probe_wasm.resolve()}
+    if args.bare_wasm is not None:
+        wasm["bare"] = args.bare_wasm.resolve()
     wasm.update({f"var_{n}": p for n, p in variant_wasm.items()})
     for name, p in wasm.items():
         if not p.is_file():

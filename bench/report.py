@@ -24,7 +24,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-ORDER = ["pass", "floor", "floor2", "first", "first_p1", "first_b3", "replay", "replay_b3", "fleet_first",
+ORDER = ["pass", "floor", "bare", "floor2", "first", "first_p1", "first_b3", "replay", "replay_b3", "fleet_first",
          "fleet_replay", "body", "hash", "hash_b3", "upstream"]
 # Fleet rows and the local-mode rows they are compared with.
 FLEET_PAIRS = [("fleet_first", "first"), ("fleet_replay", "replay")]
@@ -397,6 +397,15 @@ def wasm_profile_section(d: Path | None) -> list[str]:
     return out
 
 
+def size_row(label: str, path: Path | None) -> list[str]:
+    """A row of the sizes table, or none when the file is absent."""
+    if path is None or not path.is_file():
+        return []
+    raw = path.read_bytes()
+    gz = len(gzip.compress(raw, 9))
+    return [f"| {label} | {len(raw):,} B ({kb(len(raw))}) | {gz:,} B ({kb(gz)}) |"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--envoy", type=Path, help="bench/envoy_bench.py --out (absent: no Envoy rows)")
@@ -406,6 +415,8 @@ def main() -> int:
     ap.add_argument("--criterion-log", type=Path)
     ap.add_argument("--idemgate-wasm", type=Path, default=REPO / "dist" / "idemgate.wasm")
     ap.add_argument("--floor-wasm", type=Path, required=True)
+    ap.add_argument("--floor-opt-wasm", type=Path, help="the floor after make build's wasm-opt pass")
+    ap.add_argument("--bare-wasm", type=Path, help="bench/bare after make build's wasm-opt pass")
     ap.add_argument("--wasm-sizes", type=Path)
     ap.add_argument("--wasm-profile-dir", type=Path, help="bench/run.sh's cpuprof dir (wasm_host.mjs runs)")
     ap.add_argument("--command", default="make bench")
@@ -548,7 +559,11 @@ def main() -> int:
         "| file | raw | gzip -9 |",
         "|---|--:|--:|",
         f"| `dist/idemgate.wasm` (`make build`) | {size:,} B ({kb(size)}) | {gz:,} B ({kb(gz)}) |",
-        f"| floor (`bench/floor`, for reference: the proxy-wasm SDK + std alone) | {fsize:,} B ({kb(fsize)}) | {fgz:,} B ({kb(fgz)}) |",
+        f"| floor (`bench/floor` as cargo builds it, as Envoy loads it in the runs above) | {fsize:,} B ({kb(fsize)}) | {fgz:,} B ({kb(fgz)}) |",
+        *(size_row("floor after `make build`'s wasm-opt pass (the proxy-wasm SDK + std with one hostcall: what any filter built "
+                   "this way carries)", args.floor_opt_wasm)),
+        *(size_row("`bench/bare` after the same pass (the floor without the SDK and std: own ABI declarations, no_std)",
+                   args.bare_wasm)),
         (f"| edge wasm (`make edge`: edge/dist/module/idemgate_edge_bg.wasm, after wasm-opt -Oz) | {esize:,} B ({kb(esize)}) "
          f"| {egz:,} B ({kb(egz)}) |" if esize else "| edge wasm | n/a (edge/dist missing: make edge) | |"),
         "",

@@ -50,11 +50,20 @@ if [[ $BENCH_PROFILE == 1 ]] && ! command -v perf >/dev/null; then
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends linux-perf >/dev/null; } \
     || { log "could not install linux-perf: the Envoy CPU profile is skipped"; BENCH_PROFILE=0; }
 fi
-log "building the benchmark filters (bench/floor, bench/probe)"
-cargo build --quiet --release --target "$WASM_TARGET" -p idemgate-bench-floor -p idemgate-bench-probe
+log "building the benchmark filters (bench/floor, bench/probe, bench/bare)"
+cargo build --quiet --release --target "$WASM_TARGET" -p idemgate-bench-floor -p idemgate-bench-probe \
+  -p idemgate-bench-bare
 mkdir -p dist/bench "$OUT"
 cp "target/$WASM_TARGET/release/idemgate_bench_floor.wasm" dist/bench/floor.wasm
 cp "target/$WASM_TARGET/release/idemgate_bench_probe.wasm" dist/bench/probe.wasm
+# The sizes table compares like with like: the floor and bench/bare after the same wasm-opt
+# pass as dist/idemgate.wasm (the floor that Envoy loads stays cargo's module, as in every run).
+# shellcheck disable=SC2046
+"$(make --no-print-directory -s print-wasm-opt)" $(make --no-print-directory -s print-wasm-opt-flags) \
+  "target/$WASM_TARGET/release/idemgate_bench_floor.wasm" -o dist/bench/floor.opt.wasm
+# shellcheck disable=SC2046
+"$(make --no-print-directory -s print-wasm-opt)" $(make --no-print-directory -s print-wasm-opt-flags) \
+  "target/$WASM_TARGET/release/idemgate_bench_bare.wasm" -o dist/bench/bare.wasm
 
 REPORT=BENCHMARKS.md
 if [[ -n "${BENCH_ONLY:-}" ]]; then
@@ -101,7 +110,7 @@ rm -f "$OUT/envoy.json" "$OUT/edge.json"
 if wants -v '^edge_'; then
   log "Envoy: $ROUNDS rounds x ${SECONDS_PER_RUN}s per configuration"
   "$PY" bench/envoy_bench.py --rounds "$ROUNDS" --seconds "$SECONDS_PER_RUN" \
-    --floor-wasm dist/bench/floor.wasm --probe-wasm dist/bench/probe.wasm \
+    --floor-wasm dist/bench/floor.wasm --probe-wasm dist/bench/probe.wasm --bare-wasm dist/bench/bare.wasm \
     --idemgate-wasm dist/idemgate.wasm --out "$OUT/envoy.json"
 fi
 
@@ -113,7 +122,8 @@ fi
 
 "$PY" bench/report.py --envoy "$OUT/envoy.json" --wasm-profile-dir "$OUT/cpuprof" --edge "$OUT/edge.json" --criterion-log "$OUT/criterion.log" \
   --wasm-sizes "$OUT/wasm-sizes.json" \
-  --floor-wasm dist/bench/floor.wasm --idemgate-wasm dist/idemgate.wasm \
+  --floor-wasm dist/bench/floor.wasm --floor-opt-wasm dist/bench/floor.opt.wasm --bare-wasm dist/bench/bare.wasm \
+  --idemgate-wasm dist/idemgate.wasm \
   --started "$started_at" --benchmarks "$REPORT" \
   --command "make bench  # BENCH_ROUNDS=$ROUNDS BENCH_SECONDS=$SECONDS_PER_RUN"
 log "done in $(( $(date +%s) - started_at ))s; raw results in $OUT/, tables in $REPORT"

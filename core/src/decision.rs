@@ -239,8 +239,91 @@ pub enum Resolution {
 /// Finds the key (from headers, the JSON body or derived from it) and fingerprints the
 /// request once its whole body is known.
 pub fn resolve(config: &Config, pending: &Pending, body: &[u8]) -> Resolution {
+    resolve_body(config, pending, body.len() as u64, body, None)
+}
+
+/// The bytes that go before the body in the SHA-256 that is the request's fingerprint, when
+/// nothing else of the body is needed: the rule reads the key from the headers (and found
+/// it there), fingerprints the raw body with SHA-256, and `body_len` is within its limit.
+/// A host with a faster SHA-256 than this code's (a worker's WebCrypto) then computes
+/// `SHA-256(head ‖ body)` itself and hands it to [`resolve_hashed`]: the same fingerprint
+/// [`resolve`] would compute, without copying the body in. `None`: call [`resolve`].
+///
+/// ```
+/// use idemgate_core::decision::{admit, body_hash_head, resolve, resolve_hashed, Admission};
+/// use idemgate_core::{sha256::Sha256, Config, Resolution};
+/// let config = Config::default();
+/// let headers = vec![("idempotency-key".to_string(), b"k1".to_vec())];
+/// let Admission::Inspect(pending) = admit(&config, "POST", "/orders", &headers) else { unreachable!() };
+/// let body = b"{\"amount\": 10}";
+/// let head = body_hash_head(&config, &pending, body.len() as u64).unwrap();
+/// let mut h = Sha256::new();
+/// h.update(&head);
+/// h.update(body);
+/// let hashed = resolve_hashed(&config, &pending, body.len() as u64, h.finalize());
+/// let (Some(Resolution::Ready(a)), Resolution::Ready(b)) = (hashed, resolve(&config, &pending, body)) else { unreachable!() };
+/// assert_eq!(a, b);
+/// ```
+pub fn body_hash_head(config: &Config, pending: &Pending, body_len: u64) -> Option<Vec<u8>> {
     let rule = config.rule_at(pending.rule);
-    if body.len() as u64 > rule.max_body_bytes {
+    if !hashable_outside(rule, pending, body_len) {
+        return None;
+    }
+    let mut head = FP_DOMAIN_SHA256.to_vec();
+    absorb_request(
+        &mut head,
+        rule,
+        &pending.method,
+        &pending.path,
+        &pending.headers,
+    );
+    head.push(b'r');
+    head.extend_from_slice(&body_len.to_be_bytes());
+    Some(head)
+}
+
+/// [`resolve`] for a request whose body the host hashed itself: `digest` is
+/// `SHA-256(head ‖ body)` with `head` from [`body_hash_head`]. `None` when
+/// [`body_hash_head`] would have been `None` (the body itself is needed: call [`resolve`]).
+pub fn resolve_hashed(
+    config: &Config,
+    pending: &Pending,
+    body_len: u64,
+    digest: [u8; 32],
+) -> Option<Resolution> {
+    let rule = config.rule_at(pending.rule);
+    hashable_outside(rule, pending, body_len).then(|| {
+        resolve_body(
+            config,
+            pending,
+            body_len,
+            &[],
+            Some(Fingerprint(crate::prefix(&digest))),
+        )
+    })
+}
+
+/// Whether a request's fingerprint is `SHA-256(head ‖ body)` and nothing else of its body
+/// is needed (see [`body_hash_head`]).
+fn hashable_outside(rule: &Rule, pending: &Pending, body_len: u64) -> bool {
+    rule.fingerprint.algorithm == HashAlgorithm::Sha256
+        && rule.fingerprint.body == BodyMode::Raw
+        && !rule.needs_json()
+        && pending.header_key.is_some()
+        && body_len <= rule.max_body_bytes
+}
+
+/// [`resolve`], for a body of `body_len` bytes: `body` itself, or (with `hashed`, the
+/// fingerprint computed by the host) nothing of it.
+fn resolve_body(
+    config: &Config,
+    pending: &Pending,
+    body_len: u64,
+    body: &[u8],
+    hashed: Option<Fingerprint>,
+) -> Resolution {
+    let rule = config.rule_at(pending.rule);
+    if body_len > rule.max_body_bytes {
         return Resolution::Reject(Rejection::BodyTooLarge {
             limit: rule.max_body_bytes,
         });
@@ -288,14 +371,17 @@ pub fn resolve(config: &Config, pending: &Pending, body: &[u8]) -> Resolution {
         Ok(None) => return Resolution::Pass,
         Err(r) => return Resolution::Reject(r),
     };
-    let fingerprint = fingerprint(
-        rule,
-        &pending.method,
-        &pending.path,
-        &pending.headers,
-        body,
-        json,
-    );
+    let fingerprint = match hashed {
+        Some(f) => f,
+        None => fingerprint(
+            rule,
+            &pending.method,
+            &pending.path,
+            &pending.headers,
+            body,
+            json,
+        ),
+    };
     let creds: Vec<Vec<u8>> = credentials(rule, &pending.headers);
     let cred_refs: Vec<&[u8]> = creds.iter().map(Vec::as_slice).collect();
     let key_material = if rule.on_mismatch.action == MismatchAction::NewRequest {
@@ -441,6 +527,27 @@ fn expiry(rule: &Rule, headers: &[(String, Vec<u8>)]) -> Result<Option<u64>, Rej
     Ok(Some(secs.saturating_mul(1000)))
 }
 
+/// The domain string that starts every SHA-256 fingerprint (version 2 of what is hashed).
+const FP_DOMAIN_SHA256: &[u8] = b"idemgate/fp/v2\0";
+
+/// Where the parts of a fingerprint go: a hash, or (for a host that hashes the body itself,
+/// [`body_hash_head`]) the bytes that precede the body.
+trait Absorb {
+    fn absorb(&mut self, data: &[u8]);
+
+    /// A length-prefixed part.
+    fn put(&mut self, part: &[u8]) {
+        self.absorb(&(part.len() as u64).to_be_bytes());
+        self.absorb(part);
+    }
+}
+
+impl Absorb for Vec<u8> {
+    fn absorb(&mut self, data: &[u8]) {
+        self.extend_from_slice(data);
+    }
+}
+
 /// The hash of a fingerprint, by `fingerprint.algorithm`. The domain string differs per
 /// algorithm (and per version of what is hashed), so no two ever compare equal.
 // Short-lived, on the stack, one per request: no need to box the larger BLAKE3 state.
@@ -463,26 +570,10 @@ impl FpHash {
             // Without the feature the configuration refuses blake3.
             _ => {
                 let mut h = Sha256::new();
-                h.update(b"idemgate/fp/v2\0");
+                h.update(FP_DOMAIN_SHA256);
                 Self::Sha256(h)
             }
         }
-    }
-
-    fn update(&mut self, data: impl AsRef<[u8]>) {
-        match self {
-            Self::Sha256(h) => h.update(data),
-            #[cfg(feature = "blake3")]
-            Self::Blake3(h) => {
-                h.update(data.as_ref());
-            }
-        }
-    }
-
-    /// A length-prefixed part.
-    fn put(&mut self, part: &[u8]) {
-        self.update((part.len() as u64).to_be_bytes());
-        self.update(part);
     }
 
     fn finalize(self) -> [u8; 32] {
@@ -491,6 +582,50 @@ impl FpHash {
             #[cfg(feature = "blake3")]
             Self::Blake3(h) => *h.finalize().as_bytes(),
         }
+    }
+}
+
+impl Absorb for FpHash {
+    fn absorb(&mut self, data: &[u8]) {
+        match self {
+            Self::Sha256(h) => h.update(data),
+            #[cfg(feature = "blake3")]
+            Self::Blake3(h) => {
+                h.update(data);
+            }
+        }
+    }
+}
+
+/// The parts of a fingerprint before the body: method, path, query and headers, each
+/// flagged by whether the rule counts it.
+fn absorb_request(
+    a: &mut impl Absorb,
+    rule: &Rule,
+    method: &str,
+    path_with_query: &str,
+    headers: &[(String, Vec<u8>)],
+) {
+    let spec = &rule.fingerprint;
+    let (path, query) = path_with_query
+        .split_once('?')
+        .unwrap_or((path_with_query, ""));
+    a.absorb(&[u8::from(spec.method)]);
+    if spec.method {
+        a.put(method.to_ascii_uppercase().as_bytes());
+    }
+    a.absorb(&[u8::from(spec.path)]);
+    if spec.path {
+        a.put(path.as_bytes());
+    }
+    a.absorb(&[u8::from(spec.query)]);
+    if spec.query {
+        a.put(query.as_bytes());
+    }
+    a.absorb(&(spec.headers.len() as u64).to_be_bytes());
+    for name in &spec.headers {
+        a.put(name.as_bytes());
+        a.put(&headers.get_all(name).join(&b","[..]));
     }
 }
 
@@ -504,36 +639,16 @@ pub fn fingerprint(
     json: Option<Value>,
 ) -> Fingerprint {
     let spec = &rule.fingerprint;
-    let (path, query) = path_with_query
-        .split_once('?')
-        .unwrap_or((path_with_query, ""));
     let mut h = FpHash::new(spec.algorithm);
-    let flag = |on: bool| [u8::from(on)];
-    h.update(flag(spec.method));
-    if spec.method {
-        h.put(method.to_ascii_uppercase().as_bytes());
-    }
-    h.update(flag(spec.path));
-    if spec.path {
-        h.put(path.as_bytes());
-    }
-    h.update(flag(spec.query));
-    if spec.query {
-        h.put(query.as_bytes());
-    }
-    h.update((spec.headers.len() as u64).to_be_bytes());
-    for name in &spec.headers {
-        h.put(name.as_bytes());
-        h.put(&headers.get_all(name).join(&b","[..]));
-    }
+    absorb_request(&mut h, rule, method, path_with_query, headers);
     match spec.body {
-        BodyMode::None => h.update(b"n"),
+        BodyMode::None => h.absorb(b"n"),
         BodyMode::Raw => {
-            h.update(b"r");
+            h.absorb(b"r");
             h.put(body);
         }
         BodyMode::CanonicalJson => {
-            h.update(b"c");
+            h.absorb(b"c");
             match json {
                 Some(mut v) => {
                     for p in &spec.exclude_pointers {
@@ -709,6 +824,102 @@ mod tests {
             },
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A fingerprint computed by this version for a fixed request. Stored records hold
+    /// fingerprints: a change of what is hashed (or how) must be a new domain version, never
+    /// a silent change, or retries spanning an upgrade would be refused as reused keys.
+    #[test]
+    fn fingerprint_definition_is_stable() {
+        let c = cfg(r#"{"fingerprint":{"headers":["x-tenant"]}}"#);
+        let headers = h(&[("x-tenant", "acme"), ("x-tenant", "b")]);
+        let f = fingerprint(
+            c.rule_at(0),
+            "post",
+            "/orders?x=1",
+            &headers,
+            br#"{"amount":10}"#,
+            None,
+        );
+        assert_eq!(
+            crate::hex(&f.0),
+            "d4daaa67360293d005fe74625b2cfb7594b9c18afbacf7c9c9fda4245ff5e0b3"
+        );
+    }
+
+    fn pending(c: &Config, path: &str, headers: &[(&str, &str)]) -> Pending {
+        match admit(c, "POST", path, &h(headers)) {
+            Admission::Inspect(p) => p,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn sha256(parts: &[&[u8]]) -> [u8; 32] {
+        let mut s = Sha256::new();
+        for p in parts {
+            s.update(p);
+        }
+        s.finalize()
+    }
+
+    proptest::proptest! {
+        /// SHA-256(head ‖ body) handed to resolve_hashed resolves exactly as resolve does
+        /// with the body, whatever the fingerprint's parts and the body.
+        #[test]
+        fn hashed_outside_resolves_as_resolve(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3000),
+            method_on in proptest::prelude::any::<bool>(),
+            query_on in proptest::prelude::any::<bool>(),
+            tenant in "[a-z]{0,8}",
+            query in "[a-z=&]{0,12}",
+        ) {
+            let c = cfg(&format!(
+                r#"{{"fingerprint":{{"method":{method_on},"query":{query_on},"headers":["x-tenant"]}}}}"#
+            ));
+            let path = format!("/orders?{query}");
+            let p = pending(&c, &path, &[("idempotency-key", "k"), ("x-tenant", &tenant)]);
+            let len = body.len() as u64;
+            let head = body_hash_head(&c, &p, len).unwrap();
+            let hashed = resolve_hashed(&c, &p, len, sha256(&[&head, &body])).unwrap();
+            proptest::prop_assert_eq!(hashed, resolve(&c, &p, &body));
+        }
+    }
+
+    #[test]
+    fn hashed_outside_only_when_the_body_is_not_needed() {
+        let key = [("idempotency-key", "k")];
+        let digest = [0u8; 32];
+        let cases = [
+            // the fingerprint reads the body as JSON
+            (r#"{"fingerprint":{"body":"canonicalJson"}}"#, &key[..]),
+            // the key is in the body, or derived from it
+            (r#"{"key":{"sources":[{"jsonPointer":"/id"}]}}"#, &key[..]),
+            (r#"{"key":{"sources":[],"deriveFromBody":true}}"#, &[][..]),
+        ];
+        for (json, headers) in cases {
+            let c = cfg(json);
+            let Admission::Inspect(p) = admit(&c, "POST", "/o", &h(headers)) else {
+                panic!("{json}: not inspected");
+            };
+            assert_eq!(body_hash_head(&c, &p, 10), None, "{json}");
+            assert_eq!(resolve_hashed(&c, &p, 10, digest), None, "{json}");
+        }
+        // over the rule's body limit: resolve answers 413
+        let c = cfg(r#"{"maxBodyBytes": 100}"#);
+        let p = pending(&c, "/o", &key);
+        assert!(body_hash_head(&c, &p, 100).is_some());
+        assert_eq!(body_hash_head(&c, &p, 101), None);
+        assert_eq!(resolve_hashed(&c, &p, 101, digest), None);
+        #[cfg(feature = "blake3")]
+        {
+            let c = cfg(r#"{"fingerprint":{"algorithm":"blake3"}}"#);
+            let p = pending(&c, "/o", &key);
+            assert_eq!(body_hash_head(&c, &p, 10), None, "blake3 is not SHA-256");
+        }
+        // "none" fingerprints no body: nothing to hash outside either
+        let c = cfg(r#"{"fingerprint":{"body":"none"}}"#);
+        let p = pending(&c, "/o", &key);
+        assert_eq!(body_hash_head(&c, &p, 10), None);
     }
 
     #[test]

@@ -52,7 +52,8 @@ pub mod store;
 pub use clock::{Clock, FakeClock, Millis};
 pub use config::{Config, Rule};
 pub use decision::{
-    admit, decide, resolve, Admission, Claim, Decision, Pending, Rejection, Resolution, Resolved,
+    admit, body_hash_head, decide, resolve, resolve_hashed, Admission, Claim, Decision, Pending,
+    Rejection, Resolution, Resolved,
 };
 pub use error::ConfigError;
 pub use fingerprint::{Fingerprint, Fingerprinter};

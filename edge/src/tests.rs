@@ -513,3 +513,38 @@ fn requests_refused_at_body_time_are_charged() {
     assert_eq!(ex.deferred_cost(), None);
     assert!(!ex.charge_due());
 }
+
+#[test]
+fn a_body_hashed_by_the_worker_resolves_as_the_body() {
+    let e = engine("{}");
+    let body = br#"{"amount": 10}"#;
+    let by_wasm = ready(&e, "k1", body);
+    let mut ex = e.exchange(
+        "POST",
+        "/orders?x=1",
+        h(&[("Idempotency-Key", "k1")]),
+        &[0; 16],
+    );
+    let head = ex.body_hash_head(body.len() as f64).unwrap();
+    let mut sha = idemgate_core::sha256::Sha256::new();
+    sha.update(&head);
+    sha.update(body);
+    let digest = sha.finalize();
+    // a digest of the wrong length, or for a body over the limit, is refused untouched
+    assert!(!ex.body_hashed(body.len() as f64, &digest[..31]));
+    assert!(!ex.body_hashed(f64::from(1u32 << 20) + 1.0, &digest));
+    assert_eq!(ex.step(), Step::Body);
+    assert!(ex.body_hashed(body.len() as f64, &digest));
+    assert_eq!(ex.step(), Step::Ready);
+    assert_eq!(ex.key_id(), by_wasm.key_id());
+    assert_eq!(ex.fingerprint(), by_wasm.fingerprint());
+    // once resolved, there is nothing more to hash
+    assert_eq!(ex.body_hash_head(body.len() as f64), None);
+    assert!(!ex.body_hashed(body.len() as f64, &digest));
+
+    // a key in the body: the body itself is needed
+    let e = engine(r#"{"key": {"sources": [{"jsonPointer": "/id"}]}}"#);
+    let ex = e.exchange("POST", "/orders", h(&[]), &[0; 16]);
+    assert_eq!(ex.step(), Step::Body);
+    assert_eq!(ex.body_hash_head(10.0), None);
+}

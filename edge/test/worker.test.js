@@ -263,6 +263,22 @@ describe("bad inputs, as in Envoy", { concurrency: 4 }, () => {
     assert.equal((await send(mf, "main", "POST", `/b?run=${id}`, { headers: h, body: big.slice(1) })).status, 200);
   });
 
+  test("large bodies (hashed with WebCrypto): replayed, and a change in their last byte is 422", async () => {
+    const id = run();
+    const h = { "Idempotency-Key": key() };
+    const body = new Uint8Array(64 * 1024).fill(0x61);
+    const first = await send(mf, "main", "POST", `/lb?run=${id}`, { headers: h, body });
+    assert.equal(first.status, 200);
+    const again = await send(mf, "main", "POST", `/lb?run=${id}`, { headers: h, body });
+    assert.equal(again.header("idempotent-replayed"), "true");
+    assert.deepEqual(again.body, first.body);
+    const changed = body.slice();
+    changed[changed.length - 1] = 0x62;
+    const r = await send(mf, "main", "POST", `/lb?run=${id}`, { headers: h, body: changed });
+    assert.ok(assertProblem(assert, r, 422).type.endsWith("key-reused"));
+    assert.equal(await origin.seen(id), 1);
+  });
+
   test("same key with a different body is 422 and never reaches the origin", async () => {
     const id = run();
     const h = { "Idempotency-Key": key() };
