@@ -20,6 +20,8 @@ export class IdempotencyStore extends DurableObject {
     this.record = undefined;
     this.tat = undefined;
     this.waiters = new Set();
+    // The alarm this object set last (undefined: none, or not known since it started).
+    this.alarmAt = undefined;
     ctx.blockConcurrencyWhile(async () => {
       const stored = await ctx.storage.get([RECORD, TAT]);
       const record = stored.get(RECORD);
@@ -76,6 +78,7 @@ export class IdempotencyStore extends DurableObject {
     this.record = undefined;
     this.#wake();
     await this.ctx.storage.delete(RECORD);
+    this.alarmAt = undefined;
     await this.ctx.storage.deleteAlarm();
     return true;
   }
@@ -95,13 +98,14 @@ export class IdempotencyStore extends DurableObject {
       this.tat = next;
       await this.ctx.storage.put(TAT, next);
       // Once the bucket is full again its state means nothing: drop it then.
-      await this.ctx.storage.setAlarm(Number(next / 1_000_000n) + 1);
+      await this.#alarm(Number(next / 1_000_000n) + 1);
     }
     return { tat: before ?? null, now };
   }
 
   /** Expiry: the record is deleted once its key expires (a full bucket's state too). */
   async alarm() {
+    this.alarmAt = undefined; // it fired: none is set now
     if (this.tat !== undefined && Number(this.tat / 1_000_000n) < Date.now()) {
       this.tat = undefined;
       await this.ctx.storage.delete(TAT);
@@ -109,7 +113,7 @@ export class IdempotencyStore extends DurableObject {
     if (!this.record) return;
     const at = core.expiresAt(this.record);
     if (at !== undefined && at > Date.now()) {
-      await this.ctx.storage.setAlarm(at);
+      await this.#alarm(at);
       return;
     }
     this.record = undefined;
@@ -119,7 +123,14 @@ export class IdempotencyStore extends DurableObject {
   async #write(record, expiresAt) {
     this.record = record;
     await this.ctx.storage.put(RECORD, record);
-    await this.ctx.storage.setAlarm(expiresAt);
+    // A key's expiry is fixed at its claim: completing it leaves the claim's alarm as is.
+    await this.#alarm(expiresAt);
+  }
+
+  async #alarm(at) {
+    if (at === this.alarmAt) return;
+    await this.ctx.storage.setAlarm(at);
+    this.alarmAt = at;
   }
 
   #changed(ms) {
