@@ -34,7 +34,7 @@ extern "C" {
     ) -> u32;
 }
 
-/// Memory the host asks for (header values): a bump arena, emptied when a context ends.
+/// Memory the host asks for (header values): a bump arena, emptied at each request's headers.
 struct Arena {
     bytes: UnsafeCell<[u8; ARENA]>,
     used: UnsafeCell<usize>,
