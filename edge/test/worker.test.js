@@ -2,6 +2,9 @@
 // leases, unstored statuses, bad inputs and bad configurations, as the Envoy tests check
 // them (tests/test_filter.py), and persistence of Durable Object storage across a restart.
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { readdirSync } from "node:fs";
+import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { assertProblem, freshId, send, sleep, startMiniflare, startOrigin, tempDir, worker } from "./helpers.js";
 
@@ -327,6 +330,54 @@ test("persistence: a stored response survives a restart (Durable Objects on disk
       assert.equal(await origin.executions(id), 1);
     } finally {
       await two.dispose();
+    }
+  } finally {
+    tmp.remove();
+  }
+});
+
+/** What a Durable Object of worker `name` keeps on disk (Miniflare's SQLite store, read with
+ * Python's sqlite3): its keys and its alarm (ms since the epoch, or null). One object only. */
+function objectStorage(persistDir, name) {
+  const dir = join(persistDir, `${name}-IdempotencyStore`);
+  const files = readdirSync(dir).filter((f) => f.endsWith(".sqlite") && f !== "metadata.sqlite");
+  assert.equal(files.length, 1, `one object expected, found ${files}`);
+  const out = execFileSync(process.env.PYTHON || "python3", ["-c", `
+import json, sqlite3, sys
+c = sqlite3.connect(sys.argv[1])
+keys = [k for (k,) in c.execute("select key from _cf_KV order by key")]
+alarm = [a for (a,) in c.execute("select value from _cf_METADATA where key = 1")]
+print(json.dumps({"keys": keys, "alarm": alarm[0] // 1000000 if alarm and alarm[0] is not None else None}))
+`, join(dir, files[0])]);
+  return JSON.parse(out.toString());
+}
+
+test("storage: the claim sets the alarm at the key's expiry, the completion keeps it, the alarm deletes the record", async () => {
+  const tmp = tempDir("idemgate-edge-alarm-");
+  const id = run();
+  const h = { "Idempotency-Key": key() };
+  try {
+    const one = await startMiniflare([worker("short", CONFIGS.short, origin)], { persist: tmp.dir });
+    try {
+      const before = Date.now();
+      const first = await send(one, "short", "POST", `/e?run=${id}`, { headers: h, body: "x" });
+      const after = Date.now();
+      assert.equal(first.status, 200);
+      const stored = objectStorage(tmp.dir, "short");
+      assert.deepEqual(stored.keys, ["record"]);
+      // ttlSeconds 2: the expiry fixed at the claim, the alarm there
+      assert.ok(stored.alarm >= before + 2000 && stored.alarm <= after + 2000, JSON.stringify({ before, after, stored }));
+      const again = await send(one, "short", "POST", `/e?run=${id}`, { headers: h, body: "x" });
+      assert.equal(again.header("idempotent-replayed"), "true");
+      for (let i = 0; i < 50 && objectStorage(tmp.dir, "short").keys.length > 0; i++) await sleep(100);
+      assert.ok(Date.now() >= stored.alarm, "deleted before the expiry");
+      assert.deepEqual(objectStorage(tmp.dir, "short"), { keys: [], alarm: null });
+      // and the key is free: the request executes again
+      const third = await send(one, "short", "POST", `/e?run=${id}`, { headers: h, body: "x" });
+      assert.equal(third.header("idempotent-replayed"), null);
+      assert.equal(await origin.executions(id), 2);
+    } finally {
+      await one.dispose();
     }
   } finally {
     tmp.remove();
