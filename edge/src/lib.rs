@@ -42,6 +42,11 @@ fn ms_from_js(v: f64) -> u64 {
     }
 }
 
+/// A byte count from a JavaScript number (non-finite or negative: 0).
+fn len_from_js(v: f64) -> u64 {
+    ms_from_js(v)
+}
+
 fn ms_to_js(v: u64) -> f64 {
     v as f64
 }
@@ -550,7 +555,7 @@ impl Exchange {
     #[wasm_bindgen(js_name = bodyHashHead)]
     pub fn body_hash_head(&self, len: f64) -> Option<Vec<u8>> {
         let pending = self.pending.as_ref()?;
-        decision::body_hash_head(&self.config, pending, ms_from_js(len))
+        decision::body_hash_head(&self.config, pending, len_from_js(len))
     }
 
     /// [`Exchange::body`] for a body of `len` bytes that the worker hashed itself:
@@ -563,7 +568,7 @@ impl Exchange {
             return false;
         };
         let Some(resolution) =
-            decision::resolve_hashed(&self.config, pending, ms_from_js(len), digest)
+            decision::resolve_hashed(&self.config, pending, len_from_js(len), digest)
         else {
             return false;
         };
