@@ -25,6 +25,9 @@ One Envoy container (`--concurrency 1`, so one worker thread does all the work) 
               copying its body, with a gate holding the headers, both in one VM: the floor
               of a replay in idemgate's design (before any lookup)
     answer_hash  diagnostic: `answer` plus SHA-256 of the body (a replay's fingerprint)
+    lookup    diagnostic: `answer_hash` plus idemgate's other hostcalls for a replay (every
+              request header read, the time, a bucket and a record read from shared data)
+              with none of its logic
     claim     diagnostic: bench/probe making idemgate's hostcalls for a first request (SHA-256
               of the body, a bucket get + CAS set, the gate released, the answer's headers and
               body read, a get and two sets to complete) with none of its logic: the floor of
@@ -115,6 +118,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
                "mode": "unique", "local": True},
     "answer_hash": {"title": "floor of a replay + SHA-256 of the body [diag]", "mode": "unique",
                     "local": True},
+    "lookup": {"title": "floor of a replay + SHA-256 + idemgate's lookups (all headers, time, bucket and record gets) [diag]",
+               "mode": "unique", "local": True},
     "upstream": {"title": "upstream listener alone [diag]", "mode": "unique"},
     "fleet_first": {"title": "3f idemgate fleet (etcd) first requests", "mode": "unique", "ns": "fleetfirst",
                     "fleet": True},
@@ -213,7 +218,7 @@ def scenario_filters(sid: str) -> list[dict[str, Any]]:
         return [_wasm("bare", "bare", "bare", f"{CONTAINER_DIR}/bare.wasm")]
     if sid in ("body", "hash", "hash_b3"):
         return [_wasm(f"probe_{sid}", f"probe_{sid}", f"probe-{sid}", probe, sid)]
-    if sid in ("answer", "answer_hash", "claim"):
+    if sid in ("answer", "answer_hash", "lookup", "claim"):
         # as idemgate is loaded: the filter that answers, then a gate, in one VM
         return [_wasm(f"probe_{sid}", f"probe_{sid}", f"probe-{sid}", probe, sid),
                 _wasm(f"probe_{sid}_gate", f"probe_{sid}_gate", f"probe-{sid}", probe, "gate")]

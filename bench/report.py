@@ -523,6 +523,16 @@ def main() -> int:
                     "body buffered and copied, answered locally, no lookup) / with SHA-256 of the body | "
                     f"{', '.join(floors)} | |"
                 )
+            lookups = [
+                f"{s} {x:.2f}×" for s in ("1KiB", "64KiB")
+                if (x := ratio(f"{s}/lookup/rps", f"{s}/pass/rps")) is not None
+            ]
+            if lookups:
+                out.append(
+                    "| … and with idemgate's hostcalls for a replay (all headers read, the time, a bucket and a "
+                    "record get) and none of its logic: the *lookup* probe | "
+                    f"{', '.join(lookups)} | |"
+                )
     hb, hh = facts.get("64KiB/body/cpu_us_per_req"), facts.get("64KiB/hash/cpu_us_per_req")
     if hb is not None and hh is not None and hh > hb:
         mbps = 65536 / (hh - hb)

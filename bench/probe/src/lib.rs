@@ -21,8 +21,13 @@
 //!   (`get_buffer`) are read and the completion written (get the bucket, set a record, set the
 //!   bucket): the same hostcalls as idemgate's first request. Loaded with a `gate`.
 //!
+//! - `lookup`: `answer_hash` with idemgate's other hostcalls for a replay and none of its
+//!   logic: every request header read (`get_map_bytes`), the time, and two shared-data gets
+//!   (a bucket and a record, of the sizes idemgate's are) before the answer. Loaded with a
+//!   `gate`.
+//!
 //! The `answer` rows are the floor of any replay with idemgate's design: what a replay costs
-//! before looking anything up; `claim` the same for first requests.
+//! before looking anything up; `lookup` with its lookups; `claim` the same for first requests.
 //!
 //! `make bench` runs `body` and `hash` at 64 KiB; the difference in Envoy CPU per request
 //! between the two is the hash alone, inside Envoy's V8, so 64 KiB / that difference is the
@@ -60,7 +65,13 @@ enum Then {
     Hold,
     /// Claim, release the gate, let it go on, complete on the answer.
     Claim,
+    /// Read all headers, the time, a bucket and a record, then answer locally.
+    Lookup,
 }
+
+/// The shared-data values a `lookup` reader reads (set at configuration).
+const LOOKUP_BUCKET: &str = "probe:lookup:bucket";
+const LOOKUP_RECORD: &str = "probe:lookup:record";
 
 thread_local! {
     /// Set by a `claim` reader for the gate right behind it (same VM, same thread).
@@ -109,9 +120,15 @@ impl RootContext for ProbeRoot {
             "answer_hash" => (self.hash, self.then) = (Hash::Sha256, Then::Answer),
             "gate" => self.then = Then::Hold,
             "claim" => (self.hash, self.then) = (Hash::Sha256, Then::Claim),
+            "lookup" => {
+                (self.hash, self.then) = (Hash::Sha256, Then::Lookup);
+                // a bucket of 8 ways and a record with a small answer, as idemgate's are
+                let _ = hostcalls::set_shared_data(LOOKUP_BUCKET, Some(&[7u8; 320]), None);
+                let _ = hostcalls::set_shared_data(LOOKUP_RECORD, Some(&[8u8; 96]), None);
+            }
             other => {
                 log::error!(
-                    "probe: configuration must be one of body, hash, hash_b3, answer, answer_hash, gate, claim; got {other:?}"
+                    "probe: configuration must be one of body, hash, hash_b3, answer, answer_hash, gate, claim, lookup; got {other:?}"
                 );
                 return false;
             }
@@ -197,6 +214,11 @@ impl HttpContext for Probe {
             self.token = Some(token);
             return Action::Continue;
         }
+        if let Then::Lookup = self.then {
+            let headers = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default();
+            std::hint::black_box(&headers);
+            return Action::Continue;
+        }
         let value = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "idempotency-key");
         std::hint::black_box(&value);
         Action::Continue
@@ -223,7 +245,12 @@ impl HttpContext for Probe {
             self.claim();
             return Action::Continue;
         }
-        if let Then::Answer = self.then {
+        if let Then::Lookup = self.then {
+            std::hint::black_box(hostcalls::get_current_time().ok());
+            std::hint::black_box(hostcalls::get_shared_data(LOOKUP_BUCKET).ok());
+            std::hint::black_box(hostcalls::get_shared_data(LOOKUP_RECORD).ok());
+        }
+        if let Then::Answer | Then::Lookup = self.then {
             let headers = vec![
                 ("content-type", "application/json"),
                 ("idempotent-replayed", "true"),
