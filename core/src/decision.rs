@@ -29,7 +29,7 @@ use crate::config::{
 };
 use crate::fingerprint::Fingerprint;
 use crate::headers::HeaderLookup;
-use crate::key::{parse_key, put, validate_text, KeyError, KeyId};
+use crate::key::{parse_key, put, validate_text, Absorb, KeyError, KeyId};
 use crate::record::{Record, StoredResponse};
 
 /// Why a request is answered locally instead of being forwarded.
@@ -530,24 +530,6 @@ fn expiry(rule: &Rule, headers: &[(String, Vec<u8>)]) -> Result<Option<u64>, Rej
 /// The domain string that starts every SHA-256 fingerprint (version 2 of what is hashed).
 const FP_DOMAIN_SHA256: &[u8] = b"idemgate/fp/v2\0";
 
-/// Where the parts of a fingerprint go: a hash, or (for a host that hashes the body itself,
-/// [`body_hash_head`]) the bytes that precede the body.
-trait Absorb {
-    fn absorb(&mut self, data: &[u8]);
-
-    /// A length-prefixed part.
-    fn put(&mut self, part: &[u8]) {
-        self.absorb(&(part.len() as u64).to_be_bytes());
-        self.absorb(part);
-    }
-}
-
-impl Absorb for Vec<u8> {
-    fn absorb(&mut self, data: &[u8]) {
-        self.extend_from_slice(data);
-    }
-}
-
 /// The hash of a fingerprint, by `fingerprint.algorithm`. The domain string differs per
 /// algorithm (and per version of what is hashed), so no two ever compare equal.
 // Short-lived, on the stack, one per request: no need to box the larger BLAKE3 state.
@@ -612,20 +594,20 @@ fn absorb_request(
         .unwrap_or((path_with_query, ""));
     a.absorb(&[u8::from(spec.method)]);
     if spec.method {
-        a.put(method.to_ascii_uppercase().as_bytes());
+        put(a, method.to_ascii_uppercase().as_bytes());
     }
     a.absorb(&[u8::from(spec.path)]);
     if spec.path {
-        a.put(path.as_bytes());
+        put(a, path.as_bytes());
     }
     a.absorb(&[u8::from(spec.query)]);
     if spec.query {
-        a.put(query.as_bytes());
+        put(a, query.as_bytes());
     }
     a.absorb(&(spec.headers.len() as u64).to_be_bytes());
     for name in &spec.headers {
-        a.put(name.as_bytes());
-        a.put(&headers.get_all(name).join(&b","[..]));
+        put(a, name.as_bytes());
+        put(a, &headers.get_all(name).join(&b","[..]));
     }
 }
 
@@ -645,7 +627,7 @@ pub fn fingerprint(
         BodyMode::None => h.absorb(b"n"),
         BodyMode::Raw => {
             h.absorb(b"r");
-            h.put(body);
+            put(&mut h, body);
         }
         BodyMode::CanonicalJson => {
             h.absorb(b"c");
@@ -654,9 +636,9 @@ pub fn fingerprint(
                     for p in &spec.exclude_pointers {
                         pointer_remove(&mut v, p);
                     }
-                    h.put(&canonical_bytes(&v));
+                    put(&mut h, &canonical_bytes(&v));
                 }
-                None => h.put(body),
+                None => put(&mut h, body),
             }
         }
     }

@@ -179,9 +179,28 @@ impl KeyId {
     }
 }
 
-pub(crate) fn put(h: &mut Sha256, part: &[u8]) {
-    h.update((part.len() as u64).to_be_bytes());
-    h.update(part);
+/// Where the parts of a hashed identity go: a hash, or (for a host that hashes part of it
+/// itself, `decision::body_hash_head`) the bytes that precede that part.
+pub(crate) trait Absorb {
+    fn absorb(&mut self, data: &[u8]);
+}
+
+impl Absorb for Sha256 {
+    fn absorb(&mut self, data: &[u8]) {
+        self.update(data);
+    }
+}
+
+impl Absorb for Vec<u8> {
+    fn absorb(&mut self, data: &[u8]) {
+        self.extend_from_slice(data);
+    }
+}
+
+/// A length-prefixed part (every hashed identity frames its parts so).
+pub(crate) fn put(h: &mut impl Absorb, part: &[u8]) {
+    h.absorb(&(part.len() as u64).to_be_bytes());
+    h.absorb(part);
 }
 
 #[cfg(test)]
