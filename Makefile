@@ -187,19 +187,44 @@ clean:
 	rm -rf dist/*.wasm tests/__pycache__ edge/dist
 
 # ------------------------------------------------------------------------------------ bench
-# make bench   idemgate's cost against Envoy itself, side by side (not part of `make test`):
-#              criterion benches of idemgate-core, then wrk (1 thread, 16 connections) against
-#              one Envoy (--concurrency 1) in Docker: passthrough, a minimal wasm filter (the
-#              floor, bench/floor; bench/bare, the floor without the SDK and std),
-#              idemgate first requests, replays, the wait policy; runs
-#              interleaved, medians of BENCH_ROUNDS. Raw results in target/bench/, tables in the
-#              generated section of BENCHMARKS.md. About 10 minutes; see bench/run.sh.
+# make bench       idemgate's cost as a user would measure it (not part of `make test`): criterion
+#                  benches of idemgate-core, then wrk (1 thread, 16 connections) against one Envoy
+#                  (--concurrency 1) in Docker with the origin outside it (nginx, pinned with wrk
+#                  to the other CPU): passthrough, a minimal wasm filter (the floor, bench/floor;
+#                  bench/bare), idemgate first requests, replays, the wait policy, fleet mode, and
+#                  the alternative (idempotent-proxy-server + Redis, same origin, same requests);
+#                  runs interleaved, medians of BENCH_ROUNDS; a correctness probe of both; the
+#                  edge worker on workerd. Raw results in target/bench/, tables in the generated
+#                  sections of BENCHMARKS.md. About 25 minutes; see bench/run.sh.
+# make bench-deps  what only the bench needs: Debian nginx-light (the origin) and redis-server,
+#                  and idempotent-proxy-server $(ALT_PROXY_VERSION) (cargo install --locked, once,
+#                  ~5 min) into $(IDEMGATE_CACHE)/idempotent-proxy-server-<version>
 #
 # Variables: BENCH_ROUNDS (5), BENCH_SECONDS (3 per run), BENCH_ONLY (scenario ids),
-# BENCH_CRITERION_ARGS (--warm-up-time 1 --measurement-time 2), BENCH_SKIP_CORE=1.
-.PHONY: bench
+# BENCH_CRITERION_ARGS (--warm-up-time 1 --measurement-time 2), BENCH_SKIP_CORE=1,
+# BENCH_SKIP_EDGE=1, BENCH_PROFILE (1), ALT_PROXY_VERSION.
+ALT_PROXY_VERSION ?= 1.2.2
+ALT_PROXY = $(IDEMGATE_CACHE)/idempotent-proxy-server-$(ALT_PROXY_VERSION)/bin/idempotent-proxy-server
+BENCH_APT := nginx:nginx-light redis-server:redis-server
+
+.PHONY: bench bench-deps print-alt-proxy
 bench:
 	@bench/run.sh
+
+bench-deps:
+	@missing=""; for p in $(BENCH_APT); do command -v "$${p%%:*}" >/dev/null || missing="$$missing $${p#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "[bench] apt-get install$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	@if [[ ! -x "$(ALT_PROXY)" ]]; then \
+	  echo "[bench] cargo install idempotent-proxy-server $(ALT_PROXY_VERSION) into $(IDEMGATE_CACHE)/idempotent-proxy-server-$(ALT_PROXY_VERSION) (once, ~5 min)"; \
+	  cargo install idempotent-proxy-server --version "$(ALT_PROXY_VERSION)" --locked --quiet \
+	    --root "$(IDEMGATE_CACHE)/idempotent-proxy-server-$(ALT_PROXY_VERSION)"; \
+	fi
+
+print-alt-proxy:
+	@echo "$(ALT_PROXY)"
 
 # ------------------------------------------------------------------------------------- edge
 # make edge        edge/dist/: idemgate-edge (the core for edge workers) through wasm-bindgen,

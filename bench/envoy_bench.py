@@ -1,60 +1,67 @@
 #!/usr/bin/env python3
-"""Load benchmark of idemgate inside Envoy, against Envoy itself (`make bench` runs it).
+"""Load benchmark of idemgate inside Envoy, against Envoy itself and against the alternative
+a user would run instead (`make bench` runs it).
 
-One Envoy container (`--concurrency 1`, so one worker thread does all the work) holds:
+The origin is outside the Envoy under test: nginx (bench/hostprocs.py `NginxOrigin`: Debian
+nginx-light, one process, `return 200 {"ok":true}`, keep-alive), pinned to wrk's CPU, so
+Envoy's CPU per request (its container's cgroup) holds no part of the origin's work. One Envoy
+container (`--concurrency 1`, pinned to the other CPU) holds one listener per scenario.
 
-- a zero-cost upstream: a listener whose route answers with `direct_response` (200, a
-  small JSON body) behind the `buffer` filter (the whole request body is read before the
-  answer, so Envoy keeps the upstream connections and reuses them);
-- one listener per scenario, each routing to that upstream through a cluster, so answers
-  come back `via_upstream` and idemgate stores them:
+Scenarios are the entries of SCENARIOS below, run in that order and reported in that order
+(bench/report.py takes titles and order from the JSON this writes). Adding a scenario is one
+entry: an Envoy config variant is `filters` (the HTTP filters before the router, a function)
+or `idemgate` (an idemgate configuration: the listener gets idemgate's filters from
+tests/harness.py `idemgate_filters`, or from `chain` if given, a function (sid, config) ->
+filters, e.g. idemgate loaded as one filter instead of two); `mode` is the wrk key mode
+(unique: a new key per request, fixed: one primed key, i.e. replays). Optional keys: `sizes`
+(the body sizes it runs at), `cluster` (origin | inenvoy | slow), `local` (answers without the
+origin), `fill` (warm up longer: first requests fill the slot table), `fleet`, `alt`, `ns`
+(the idemgate store namespace and counter prefix; default: the id without `_`).
+
     pass      no HTTP filter but the router (the limit)
     floor     bench/floor: one Wasm filter that reads one header and continues
     floor2    diagnostic: two floor filters sharing one VM (idemgate is loaded as two)
     bare      diagnostic (with --bare-wasm): bench/bare, the floor without the proxy-wasm SDK
-              and without std (its own ABI declarations, no_std): what of the floor's cost is
-              the SDK's dispatching rather than Envoy's work for any wasm filter
+              and without std (its own ABI declarations, no_std)
     first     idemgate, a new key per request (first requests)
     first_p1  idemgate with store.probes 1, a new key per request
     first_b3, replay_b3  idemgate with the opt-in fingerprint.algorithm blake3
     replay    idemgate, one key (after one priming request: replays)
-    body      diagnostic, 64 KiB only: bench/probe buffers the body and copies it into the VM
-    hash      diagnostic, 64 KiB only: bench/probe as `body`, plus SHA-256 of the body
-    hash_b3   diagnostic, 64 KiB only: bench/probe as `body`, plus BLAKE3 of the body
+    alt_first, alt_replay  the alternative: idempotent-proxy-server (crates.io) with Redis, both
+              pinned to Envoy's CPU, in front of the same origin, the same requests (wrk to its
+              `/URL_ORIGIN`); CPU per request = the proxy's + Redis's (/proc), every run
+              interleaved with idemgate's, so each round pairs them
+    body, hash, hash_b3  diagnostic, 64 KiB only: bench/probe buffers the body and copies it
+              into the VM; plus SHA-256 / BLAKE3 of it
     answer    diagnostic: bench/probe answering every request itself after buffering and
               copying its body, with a gate holding the headers, both in one VM: the floor
               of a replay in idemgate's design (before any lookup)
     answer_hash  diagnostic: `answer` plus SHA-256 of the body (a replay's fingerprint)
-    lookup    diagnostic: `answer_hash` plus idemgate's other hostcalls for a replay (every
-              request header read, the time, a bucket and a record read from shared data)
-              with none of its logic
-    claim     diagnostic: bench/probe making idemgate's hostcalls for a first request (SHA-256
-              of the body, a bucket get + CAS set, the gate released, the answer's headers and
-              body read, a get and two sets to complete) with none of its logic: the floor of
-              a first request in idemgate's design
-    upstream  diagnostic: wrk straight to the upstream listener (its share of the CPU)
-    fleet_first   idemgate in fleet mode (store.etcd): a new key per request, claimed and
-              completed in etcd (a local cluster of --etcd-members processes on loopback,
-              started before Envoy, stopped by PID); compared with `first` (local mode)
-    fleet_replay  fleet mode, one key: replays answered from the shared-data cache of
-              completed records (no etcd round trip); compared with `replay`
+    lookup    diagnostic: `answer_hash` plus idemgate's other hostcalls for a replay
+    claim     diagnostic: bench/probe making idemgate's hostcalls for a first request with
+              none of its logic: the floor of a first request in idemgate's design
+    pass_inenvoy  diagnostic: passthrough to an upstream inside the same Envoy (a listener that
+              answers with `direct_response` behind the `buffer` filter): the method before
+              issue 20, where Envoy's CPU included the upstream's side of every request
+    upstream  diagnostic: wrk straight to that in-Envoy upstream listener
+    fleet_first, fleet_replay  idemgate in fleet mode (store.etcd) against a local etcd cluster
+              of --etcd-members processes on loopback (pinned to wrk's CPU, stopped by PID)
     wait      scenario 5, not a wrk run: idemgate with onConcurrent {action: wait} in front
-              of a second upstream that answers after --slow-ms (the `fault` filter's
-              fixed delay). Per trial one first request, then --waiters duplicates sent
-              while it is in flight; measured: when each duplicate is answered, relative to
-              when the first one's answer arrived (the waiters poll the store on a tick).
+              of a slow origin (tests/origin.py, answering after --slow-ms). Per trial one first
+              request, then --waiters duplicates sent while it is in flight; measured: when each
+              duplicate is answered, relative to when the first one's answer arrived.
 
 Load: wrk (1 thread, 16 connections, --duration seconds per run), runs interleaved
 (every configuration once per round, in a fixed order), --rounds rounds; medians reported.
-On a machine with two or more CPUs, Envoy is pinned to one CPU and wrk to another.
-Everything is loopback; every run is bounded (wrk -d, plus a subprocess timeout).
+On a machine with two or more CPUs, Envoy (and the alternative) are pinned to one CPU, wrk
+and the origin to another. Everything is loopback; every run is bounded (wrk -d, plus a
+subprocess timeout).
 
-Per run: requests/s, p50/p99 latency (wrk), Envoy CPU per request = delta of the
-container's cgroup CPU time (or utime+stime of the Envoy process) / requests, and for
-idemgate listeners the deltas of its counters (forwarded, replayed, stored, ...), which
-prove that replays are replays and first requests are forwarded. Fleet rows also report
-etcd's CPU per request (all members, from /proc; etcd runs on wrk's CPU, so Envoy's CPU stays
-its own).
+Per run: requests/s, p50/p99 latency (wrk), CPU per request of the system under test (Envoy:
+delta of its container's cgroup CPU time; the alternative: the proxy's and Redis's utime +
+stime), the origin's requests per request (nginx stub_status: first requests 1, replays 0)
+and its CPU, upstream connections Envoy opened (keep-alive holds), and for idemgate listeners
+the deltas of its counters. Fleet rows also report etcd's CPU per request.
 
 Writes JSON (--out) that bench/report.py turns into tables.
 """
@@ -83,6 +90,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 import harness  # noqa: E402  (tests/harness.py: Docker/Envoy helpers)
 
+sys.path.insert(0, str(REPO / "bench"))
+import hostprocs  # noqa: E402  (the origin and the alternative: processes on the host)
+
 LUA = REPO / "bench" / "wrk.lua"
 SIZES = {"1KiB": 1024, "64KiB": 65536}
 CONTAINER_DIR = "/etc/envoy"
@@ -94,47 +104,89 @@ ROUTER = {
     "name": "envoy.filters.http.router",
     "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
 }
-UPSTREAM_BODY = '{"ok":true}'
+UPSTREAM_BODY = hostprocs.ORIGIN_BODY
+CX_STAT = "cluster.origin.upstream_cx_total"
 CONNECTIONS = 16
 SLOW_MS = 100
 
-# id -> title, wrk key mode, idemgate namespace (idemgate listeners), sizes (default: all)
+FLOOR = f"{CONTAINER_DIR}/floor.wasm"
+PROBE = f"{CONTAINER_DIR}/probe.wasm"
+
+
+def _probe(mode: str) -> Any:
+    return lambda: [_wasm(f"probe_{mode}", f"probe_{mode}", f"probe-{mode}", PROBE, mode)]
+
+
+def _probe_gated(mode: str) -> Any:
+    """As idemgate is loaded: the probe filter, then a gate, in one VM."""
+    return lambda: [_wasm(f"probe_{mode}", f"probe_{mode}", f"probe-{mode}", PROBE, mode),
+                    _wasm(f"probe_{mode}_gate", f"probe_{mode}_gate", f"probe-{mode}", PROBE, "gate")]
+
+
+# The scenarios, in run and report order (see the module docstring for the keys).
 SCENARIOS: dict[str, dict[str, Any]] = {
-    "pass": {"title": "1 passthrough (no wasm)", "mode": "unique"},
-    "floor": {"title": "2 floor wasm (1 filter, reads 1 header)", "mode": "unique"},
-    "floor2": {"title": "floor x2 (2 filters, 1 VM) [diag]", "mode": "unique"},
-    "bare": {"title": "floor without the SDK and std (bench/bare: own ABI, no_std) [diag]", "mode": "unique"},
-    "first": {"title": "3 idemgate first requests (probes 8)", "mode": "unique", "ns": "first"},
-    "first_p1": {"title": "3b idemgate first requests, probes 1", "mode": "unique", "ns": "firstp1"},
-    "replay": {"title": "4 idemgate replays (one key)", "mode": "fixed", "ns": "replay"},
-    "first_b3": {"title": "3c idemgate first requests, fingerprint.algorithm blake3", "mode": "unique", "ns": "firstb3"},
-    "replay_b3": {"title": "4b idemgate replays, fingerprint.algorithm blake3", "mode": "fixed", "ns": "replayb3"},
-    "body": {"title": "floor + buffer body + copy into VM [diag]", "mode": "unique", "sizes": ["64KiB"]},
-    "hash": {"title": "floor + buffer + copy + SHA-256 [diag]", "mode": "unique", "sizes": ["64KiB"]},
-    "hash_b3": {"title": "floor + buffer + copy + BLAKE3 (opt-in algorithm) [diag]", "mode": "unique", "sizes": ["64KiB"]},
-    "claim": {"title": "floor of a first request: 2 filters in 1 VM, body copied + SHA-256, claim (get + CAS set), gate released, answer read, completion (get + 2 sets) [diag]",
-              "mode": "unique"},
+    "pass": {"title": "1 passthrough (no wasm)", "mode": "unique", "filters": lambda: []},
+    "floor": {"title": "2 floor wasm (1 filter, reads 1 header)", "mode": "unique",
+              "filters": lambda: [_wasm("floor", "floor", "floor", FLOOR)]},
+    "bare": {"title": "floor without the SDK and std (bench/bare: own ABI, no_std) [diag]", "mode": "unique",
+             "filters": lambda: [_wasm("bare", "bare", "bare", f"{CONTAINER_DIR}/bare.wasm")]},
+    "floor2": {"title": "floor x2 (2 filters, 1 VM) [diag]", "mode": "unique",
+               "filters": lambda: [_wasm("floor_a", "floor_a", "floor2", FLOOR), _wasm("floor_b", "floor_b", "floor2", FLOOR)]},
+    "first": {"title": "3 idemgate first requests (probes 8)", "mode": "unique", "idemgate": {}, "fill": True},
+    "alt_first": {"title": "idempotent-proxy-server + Redis, first requests", "mode": "unique", "alt": "ORIGIN"},
+    "first_p1": {"title": "3b idemgate first requests, probes 1", "mode": "unique",
+                 "idemgate": {"store": {"probes": 1}}, "fill": True},
+    "first_b3": {"title": "3c idemgate first requests, fingerprint.algorithm blake3", "mode": "unique",
+                 "idemgate": {"fingerprint": {"algorithm": "blake3"}}, "fill": True},
+    "replay": {"title": "4 idemgate replays (one key)", "mode": "fixed", "idemgate": {}},
+    "alt_replay": {"title": "idempotent-proxy-server + Redis, replays (one key)", "mode": "fixed", "alt": "ORIGIN"},
+    "replay_b3": {"title": "4b idemgate replays, fingerprint.algorithm blake3", "mode": "fixed",
+                  "idemgate": {"fingerprint": {"algorithm": "blake3"}}},
+    "fleet_first": {"title": "3f idemgate fleet (etcd) first requests", "mode": "unique", "fleet": True,
+                    "idemgate": {}},
+    "fleet_replay": {"title": "4f idemgate fleet (etcd) replays (one key)", "mode": "fixed", "fleet": True,
+                     "idemgate": {}},
+    "body": {"title": "floor + buffer body + copy into VM [diag]", "mode": "unique", "sizes": ["64KiB"],
+             "filters": _probe("body")},
+    "hash": {"title": "floor + buffer + copy + SHA-256 [diag]", "mode": "unique", "sizes": ["64KiB"],
+             "filters": _probe("hash")},
+    "hash_b3": {"title": "floor + buffer + copy + BLAKE3 (opt-in algorithm) [diag]", "mode": "unique",
+                "sizes": ["64KiB"], "filters": _probe("hash_b3")},
+    "claim": {"title": "floor of a first request: 2 filters in 1 VM, body copied + SHA-256, claim (get + CAS set), "
+                       "gate released, answer read, completion (get + 2 sets) [diag]",
+              "mode": "unique", "filters": _probe_gated("claim")},
     "answer": {"title": "floor of a replay: 2 filters in 1 VM, body buffered + copied, answered locally [diag]",
-               "mode": "unique", "local": True},
-    "answer_hash": {"title": "floor of a replay + SHA-256 of the body [diag]", "mode": "unique",
-                    "local": True},
+               "mode": "unique", "local": True, "filters": _probe_gated("answer")},
+    "answer_hash": {"title": "floor of a replay + SHA-256 of the body [diag]", "mode": "unique", "local": True,
+                    "filters": _probe_gated("answer_hash")},
     "lookup": {"title": "floor of a replay + SHA-256 + idemgate's lookups (all headers, time, bucket and record gets) [diag]",
-               "mode": "unique", "local": True},
-    "upstream": {"title": "upstream listener alone [diag]", "mode": "unique"},
-    "fleet_first": {"title": "3f idemgate fleet (etcd) first requests", "mode": "unique", "ns": "fleetfirst",
-                    "fleet": True},
-    "fleet_replay": {"title": "4f idemgate fleet (etcd) replays (one key)", "mode": "fixed", "ns": "fleetreplay",
-                     "fleet": True},
-    "wait": {"title": "5 concurrent duplicates, wait policy", "mode": "wait", "ns": "wait", "sizes": []},
+               "mode": "unique", "local": True, "filters": _probe_gated("lookup")},
+    "pass_inenvoy": {"title": "passthrough to an upstream inside the same Envoy (the method before issue 20) [diag]",
+                     "mode": "unique", "cluster": "inenvoy", "filters": lambda: []},
+    "upstream": {"title": "in-Envoy upstream listener alone (direct_response) [diag]", "mode": "unique",
+                 "cluster": "none"},
+    "wait": {"title": "5 concurrent duplicates, wait policy", "mode": "wait", "sizes": [], "cluster": "slow",
+             "idemgate": {"onConcurrent": {"action": "wait", "waitMillis": 5000}}},
 }
-WAIT_MILLIS = 5000
 # store.etcd of the fleet rows (the Envoy cluster "etcd" lists the bench's members).
 ETCD_SPEC = {"cluster": "etcd", "authority": "etcd", "prefix": "/idemgate-bench/", "timeoutMillis": 1000,
              "retries": 2, "failPolicy": "closed"}
 
 
+def ns_of(sid: str) -> str | None:
+    """The idemgate store namespace (and counter prefix) of a scenario, None if not idemgate."""
+    sc = SCENARIOS.get(sid, {})
+    if "idemgate" not in sc:
+        return None
+    return sc.get("ns") or re.sub(r"[^A-Za-z0-9]", "", sid)
+
+
 def is_fleet(sid: str) -> bool:
     return bool(SCENARIOS.get(sid, {}).get("fleet"))
+
+
+def is_alt(sid: str) -> bool:
+    return bool(SCENARIOS.get(sid, {}).get("alt"))
 
 
 def log(msg: str) -> None:
@@ -193,6 +245,7 @@ def _wasm(name: str, root_id: str, vm_id: str, filename: str, configuration: str
 
 
 def scenario_filters(sid: str) -> list[dict[str, Any]]:
+    """The HTTP filters (before the router) of a scenario's listener."""
     if "@" in sid:
         # A variant: the base scenario's filters with another build of the wasm.
         base, variant = sid.split("@", 1)
@@ -201,89 +254,53 @@ def scenario_filters(sid: str) -> list[dict[str, Any]]:
             cfg = f["typed_config"]["config"]
             cfg["vm_config"]["code"]["local"]["filename"] = f"{CONTAINER_DIR}/var_{variant}.wasm"
             cfg["vm_config"]["vm_id"] += f"@{variant}"
-            if base in SCENARIOS and "ns" in SCENARIOS[base] and cfg["name"] == "idemgate":
+            if ns_of(base) and cfg["name"] == "idemgate":
                 c = json.loads(cfg["configuration"]["value"])
-                c["store"]["namespace"] = SCENARIOS[sid]["ns"]
+                c["store"]["namespace"] = ns_of(sid)
                 cfg["configuration"]["value"] = json.dumps(c, separators=(",", ":"))
         return filters
-    floor = f"{CONTAINER_DIR}/floor.wasm"
-    probe = f"{CONTAINER_DIR}/probe.wasm"
-    if sid == "pass":
-        return []
-    if sid == "floor":
-        return [_wasm("floor", "floor", "floor", floor)]
-    if sid == "floor2":
-        return [_wasm("floor_a", "floor_a", "floor2", floor), _wasm("floor_b", "floor_b", "floor2", floor)]
-    if sid == "bare":
-        return [_wasm("bare", "bare", "bare", f"{CONTAINER_DIR}/bare.wasm")]
-    if sid in ("body", "hash", "hash_b3"):
-        return [_wasm(f"probe_{sid}", f"probe_{sid}", f"probe-{sid}", probe, sid)]
-    if sid in ("answer", "answer_hash", "lookup", "claim"):
-        # as idemgate is loaded: the filter that answers, then a gate, in one VM
-        return [_wasm(f"probe_{sid}", f"probe_{sid}", f"probe-{sid}", probe, sid),
-                _wasm(f"probe_{sid}_gate", f"probe_{sid}_gate", f"probe-{sid}", probe, "gate")]
-    ns = SCENARIOS[sid]["ns"]
-    cfg: dict[str, Any] = {"store": {"namespace": ns}}
-    if sid == "first_p1":
-        cfg["store"]["probes"] = 1
-    if sid in ("first_b3", "replay_b3"):
-        cfg["fingerprint"] = {"algorithm": "blake3"}
-    if sid == "wait":
-        cfg["onConcurrent"] = {"action": "wait", "waitMillis": WAIT_MILLIS}
-    if SCENARIOS[sid].get("fleet"):
+    sc = SCENARIOS[sid]
+    if "idemgate" not in sc:
+        return sc["filters"]()
+    cfg: dict[str, Any] = json.loads(json.dumps(sc["idemgate"]))
+    cfg.setdefault("store", {})["namespace"] = ns_of(sid)
+    if sc.get("fleet"):
         cfg["store"]["etcd"] = dict(ETCD_SPEC)
+    chain = sc.get("chain")
+    if chain is not None:
+        return chain(sid, cfg)
     return harness.idemgate_filters({"name": sid, "idemgate_config": cfg, "vm_id": f"idemgate-{sid}"})
 
 
-def bootstrap(ports: dict[str, int], admin_port: int, etcd_ports: list[int] | None = None) -> dict[str, Any]:
-    upstream = _listener(
-        "upstream",
-        ports["upstream"],
-        {"direct_response": {"status": 200, "body": {"inline_string": UPSTREAM_BODY}}},
-        [
-            {
-                "name": "envoy.filters.http.buffer",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
-                    "max_request_bytes": 2 * 1024 * 1024,
-                },
-            }
-        ],
-    )
-    listeners = [upstream]
-    clusters = [_cluster("upstream", ports["upstream"])]
-    if "slow_upstream" in ports:
-        listeners.append(
-            _listener(
-                "slow_upstream",
-                ports["slow_upstream"],
-                {"direct_response": {"status": 200, "body": {"inline_string": UPSTREAM_BODY}}},
-                [
-                    {
-                        "name": "envoy.filters.http.buffer",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
-                            "max_request_bytes": 2 * 1024 * 1024,
-                        },
+def bootstrap(ports: dict[str, int], admin_port: int, origin_port: int, slow_port: int | None = None,
+              etcd_ports: list[int] | None = None) -> dict[str, Any]:
+    """Envoy's configuration: a listener per scenario (ports: sid -> port), routed to the
+    cluster its scenario names: `origin` (nginx, outside Envoy), `slow` (tests/origin.py, for
+    the wait policy) or `inenvoy` (the in-Envoy upstream listener, scenario `upstream`'s port)."""
+    listeners: list[dict[str, Any]] = []
+    clusters = [_cluster("origin", origin_port)]
+    if "upstream" in ports:
+        listeners.append(_listener(
+            "upstream",
+            ports["upstream"],
+            {"direct_response": {"status": 200, "body": {"inline_string": UPSTREAM_BODY}}},
+            [
+                {
+                    "name": "envoy.filters.http.buffer",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                        "max_request_bytes": 2 * 1024 * 1024,
                     },
-                    {
-                        "name": "envoy.filters.http.fault",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
-                            "delay": {
-                                "fixed_delay": f"{SLOW_MS / 1000:.3f}s",
-                                "percentage": {"numerator": 100, "denominator": "HUNDRED"},
-                            },
-                        },
-                    },
-                ],
-            )
-        )
-        clusters.append(_cluster("slow_upstream", ports["slow_upstream"]))
+                }
+            ],
+        ))
+        clusters.append(_cluster("inenvoy", ports["upstream"]))
+    if slow_port is not None:
+        clusters.append(_cluster("slow", slow_port))
     for sid, port in ports.items():
-        if sid in ("upstream", "slow_upstream"):
+        if sid == "upstream":
             continue
-        cluster = "slow_upstream" if sid == "wait" else "upstream"
+        cluster = SCENARIOS[sid].get("cluster", "origin")
         listeners.append(
             _listener(sid, port, {"route": {"cluster": cluster, "timeout": "15s"}}, scenario_filters(sid))
         )
@@ -392,7 +409,8 @@ class BenchEnvoy:
             c.close()
 
     def counters(self) -> dict[str, int]:
-        q = urllib.parse.urlencode({"format": "json", "filter": r"^wasmcustom\.idemgate\."})
+        """idemgate's counters and the origin cluster's connection count."""
+        q = urllib.parse.urlencode({"format": "json", "filter": r"^(wasmcustom\.idemgate\.|cluster\.origin\.upstream_cx_total$)"})
         status, body = self.admin("/stats?" + q)
         if status != 200:
             raise RuntimeError(f"/stats answered {status}")
@@ -448,38 +466,81 @@ def body_of(size: int) -> bytes:
     return head + b"x" * max(0, size - len(head) - len(tail)) + tail
 
 
-def post(port: int, key: str, size: int) -> tuple[int, dict[str, str], bytes]:
+def post(port: int, key: str, size: int, path: str = "/orders") -> tuple[int, dict[str, str], bytes]:
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        c.request("POST", "/orders", body=body_of(size), headers={"Idempotency-Key": key, "Content-Type": "application/json"})
+        c.request("POST", path, body=body_of(size), headers={"Idempotency-Key": key, "Content-Type": "application/json"})
         r = c.getresponse()
         return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
     finally:
         c.close()
 
 
-def check_scenarios(envoy: BenchEnvoy, ports: dict[str, int], tag: str) -> list[str]:
-    """One request per listener (and the replay priming); returns notes."""
+class Bench:
+    """What the runs drive and measure: the Envoy (a listener per scenario), the origin
+    outside it, the alternative (when an alt_* scenario is selected) and the fleet's etcd."""
+
+    def __init__(self, envoy: "BenchEnvoy", ports: dict[str, int], origin: hostprocs.NginxOrigin,
+                 alt: hostprocs.AltProxy | None, wrk_cpu: str | None):
+        self.envoy, self.ports, self.origin, self.alt, self.wrk_cpu = envoy, ports, origin, alt, wrk_cpu
+
+    def target(self, sid: str) -> tuple[int, str]:
+        """(port, path) that wrk drives for a scenario."""
+        if is_alt(sid):
+            assert self.alt is not None
+            return self.alt.port, self.alt.path(SCENARIOS[sid.split("@")[0]]["alt"])
+        return self.ports[sid], "/orders"
+
+    def sut_cpu_ns(self, sid: str) -> int:
+        """CPU time of the system under test: the alternative's processes, or Envoy's container."""
+        if is_alt(sid):
+            assert self.alt is not None
+            return self.alt.cpu_ns()
+        return self.envoy.cpu_ns()
+
+    def own_cpu_ns(self) -> int:
+        """CPU time of every long-running process this bench started (not wrk: see children_cpu_ns)."""
+        etcd = ETCD_CLUSTER[0]
+        return (self.envoy.cpu_ns() + self.origin.cpu_ns() + (self.alt.cpu_ns() if self.alt else 0)
+                + (etcd.cpu_ns() if etcd is not None else 0))
+
+
+def check_scenarios(bench: Bench, tag: str) -> list[str]:
+    """One request per scenario (and the replay priming); returns notes."""
     notes = []
-    for sid, port in ports.items():
-        status, headers, body = post(port, f"check-{tag}-{sid}", 1024)
+    targets = {sid: bench.target(sid) for sid in [*bench.ports, *[s for s in SCENARIOS if is_alt(s) and bench.alt]]}
+    for sid, (port, path) in targets.items():
+        if sid not in SCENARIOS or SCENARIOS[sid]["mode"] == "wait":
+            continue
+        status, headers, body = post(port, f"check-{tag}-{sid}", 1024, path)
         if status != 200 or body != UPSTREAM_BODY.encode():
             raise RuntimeError(f"{sid}: sanity request got {status} {headers} {body[:200]!r}")
-        local = SCENARIOS.get(sid, {}).get("local", False)
+        local = SCENARIOS[sid].get("local", False)
         if bool(headers.get("idempotent-replayed")) != local:
             raise RuntimeError(f"{sid}: first request came back {'not ' if local else ''}as a local answer: {headers}")
-    for sid, port in ports.items():
+    for sid, (port, path) in targets.items():
         if SCENARIOS.get(sid, {}).get("mode") != "fixed":
             continue
         for size_label, size in SIZES.items():
             key = replay_key(tag, size_label)
-            s1, h1, _ = post(port, key, size)
+            s1, h1, _ = post(port, key, size, path)
             if is_fleet(sid):
                 time.sleep(0.2)  # the completion is written to etcd from the root context's tick
-            s2, h2, b2 = post(port, key, size)
-            if s1 != 200 or h1.get("idempotent-replayed") or s2 != 200 or h2.get("idempotent-replayed") != "true":
-                raise RuntimeError(f"{sid} priming {size_label}: {s1} {h1} / {s2} {h2}")
-            notes.append(f"{sid} {size_label}: the second request was answered {s2} with idempotent-replayed: true, body {b2!r}")
+            before = bench.origin.requests()
+            s2, h2, b2 = post(port, key, size, path)
+            reached = bench.origin.requests() - before
+            if is_alt(sid):
+                # idempotent-proxy-server marks no replay: the origin's request count proves it
+                if s1 != 200 or s2 != 200 or reached != 0:
+                    raise RuntimeError(f"{sid} priming {size_label}: {s1} {h1} / {s2} {h2}, origin reached {reached}x")
+                notes.append(f"{sid} {size_label}: the second request was answered {s2} without reaching the origin, "
+                             f"body {b2!r}")
+                continue
+            if s1 != 200 or h1.get("idempotent-replayed") or s2 != 200 or h2.get("idempotent-replayed") != "true" \
+                    or reached != 0:
+                raise RuntimeError(f"{sid} priming {size_label}: {s1} {h1} / {s2} {h2}, origin reached {reached}x")
+            notes.append(f"{sid} {size_label}: the second request was answered {s2} with idempotent-replayed: true "
+                         f"without reaching the origin, body {b2!r}")
     return notes
 
 
@@ -490,10 +551,11 @@ def replay_key(tag: str, size_label: str) -> str:
 # ----------------------------------------------------------------------------- wrk
 
 
-def run_wrk(port: int, mode: str, prefix: str, size: int, seconds: float, cpu: str | None) -> dict[str, Any]:
+def run_wrk(port: int, mode: str, prefix: str, size: int, seconds: float, cpu: str | None,
+            path: str = "/orders") -> dict[str, Any]:
     cmd = [
         "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{max(1, round(seconds))}s", "--timeout", "5s", "-s", str(LUA),
-        f"http://127.0.0.1:{port}/orders", "--", mode, prefix, str(size),
+        f"http://127.0.0.1:{port}{path}", "--", mode, prefix, str(size), path,
     ]
     if cpu is not None:
         cmd = ["taskset", "-c", cpu, *cmd]
@@ -516,44 +578,59 @@ def children_cpu_ns() -> int:
     return int((ru.ru_utime + ru.ru_stime) * 1e9)
 
 
-OTHER_LOAD_LIMIT = 0.35  # CPUs busy with something else than Envoy and wrk: redo the run once
+OTHER_LOAD_LIMIT = 0.35  # CPUs busy with something else than the bench's processes: redo the run once
 REDO_BUDGET = [0]  # redos left in this invocation (set in main: one extra round at most)
 
 
-def measure(envoy: BenchEnvoy, sid: str, port: int, size: int, size_label: str, prefix: str,
-            seconds: float, wrk_cpu: str | None, retry: bool = False) -> dict[str, Any]:
+def measure(bench: Bench, sid: str, size: int, size_label: str, prefix: str, seconds: float,
+            retry: bool = False) -> dict[str, Any]:
     sc = SCENARIOS[sid]
-    before_c = envoy.counters() if "ns" in sc else {}
+    ns = ns_of(sid)
+    envoy, origin = bench.envoy, bench.origin
+    port, path = bench.target(sid)
+    before_c = envoy.counters()
     etcd = ETCD_CLUSTER[0]
     etcd0 = etcd.cpu_ns() if etcd is not None else 0
-    before, busy0, kids0 = envoy.cpu_ns(), busy_ns(), children_cpu_ns()
-    res = run_wrk(port, sc["mode"], prefix, size, seconds, wrk_cpu)
-    after, busy1, kids1 = envoy.cpu_ns(), busy_ns(), children_cpu_ns()
+    alt_split0 = bench.alt.cpu_split_ns() if is_alt(sid) and bench.alt else {}
+    origin_req0, origin_cpu0 = origin.requests(), origin.cpu_ns()
+    before, own0, busy0, kids0 = bench.sut_cpu_ns(sid), bench.own_cpu_ns(), busy_ns(), children_cpu_ns()
+    res = run_wrk(port, sc["mode"], prefix, size, seconds, bench.wrk_cpu, path)
+    after, own1, busy1, kids1 = bench.sut_cpu_ns(sid), bench.own_cpu_ns(), busy_ns(), children_cpu_ns()
+    origin_cpu1 = origin.cpu_ns()
+    alt_split1 = bench.alt.cpu_split_ns() if is_alt(sid) and bench.alt else {}
     etcd_ns = (etcd.cpu_ns() - etcd0) if etcd is not None else 0
-    if "ns" in sc:
+    if ns:
         time.sleep(harness.METRICS_FLUSH_S + 0.2)  # idemgate flushes its counters on a tick
-    after_c = envoy.counters() if "ns" in sc else {}
+    origin_req1 = origin.requests()
+    after_c = envoy.counters()
     wall_ns = res["duration_us"] * 1000
+    n = max(1, res["requests"])
     res["wrk_cpu_util"] = (kids1 - kids0) / wall_ns
     res["etcd_cpu_util"] = etcd_ns / wall_ns
     if sc.get("fleet"):
-        res["etcd_cpu_us_per_req"] = etcd_ns / 1000 / max(1, res["requests"])
-    # Busy CPU time not spent by Envoy, wrk or the bench's etcd (other processes, and kernel
-    # work such as loopback softirqs accounted outside them), in CPUs.
-    res["other_load"] = max(0, (busy1 - busy0) - (after - before) - (kids1 - kids0) - etcd_ns) / wall_ns
+        res["etcd_cpu_us_per_req"] = etcd_ns / 1000 / n
+    # Busy CPU time not spent by the bench's processes (Envoy, the origin, the alternative, etcd)
+    # or wrk: other processes, and kernel work such as loopback softirqs accounted outside them.
+    res["other_load"] = max(0, (busy1 - busy0) - (own1 - own0) - (kids1 - kids0)) / wall_ns
     if retry and res["other_load"] > OTHER_LOAD_LIMIT and REDO_BUDGET[0] > 0:
         REDO_BUDGET[0] -= 1
         log(f"  {size_label} {sid}: {res['other_load']:.2f} CPUs busy with other work during the run; redoing it once")
         redo_prefix = prefix if sc["mode"] == "fixed" else prefix + "-redo"  # fixed: the primed key
-        again = measure(envoy, sid, port, size, size_label, redo_prefix, seconds, wrk_cpu)
+        again = measure(bench, sid, size, size_label, redo_prefix, seconds)
         again["redone"] = 1
         return again
-    n = max(1, res["requests"])
     res["rps"] = res["requests"] / (res["duration_us"] / 1e6)
     res["cpu_us_per_req"] = (after - before) / 1000 / n
     res["cpu_util"] = (after - before) / 1000 / res["duration_us"]
-    if "ns" in sc:
-        pre = f"wasmcustom.idemgate.{sc['ns']}."
+    if alt_split0:
+        res["cpu_split_us_per_req"] = {k: (alt_split1[k] - alt_split0[k]) / 1000 / n for k in alt_split0}
+    # Requests that reached the origin per completed request (the status reads excluded; requests
+    # still in flight when wrk stops are served and counted too, so a little above 1 is normal).
+    res["origin_per_req"] = (origin_req1 - origin_req0) / n
+    res["origin_cpu_us_per_req"] = (origin_cpu1 - origin_cpu0) / 1000 / n
+    res["upstream_cx"] = after_c.get(CX_STAT, 0) - before_c.get(CX_STAT, 0)
+    if ns:
+        pre = f"wasmcustom.idemgate.{ns}."
         res["counters"] = {
             k[len(pre):]: after_c.get(k, 0) - before_c.get(k, 0)
             for k in after_c
@@ -583,10 +660,11 @@ def profile_group(dso: str) -> str:
     return "jit"  # [unknown], //anon, [anon:...], perf-<pid>.map: V8's generated code
 
 
-def profile_run(envoy: "BenchEnvoy", sid: str, port: int, size: int, label: str, prefix: str,
-                seconds: float, wrk_cpu: str | None, outdir: Path) -> dict[str, Any]:
+def profile_run(bench: Bench, sid: str, size: int, label: str, prefix: str, seconds: float,
+                outdir: Path) -> dict[str, Any]:
     """One more wrk run of a configuration under `perf record -e cpu-clock` on the Envoy
     process (every thread). Returns the run and the share of samples per (thread, group)."""
+    envoy = bench.envoy
     outdir.mkdir(parents=True, exist_ok=True)
     data = outdir / f"{label}-{sid.replace('@', '_')}.perf.data"
     rec = subprocess.Popen(
@@ -595,7 +673,7 @@ def profile_run(envoy: "BenchEnvoy", sid: str, port: int, size: int, label: str,
     )
     time.sleep(0.5)
     try:
-        res = measure(envoy, sid, port, size, label, prefix, seconds, wrk_cpu)
+        res = measure(bench, sid, size, label, prefix, seconds)
     finally:
         rec.send_signal(signal.SIGINT)
         try:
@@ -633,9 +711,11 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
-def wait_trials(envoy: "BenchEnvoy", port: int, size: int, trials: int, waiters: int, tag: str) -> dict[str, Any]:
-    """Scenario 5: per trial, one first request to the slow upstream, then `waiters`
-    duplicates sent while it is in flight. Returns answer times relative to the first's."""
+def wait_trials(envoy: "BenchEnvoy", port: int, slow: harness.Origin, size: int, trials: int, waiters: int,
+                tag: str) -> dict[str, Any]:
+    """Scenario 5: per trial, one first request to the slow origin (tests/origin.py, answering
+    after SLOW_MS), then `waiters` duplicates sent while it is in flight. Returns answer times
+    relative to the first's."""
     import threading
 
     sys.setswitchinterval(0.0005)
@@ -645,6 +725,7 @@ def wait_trials(envoy: "BenchEnvoy", port: int, size: int, trials: int, waiters:
     statuses: dict[str, int] = {}
     replayed = 0
     before = envoy.counters()
+    slow.reset()
     for t in range(trials):
         key = f"wait-{tag}-{size}-{t}"
         conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=15) for _ in range(waiters + 1)]
@@ -655,7 +736,8 @@ def wait_trials(envoy: "BenchEnvoy", port: int, size: int, trials: int, waiters:
 
         def go(i: int) -> None:
             c = conns[i]
-            c.request("POST", "/orders", body=body, headers={"Idempotency-Key": key, "Content-Type": "application/json"})
+            c.request("POST", f"/orders?delay={SLOW_MS / 1000}", body=body,
+                      headers={"Idempotency-Key": key, "Content-Type": "application/json"})
             r = c.getresponse()
             r.read()
             done[i] = time.monotonic()
@@ -679,7 +761,7 @@ def wait_trials(envoy: "BenchEnvoy", port: int, size: int, trials: int, waiters:
             replayed += info[i][1] == "true"
     time.sleep(harness.METRICS_FLUSH_S + 0.2)  # idemgate flushes its counters on a tick
     after = envoy.counters()
-    pre = f"wasmcustom.idemgate.{SCENARIOS['wait']['ns']}."
+    pre = f"wasmcustom.idemgate.{ns_of('wait')}."
     return {
         "trials": trials,
         "waiters": waiters,
@@ -691,6 +773,7 @@ def wait_trials(envoy: "BenchEnvoy", port: int, size: int, trials: int, waiters:
         "delta_ms_max": max(deltas),
         "replayed": replayed,
         "answers": len(deltas),
+        "origin_requests": len(slow.requests()),
         "statuses": statuses,
         "counters": {
             k[len(pre):]: after.get(k, 0) - before.get(k, 0)
@@ -798,6 +881,8 @@ def main() -> int:
             ap.error(f"--variant name must be [A-Za-z0-9_]+, got {name!r}")
         variant_wasm[name] = Path(path).resolve()
         for base in scen.split(","):
+            if base not in SCENARIOS or is_alt(base):
+                ap.error(f"--variant {name}: {base!r} is not an Envoy scenario")
             sc = dict(SCENARIOS[base])
             sc["title"] = f"{sc['title']} [{name}]"
             if "ns" in sc:
@@ -805,11 +890,15 @@ def main() -> int:
             SCENARIOS[f"{base}@{name}"] = sc
     if args.bare_wasm is None:
         del SCENARIOS["bare"]
-    selected = [s for s in SCENARIOS if not args.only or s in args.only.split(",") or "@" in s]
-    ports = {sid: harness.free_port() for sid in selected if sid != "upstream"}
-    ports["upstream"] = harness.free_port()
-    if "wait" in ports:
-        ports["slow_upstream"] = harness.free_port()
+    only = [x for x in args.only.split(",") if x]
+    unknown = [x for x in only if x not in SCENARIOS and not x.startswith("edge_") and x != "correctness"]
+    if unknown:
+        log(f"BENCH_ONLY names unknown Envoy scenarios {unknown} (known: {', '.join(SCENARIOS)})")
+    selected = [s for s in SCENARIOS if not only or s in only or "@" in s]
+    envoy_sids = [s for s in selected if not is_alt(s)]
+    ports = {sid: harness.free_port() for sid in envoy_sids}
+    if "pass_inenvoy" in ports and "upstream" not in ports:
+        ports["upstream"] = harness.free_port()  # the in-Envoy upstream, not measured alone
     admin_port = harness.free_port()
     wasm = {"idemgate": args.idemgate_wasm.resolve(), "floor": args.floor_wasm.resolve(), "probe": args.probe_wasm.resolve()}
     if args.bare_wasm is not None:
@@ -821,13 +910,31 @@ def main() -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: sys.exit(130))
+    origin = hostprocs.NginxOrigin(wrk_cpu).start()
+    atexit.register(origin.stop)
+    log(f"origin: {origin.version()} on 127.0.0.1:{origin.port}"
+        + (f", pinned to CPU {wrk_cpu} (wrk's)" if wrk_cpu is not None else ""))
+    slow: harness.Origin | None = None
+    if "wait" in ports:
+        slow = harness.Origin(verbose=False).start()
+    alt: hostprocs.AltProxy | None = None
+    if any(is_alt(s) for s in selected):
+        alt = hostprocs.AltProxy({"ORIGIN": f"http://127.0.0.1:{origin.port}/orders"}, envoy_cpu).start()
+        atexit.register(alt.stop)
+        log(f"alternative: idempotent-proxy-server {hostprocs.ALT_VERSION} on 127.0.0.1:{alt.port} with "
+            f"{alt.versions()['redis']} on {alt.redis_port}" + (f", both pinned to CPU {envoy_cpu}" if envoy_cpu else ""))
     etcd_ports: list[int] = []
     etcd_info: dict[str, Any] = {}
     if any(is_fleet(s) for s in ports):
         etcd_ports, etcd_info = start_etcd(args.etcd_members, wrk_cpu, args.etcd_dir)
-    envoy = BenchEnvoy(bootstrap(ports, admin_port, etcd_ports), admin_port, wasm, envoy_cpu)
-    atexit.register(envoy.stop)
 
+    def make_envoy() -> BenchEnvoy:
+        e = BenchEnvoy(bootstrap(ports, admin_port, origin.port, slow.port if slow and "wait" in ports else None,
+                                 etcd_ports), admin_port, wasm, envoy_cpu)
+        atexit.register(e.stop)
+        return e
+
+    envoy = make_envoy()
     tag = secrets.token_hex(3)
     log(f"starting Envoy ({harness.envoy_image()}, --concurrency 1"
         + (f", pinned to CPU {envoy_cpu}; wrk on CPU {wrk_cpu}" if envoy_cpu else "") + ")")
@@ -840,12 +947,12 @@ def main() -> int:
         log(f"Envoy refused the configuration with the wait listener; retrying without it:\n{str(e)[-1500:]}")
         envoy.stop()
         selected.remove("wait")
-        del ports["wait"], ports["slow_upstream"]
-        envoy = BenchEnvoy(bootstrap(ports, admin_port, etcd_ports), admin_port, wasm, envoy_cpu)
-        atexit.register(envoy.stop)
+        del ports["wait"]
+        envoy = make_envoy()
         envoy.start()
     log(f"Envoy CPU from {envoy.cpu_source()}")
-    notes = check_scenarios(envoy, ports, tag)
+    bench = Bench(envoy, ports, origin, alt, wrk_cpu)
+    notes = check_scenarios(bench, tag)
     for n in notes:
         log(n)
 
@@ -859,10 +966,8 @@ def main() -> int:
     # run longer so that their slot table is full (the steady state under unique keys).
     log(f"warm-up: {len(configs)} configurations")
     for label, sid in configs:
-        secs = args.warmup
-        if sid.split("@")[0] in ("first", "first_p1", "first_b3") and label == "1KiB":
-            secs = max(args.warmup, 3)
-        measure(envoy, sid, ports[sid], SIZES[label], label, key_prefix("w", sid, label), secs, wrk_cpu)
+        secs = max(args.warmup, 3) if SCENARIOS[sid].get("fill") and label == "1KiB" else args.warmup
+        measure(bench, sid, SIZES[label], label, key_prefix("w", sid, label), secs)
 
     results: dict[str, dict[str, Any]] = {f"{label}/{sid}": {"size": label, "scenario": sid, "runs": []} for label, sid in configs}
     t0 = time.monotonic()
@@ -870,13 +975,12 @@ def main() -> int:
     load_start = os.getloadavg()
     for r in range(1, args.rounds + 1):
         for label, sid in configs:
-            res = measure(envoy, sid, ports[sid], SIZES[label], label, key_prefix(r, sid, label), args.seconds,
-                          wrk_cpu, retry=True)
+            res = measure(bench, sid, SIZES[label], label, key_prefix(r, sid, label), args.seconds, retry=True)
             results[f"{label}/{sid}"]["runs"].append(res)
             extra = f" {res['counters']}" if "counters" in res else ""
-            log(f"round {r}/{args.rounds} {label:>5} {sid:<8} {res['rps']:9.0f} req/s  p50 {res['p50_us']:6d}us"
-                f"  p99 {res['p99_us']:6d}us  cpu {res['cpu_us_per_req']:6.1f}us/req  other {res['other_load']:.2f}"
-                f"  err {res['errors']}{extra}")
+            log(f"round {r}/{args.rounds} {label:>5} {sid:<12} {res['rps']:9.0f} req/s  p50 {res['p50_us']:6d}us"
+                f"  p99 {res['p99_us']:6d}us  cpu {res['cpu_us_per_req']:6.1f}us/req  origin {res['origin_per_req']:.2f}/req"
+                f"  other {res['other_load']:.2f}  err {res['errors']}{extra}")
     log(f"measured {len(configs) * args.rounds} runs in {time.monotonic() - t0:.0f}s")
 
     profiles: dict[str, Any] = {}
@@ -884,27 +988,36 @@ def main() -> int:
         if shutil.which("perf") is None:
             raise SystemExit("--profile needs perf (Debian package linux-perf)")
         for label, sid in configs:
-            res = profile_run(envoy, sid, ports[sid], SIZES[label], label, key_prefix("p", sid, label),
-                              args.seconds, wrk_cpu, args.out.parent / "perf")
+            if is_alt(sid):
+                continue  # perf follows the Envoy process only
+            res = profile_run(bench, sid, SIZES[label], label, key_prefix("p", sid, label), args.seconds,
+                              args.out.parent / "perf")
             profiles[f"{label}/{sid}"] = res
             split = ", ".join(f"{k} {v * res['cpu_us_per_req']:.0f}" for k, v in res["profile"]["share"].items())
             log(f"profile {label:>5} {sid:<8} cpu {res['cpu_us_per_req']:6.1f}us/req: {split}")
 
     wait: dict[str, Any] = {}
-    if "wait" in selected:
+    if "wait" in selected and slow is not None:
         for label, size in SIZES.items():
-            wait[label] = wait_trials(envoy, ports["wait"], size, args.wait_trials, args.waiters, tag)
+            wait[label] = wait_trials(envoy, ports["wait"], slow, size, args.wait_trials, args.waiters, tag)
             w = wait[label]
             log(f"wait {label}: {w['answers']} duplicates answered {w['delta_ms_median']:.1f} ms (median), "
                 f"{w['delta_ms_p90']:.1f} ms (p90), {w['delta_ms_max']:.1f} ms (max) after the first request's "
                 f"answer; {w['replayed']} replays; statuses {w['statuses']}; counters {w['counters']}")
+        slow.stop()
 
     for entry in results.values():
         runs = entry["runs"]
         entry["median"] = {
             k: statistics.median(run[k] for run in runs)
-            for k in ("rps", "p50_us", "p99_us", "cpu_us_per_req", "cpu_util", "other_load", "wrk_cpu_util")
+            for k in ("rps", "p50_us", "p99_us", "cpu_us_per_req", "cpu_util", "other_load", "wrk_cpu_util",
+                      "origin_per_req", "origin_cpu_us_per_req")
         }
+        for part in ("proxy", "redis"):
+            if all(part in run.get("cpu_split_us_per_req", {}) for run in runs):
+                entry["median"][f"{part}_cpu_us_per_req"] = statistics.median(
+                    run["cpu_split_us_per_req"][part] for run in runs)
+        entry["upstream_cx"] = sum(run.get("upstream_cx", 0) for run in runs)
         if all("etcd_cpu_us_per_req" in run for run in runs):
             entry["median"]["etcd_cpu_us_per_req"] = statistics.median(run["etcd_cpu_us_per_req"] for run in runs)
         entry["redone"] = sum(run.get("redone", 0) for run in runs)
@@ -947,12 +1060,18 @@ def main() -> int:
         "gauges_end": {k: v for k, v in counters_end.items() if k.endswith("_keys")},
         "etcd": etcd_info,
         "profiles": profiles,
+        "origin": {"version": origin.version(), "cpu": wrk_cpu,
+                   "what": "nginx, one process (master_process off), return 200 {\"ok\":true}, keep-alive, no access log"},
+        "alt": ({"versions": alt.versions(), "config": alt.config(), "redis_keys_end": alt.keys()} if alt else {}),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     log(f"wrote {args.out}")
     envoy.stop()
     stop_etcd()
+    if alt:
+        alt.stop()
+    origin.stop()
     return 0
 
 

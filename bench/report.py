@@ -24,8 +24,11 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-ORDER = ["pass", "floor", "bare", "floor2", "first", "first_p1", "first_b3", "replay", "replay_b3", "fleet_first",
-         "fleet_replay", "body", "hash", "hash_b3", "upstream"]
+# Row order: the order of the scenarios in the run's JSON (bench/envoy_bench.py SCENARIOS),
+# set by main(); this default serves results written before the JSON carried it.
+ORDER = ["pass", "floor", "bare", "floor2", "first", "first_p1", "first_b3", "replay", "wait", "replay_b3",
+         "fleet_first", "fleet_replay", "body", "hash", "hash_b3", "upstream"]
+SUMMARY_BEGIN, SUMMARY_END = "<!-- bench:summary:begin -->", "<!-- bench:summary:end -->"
 # Fleet rows and the local-mode rows they are compared with.
 FLEET_PAIRS = [("fleet_first", "first"), ("fleet_replay", "replay")]
 
@@ -120,7 +123,7 @@ def envoy_section(env: dict[str, Any]) -> tuple[list[str], dict[str, float]]:
     titles = env["scenarios"]
     out: list[str] = []
     facts: dict[str, float] = {}
-    sizes = sorted({v["size"] for v in res.values()}, key=lambda s: int(re.sub(r"\D", "", s)) * (1024 if "Ki" in s else 1))
+    sizes = sizes_of(res)
     for size in sizes:
         rows = {v["scenario"]: v for v in res.values() if v["size"] == size}
         base = rows.get("pass", {}).get("median")
@@ -128,12 +131,12 @@ def envoy_section(env: dict[str, Any]) -> tuple[list[str], dict[str, float]]:
         out.append(f"#### {size} POST bodies\n")
         out.append(
             "| scenario | req/s | ×pass | ×floor | p50 ms | ×pass | ×floor | p99 ms | ×pass | ×floor "
-            "| Envoy CPU µs/req | ×pass | ×floor |"
+            "| CPU µs/req | ×pass | ×floor |"
         )
         out.append("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
         for sid in sorted(set(ORDER) | set(rows), key=order_key):
             if sid not in rows:
-                if sid == "replay":
+                if sid == "wait":
                     out += wait_row(env, size)
                 continue
             m = rows[sid]["median"]
@@ -147,18 +150,17 @@ def envoy_section(env: dict[str, Any]) -> tuple[list[str], dict[str, float]]:
                 f"| {m['p99_us'] / 1000:.2f} | {r('p99_us', base)} | {r('p99_us', floor)} "
                 f"| {m['cpu_us_per_req']:.0f} | {r('cpu_us_per_req', base)} | {r('cpu_us_per_req', floor)} |"
             )
-            if sid == "replay":
-                out += wait_row(env, size)
             for key in ("rps", "cpu_us_per_req"):
                 facts[f"{size}/{sid}/{key}"] = m[key]
         out.append("")
     # spread and verification
     out.append("Spread and verification (all rounds of each configuration):\n")
     out.append(
-        "| size | scenario | req/s min–max | Envoy CPU busy | wrk CPU | other load (CPUs) | runs redone "
-        "| wrk errors | idemgate counters per request |"
+        "| size | scenario | req/s min–max | CPU busy (system under test) | wrk CPU | origin requests per request "
+        "| origin CPU µs/req | new upstream connections | other load (CPUs) | runs redone | wrk errors "
+        "| idemgate counters per request |"
     )
-    out.append("|---|---|--:|--:|--:|--:|--:|--:|---|")
+    out.append("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|")
     for key in sorted(res, key=lambda k: (sizes.index(res[k]["size"]), order_key(res[k]["scenario"]))):
         v = res[key]
         counters = v.get("counters")
@@ -168,15 +170,193 @@ def envoy_section(env: dict[str, Any]) -> tuple[list[str], dict[str, float]]:
             ctext = ", ".join(
                 f"{k} {c / n:.2f}" for k, c in sorted(counters.items()) if k not in ("store_index_keys", "store_body_keys")
             )
+        med = v["median"]
+        origin = f"{med['origin_per_req']:.2f}" if "origin_per_req" in med else "–"
+        origin_cpu = f"{med['origin_cpu_us_per_req']:.0f}" if "origin_cpu_us_per_req" in med else "–"
         out.append(
             f"| {v['size']} | {v['scenario']} | {v['rps_min']:,.0f}–{v['rps_max']:,.0f} "
-            f"| {v['median']['cpu_util'] * 100:.0f}% | {v['median'].get('wrk_cpu_util', 0) * 100:.0f}% "
-            f"| {v['median'].get('other_load', 0):.2f} | {v.get('redone', 0)} | {v['errors']} | {ctext} |"
+            f"| {med['cpu_util'] * 100:.0f}% | {med.get('wrk_cpu_util', 0) * 100:.0f}% | {origin} | {origin_cpu} "
+            f"| {v.get('upstream_cx', '–')} | {med.get('other_load', 0):.2f} | {v.get('redone', 0)} | {v['errors']} "
+            f"| {ctext} |"
         )
     out.append("")
+    out.append(
+        "Origin requests per request: 1 for a forwarded request, 0 for an answer without the origin (requests "
+        "still in flight when wrk stops are served but not counted by wrk, so a little above 1 is normal). New "
+        "upstream connections: connections Envoy opened to the origin during the runs (keep-alive holds when "
+        "this stays near zero). wrk errors are connect, read, write, status and timeout errors together."
+    )
+    out.append("")
+    out += alt_section(env)
     out += fleet_section(env)
     out += wait_section(env)
     return out, facts
+
+
+ALT_PAIRS = [("first", "alt_first", "first requests"), ("replay", "alt_replay", "replays")]
+
+
+def paired_ratios(env: dict[str, Any], a: str, b: str, key: str) -> list[float]:
+    """Per-round ratios a/b of one measure: the configurations of a round ran seconds apart, so
+    the machine's drift between rounds cancels out of each pair."""
+    res = env.get("results") or {}
+    ra, rb = res.get(a, {}).get("runs", []), res.get(b, {}).get("runs", [])
+    return sorted(x[key] / y[key] for x, y in zip(ra, rb) if y.get(key))
+
+
+def fmt_paired(pr: list[float]) -> str:
+    if not pr:
+        return "–"
+    return f"{statistics.median(pr):.2f}× ({pr[0]:.2f}–{pr[-1]:.2f}×)" if len(pr) > 1 else f"{pr[0]:.2f}×"
+
+
+def sizes_of(res: dict[str, Any]) -> list[str]:
+    return sorted({v["size"] for v in res.values()}, key=lambda x: int(re.sub(r"\D", "", x)) * (1024 if "Ki" in x else 1))
+
+
+def alt_section(env: dict[str, Any]) -> list[str]:
+    """The alternative's rows: its configuration and its CPU split between proxy and Redis."""
+    res = env["results"]
+    rows = [v for v in res.values() if v["scenario"].startswith("alt_")]
+    alt = env.get("alt") or {}
+    if not rows or not alt:
+        return []
+    cfg = alt.get("config", {})
+    vers = alt.get("versions", {})
+    out = [
+        "#### The alternative: idempotent-proxy-server + Redis",
+        "",
+        f"`{vers.get('proxy', '?')}` with `{vers.get('redis', '?')}`"
+        + (f", both pinned to CPU {cfg['cpu']} (Envoy's)" if cfg.get("cpu") is not None else "")
+        + f", in front of the same origin, driven by the same wrk requests at its `/URL_ORIGIN` (it proxies only to "
+        f"`URL_<NAME>` constants). Settings: `REQUEST_TIMEOUT={cfg.get('REQUEST_TIMEOUT')}` ms (also how long it keeps "
+        f"a record or a lock: idemgate's default `ttlSeconds` is 86400), `POLL_INTERVAL={cfg.get('POLL_INTERVAL')}` ms "
+        f"(its default), `LOG_LEVEL={cfg.get('LOG_LEVEL')}`, Redis `{cfg.get('redis')}` (in memory, as idemgate's "
+        "shared data). Its CPU per request is the proxy's plus Redis's (utime + stime from /proc). It marks no replay, "
+        "so the origin's request count proves replays (0 per request). A duplicate is answered without reading its "
+        "body, and the connection is then closed: at 64 KiB that shows as wrk write/read errors and a new "
+        "connection per replay.",
+        "",
+        "| size | row | CPU µs/req | of it the proxy | of it Redis | req/s | wrk errors |",
+        "|---|---|--:|--:|--:|--:|--:|",
+    ]
+    for v in sorted(rows, key=lambda v: (sizes_of(res).index(v["size"]), order_key(v["scenario"]))):
+        m = v["median"]
+        out.append(
+            f"| {v['size']} | {env['scenarios'].get(v['scenario'], v['scenario'])} | {m['cpu_us_per_req']:.0f} "
+            f"| {m.get('proxy_cpu_us_per_req', float('nan')):.0f} | {m.get('redis_cpu_us_per_req', float('nan')):.0f} "
+            f"| {m['rps']:,.0f} | {v['errors']} |"
+        )
+    out.append("")
+    return out
+
+
+def summary_section(env: dict[str, Any], correctness: dict[str, Any] | None) -> list[str]:
+    """The table a user reads first: idemgate against passthrough and against the alternative."""
+    res = env.get("results") or {}
+    sizes = [s for s in sizes_of(res) if f"{s}/pass" in res]
+    out = [SUMMARY_BEGIN, "", "<!-- generated by bench/report.py (make bench); edit outside the markers -->", ""]
+    if not sizes:
+        out += ["Not measured in this run (no passthrough rows).", "", SUMMARY_END]
+        return out
+    rows = [
+        ("pass", "Envoy, passthrough (no idemgate)"),
+        ("first", "idemgate in Envoy, first requests (claimed, forwarded, stored)"),
+        ("alt_first", "idempotent-proxy-server + Redis, first requests"),
+        ("replay", "idemgate in Envoy, replays (answered from its store)"),
+        ("alt_replay", "idempotent-proxy-server + Redis, replays"),
+    ]
+    head = "| CPU per request (µs) and requests/s | " + " | ".join(
+        f"{s} CPU µs/req | {s} req/s" for s in sizes) + " |"
+    out += [head, "|---|" + "--:|--:|" * len(sizes)]
+    for sid, label in rows:
+        cells = []
+        for s in sizes:
+            v = res.get(f"{s}/{sid}")
+            if v is None:
+                cells += ["–", "–"]
+                continue
+            m, p = v["median"], res[f"{s}/pass"]["median"]
+            x = "" if sid == "pass" else f" ({m['cpu_us_per_req'] / p['cpu_us_per_req']:.2f}× pass)"
+            y = "" if sid == "pass" else f" ({m['rps'] / p['rps']:.2f}×)"
+            err = f", {v['errors']:,} wrk errors" if v["errors"] else ""
+            cells += [f"{m['cpu_us_per_req']:.0f}{x}", f"{m['rps']:,.0f}{y}{err}"]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    out.append("")
+    pairs = []
+    for ours, theirs, what in ALT_PAIRS:
+        for s in sizes:
+            cpu = paired_ratios(env, f"{s}/{ours}", f"{s}/{theirs}", "cpu_us_per_req")
+            rps = paired_ratios(env, f"{s}/{ours}", f"{s}/{theirs}", "rps")
+            if cpu:
+                pairs.append(f"{what} {s}: CPU {fmt_paired(cpu)}, req/s {fmt_paired(rps)}")
+    if pairs:
+        out += [
+            "idemgate ÷ the alternative, paired per round (median, range over "
+            f"{env.get('rounds', '?')} rounds; below 1× idemgate used less CPU, above 1× it served more): "
+            + "; ".join(pairs) + ".",
+            "",
+        ]
+    origin = env.get("origin") or {}
+    out += [
+        f"One run of `make bench` ({env.get('rounds')} rounds × {env.get('seconds')} s per row, interleaved; medians): "
+        f"wrk (1 thread, {env.get('connections')} connections) sends `POST` with a JSON body of 1 KiB or 64 KiB and an "
+        f"`Idempotency-Key`; the origin is {origin.get('version', 'nginx')} outside Envoy (`return 200`, keep-alive), "
+        f"pinned with wrk to CPU {env.get('wrk_cpu')}; Envoy (`--concurrency 1`) and the alternative (proxy + Redis) "
+        f"each get CPU {env.get('envoy_cpu')}. CPU per request is the system's own (Envoy's container; the proxy's "
+        "plus Redis's processes), never the origin's. Details, machine and versions below.",
+        "",
+    ]
+    out += correctness_section(correctness, brief=True)
+    out.append(SUMMARY_END)
+    return out
+
+
+def _cell_duplicates(d: dict[str, Any]) -> str:
+    answers = ", ".join(f"{n} × {k}" for k, n in d["answers"].items())
+    why = "; ".join(f"{k} ×{n}" for k, n in d.get("error_reasons", {}).items())
+    retry = d["retry"]
+    r = retry["status"] + (" (the stored answer)" if retry.get("same_execution") else "")
+    return (f"origin ran it {d['origin_requests']}×; {answers}" + (f" ({why})" if why else "")
+            + f"; a retry afterwards: {r}")
+
+
+def _cell_body(d: dict[str, Any]) -> str:
+    second = d["second"] + (", the first request's stored answer" if d.get("second_is_first_answer") else "")
+    return f"{second}; origin ran the key {d['origin_requests']}×"
+
+
+def _cell_refused(d: dict[str, Any]) -> str:
+    return (f"{d['first']}, then with the origin up: {d['retry']}"
+            + (f" after {d['retry_took_ms'] / 1000:.1f} s" if d.get("retry_took_ms", 0) >= 1000 else "")
+            + f"; origin reached {d.get('origin_requests', 0)}×")
+
+
+def correctness_section(c: dict[str, Any] | None, brief: bool = False) -> list[str]:
+    """bench/correctness.py's answers, one column per system."""
+    if not c or not c.get("checks"):
+        return [] if brief else ["#### Correctness probe", "", "Not run (`BENCH_ONLY` did not name `correctness`).", ""]
+    systems = c["systems"]
+    checks = c["checks"]
+    out = [] if brief else ["#### Correctness probe", ""]
+    out += [
+        f"What each system answers (bench/correctness.py: idemgate in Envoy with its defaults and with "
+        f"`onConcurrent` `wait`; the alternative as in the load rows; client timeout {c['client_timeout_s']:.0f} s):",
+        "",
+        "| situation | " + " | ".join(systems.values()) + " |",
+        "|---|" + "---|" * len(systems),
+    ]
+    labels = [
+        ("duplicates", f"{c['duplicates']} concurrent duplicates (one key, one body), origin answering after "
+                       f"{c['delay_ms']} ms", _cell_duplicates),
+        ("changed_body", "the same key again with a changed body", _cell_body),
+        ("refused", "a request while the origin refuses connections, then its retry", _cell_refused),
+    ]
+    for check, label, cell in labels:
+        per = checks.get(check, {})
+        out.append(f"| {label} | " + " | ".join(cell(per[s]) if s in per else "–" for s in systems) + " |")
+    out.append("")
+    return out
 
 
 def fleet_section(env: dict[str, Any]) -> list[str]:
@@ -404,6 +584,20 @@ def size_row(label: str, path: Path | None) -> list[str]:
     return [f"| {label} | {len(raw):,} B ({kb(len(raw))}) | {gz:,} B ({kb(gz)}) |"]
 
 
+def put_block(text: str, begin: str, end: str, block: str, at_top: bool = False) -> str:
+    """Replace the generated block between `begin` and `end` (markers included in `block`); where
+    the markers are missing, add it after the title (at_top) or at the end."""
+    if begin in text and end in text:
+        pre, rest = text.split(begin, 1)
+        _, post = rest.split(end, 1)
+        return pre + block.rstrip("\n") + post
+    if at_top:
+        lines = text.split("\n")
+        i = 1 if lines and lines[0].startswith("# ") else 0
+        return "\n".join([*lines[:i], "", block.rstrip("\n"), *lines[i:]])
+    return text.rstrip("\n") + "\n\n" + block
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--envoy", type=Path, help="bench/envoy_bench.py --out (absent: no Envoy rows)")
@@ -417,6 +611,7 @@ def main() -> int:
     ap.add_argument("--bare-wasm", type=Path, help="bench/bare after make build's wasm-opt pass")
     ap.add_argument("--wasm-sizes", type=Path)
     ap.add_argument("--wasm-profile-dir", type=Path, help="bench/run.sh's cpuprof dir (wasm_host.mjs runs)")
+    ap.add_argument("--correctness", type=Path, help="bench/correctness.py --out (absent: no correctness table)")
     ap.add_argument("--command", default="make bench")
     ap.add_argument("--started", type=float, help="epoch seconds when the run started")
     ap.add_argument("--benchmarks", type=Path, default=REPO / "BENCHMARKS.md")
@@ -430,6 +625,11 @@ def main() -> int:
               "wrk_version": "wrk", "cpu_source": "–", "results": {}, "scenarios": {}, "wait": {}}
     )
     edge = json.loads(args.edge.read_text()) if args.edge and args.edge.is_file() else None
+    correctness = (json.loads(args.correctness.read_text())
+                   if args.correctness and args.correctness.is_file() else None)
+    if env.get("scenarios"):
+        ORDER[:] = [sid for sid in env["scenarios"] if "@" not in sid]
+    summary = "\n".join(summary_section(env, correctness)) + "\n"
     out: list[str] = [BEGIN, "", "<!-- generated by bench/report.py (make bench); edit outside the markers -->", ""]
 
     commit = sh("git", "-C", str(REPO), "rev-parse", "--short", "HEAD")
@@ -448,20 +648,28 @@ def main() -> int:
         f"- Envoy: `{env['envoy_version']}` (image {env['envoy_image']}, `--concurrency 1`, log level warn)",
         f"- {sh('rustc', '-V')}; {env['wrk_version']}; criterion {lock_version('criterion')}; "
         f"proxy-wasm {lock_version('proxy-wasm')}; sha2 {lock_version('sha2')}; {sh('docker', '--version')}",
+        f"- origin: {(env.get('origin') or {}).get('version', '?')} ({(env.get('origin') or {}).get('what', '?')}), "
+        f"pinned to CPU {(env.get('origin') or {}).get('cpu')} with wrk, outside Envoy's container",
+        *([f"- the alternative: {alt['versions'].get('proxy')} (cargo install --locked), {alt['versions'].get('redis')}"]
+          if (alt := env.get("alt") or {}).get("versions") else []),
         f"- load average before / after the Envoy runs: {' '.join(f'{x:.2f}' for x in env.get('loadavg_before', []))} / "
-        f"{' '.join(f'{x:.2f}' for x in env.get('loadavg_after', []))} (other load = busy CPU time neither Envoy's nor wrk's, "
-        "per run; a run with more than 0.35 CPUs of it is redone once)",
+        f"{' '.join(f'{x:.2f}' for x in env.get('loadavg_after', []))} (other load = busy CPU time of neither the "
+        "bench's processes (Envoy, origin, alternative, etcd) nor wrk, per run; a run with more than 0.35 CPUs of it "
+        "is redone once)",
         f"- Envoy CPU: {env['cpu_source'].split('/docker/')[0] + '/docker/<id>/cpuacct.usage' if '/docker/' in env['cpu_source'] else env['cpu_source']}"
-        " (whole container: the worker, the main thread, and the upstream listener that the same worker serves)",
+        " (whole container: the worker and the main thread; the origin runs outside it)",
         "",
     ]
 
-    out += ["### Envoy: filter cost against Envoy itself", ""]
+    out += ["### Envoy: filter cost against Envoy itself, and the alternative", "",
+            "CPU µs/req is Envoy's container's CPU per request, for the alternative's rows the proxy's plus "
+            "Redis's. ×pass and ×floor are ratios of medians to the passthrough and floor rows.", ""]
     env_lines, facts = envoy_section(env) if env["results"] else (["Not run (BENCH_ONLY named no Envoy scenario).", ""], {})
     out += env_lines
     for note in env.get("notes", []):
         out.append(f"- check: {note}")
     out.append("")
+    out += correctness_section(correctness)
     out += profile_section(env)
     out += wasm_profile_section(args.wasm_profile_dir)
 
@@ -481,7 +689,7 @@ def main() -> int:
         ra, rb = res.get(a, {}).get("runs", []), res.get(b, {}).get("runs", [])
         return sorted(x["rps"] / y["rps"] for x, y in zip(ra, rb) if y.get("rps"))
 
-    out += ["### Targets (issue 5)", "", "| target | measured: ratio of medians (per-round ratios: median, min–max, rounds at target) | met |",
+    out += ["### Targets (issue 5), with the origin outside Envoy (issue 20)", "", "| target | measured: ratio of medians (per-round ratios: median, min–max, rounds at target) | met |",
             "|---|---|---|"]
     for label, a, b, goal in [
         ("first requests ≥ 0.97× floor req/s", "first", "floor", 0.97),
@@ -610,19 +818,12 @@ def main() -> int:
     block = "\n".join(out) + "\n"
 
     if args.stdout:
-        sys.stdout.write(block)
+        sys.stdout.write(summary + "\n" + block)
         return 0
     path = args.benchmarks
-    if path.is_file():
-        text = path.read_text()
-        if BEGIN in text and END in text:
-            pre, rest = text.split(BEGIN, 1)
-            _, post = rest.split(END, 1)
-            text = pre + block.rstrip("\n") + post
-        else:
-            text = text.rstrip("\n") + "\n\n" + block
-    else:
-        text = "# Benchmarks\n\nGenerated by `make bench`.\n\n" + block
+    text = path.read_text() if path.is_file() else "# Benchmarks\n\nGenerated by `make bench`.\n"
+    text = put_block(text, SUMMARY_BEGIN, SUMMARY_END, summary, at_top=True)
+    text = put_block(text, BEGIN, END, block)
     path.write_text(text)
     print(f"[bench] wrote the generated section of {path}", file=sys.stderr)
     return 0

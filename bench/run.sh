@@ -1,28 +1,36 @@
 #!/usr/bin/env bash
-# `make bench`: idemgate's cost against Envoy itself. Not part of `make test`.
+# `make bench`: idemgate's cost as a user would measure it (against Envoy itself, with the origin
+# outside Envoy, and against the alternative a user would run instead). Not part of `make test`.
 #
-#   1. builds dist/idemgate.wasm (make build), the Envoy image (make image) and the two
-#      benchmark filters (bench/floor, bench/probe -> dist/bench/*.wasm);
+#   1. builds dist/idemgate.wasm (make build), the Envoy image (make image) and the benchmark
+#      filters (bench/floor, bench/probe, bench/bare -> dist/bench/*.wasm); make bench-deps
+#      installs the origin (Debian nginx-light) and the alternative (idempotent-proxy-server
+#      from crates.io, cached in $IDEMGATE_CACHE, with Debian redis-server);
 #   2. criterion benches of idemgate-core (short: BENCH_CRITERION_ARGS);
-#   3. bench/envoy_bench.py: one Envoy container, wrk against every scenario, interleaved,
+#   3. bench/envoy_bench.py: nginx as the origin (pinned with wrk), one Envoy container and the
+#      alternative (pinned to the other CPU), wrk against every scenario, interleaved,
 #      BENCH_ROUNDS rounds of BENCH_SECONDS seconds each (loopback only, every run bounded);
-#   4. bench/edge_bench.py: the edge worker on workerd (make edge) against a passthrough
+#   4. bench/correctness.py: what idemgate and the alternative answer to concurrent duplicates,
+#      a changed body and a retry after a refused connection (scenario id `correctness`);
+#   5. bench/edge_bench.py: the edge worker on workerd (make edge) against a passthrough
 #      worker, same load and statistics (skipped with BENCH_SKIP_EDGE=1);
-#   5. bench/report.py: the generated section of BENCHMARKS.md.
+#   6. bench/report.py: the generated sections of BENCHMARKS.md (the summary at the top, the
+#      details further down).
 #
 # Raw results go to target/bench/. The Docker engine is stopped afterwards only if this run
 # started it (as `make test` does).
 #
 # Env: BENCH_ROUNDS (5), BENCH_SECONDS (3), BENCH_WARMUP (1), BENCH_ONLY (scenario ids,
-# comma-separated, Envoy's and the edge's (edge_*) alike; default all; the Envoy or the edge
-# part is skipped when it names none of its scenarios), BENCH_CRITERION_ARGS,
-# BENCH_SKIP_CORE=1, BENCH_SKIP_EDGE=1, BENCH_PROFILE (1: one more run per Envoy configuration
-# under `perf record`, Envoy's CPU split by thread and code; 0 skips it), PYTHON; BENCH_ETCD_MEMBERS (3) and BENCH_ETCD_DIR
-# (temp dir) for the fleet rows (fleet_first, fleet_replay: a local etcd cluster,
-# `make fleet-setup`).
+# comma-separated: Envoy's (bench/envoy_bench.py SCENARIOS, alt_* included), the edge's (edge_*)
+# and `correctness`; default all; a part is skipped when BENCH_ONLY names none of its ids),
+# BENCH_CRITERION_ARGS, BENCH_SKIP_CORE=1, BENCH_SKIP_EDGE=1, BENCH_PROFILE (1: one more run per
+# Envoy configuration under `perf record`, Envoy's CPU split by thread and code; 0 skips it),
+# PYTHON; BENCH_ETCD_MEMBERS (3) and BENCH_ETCD_DIR (temp dir) for the fleet rows (fleet_first,
+# fleet_replay: a local etcd cluster, `make fleet-setup`).
 #
 # A quick check of some rows (partial tables go to target/bench/BENCHMARKS.partial.md, not
 # BENCHMARKS.md, and the wasm size breakdown is skipped):
+#   BENCH_ONLY=pass,first,replay,alt_first,alt_replay,correctness BENCH_ROUNDS=1 BENCH_SECONDS=1 BENCH_SKIP_CORE=1 make bench
 #   BENCH_ONLY=first,replay,fleet_first,fleet_replay BENCH_ROUNDS=1 BENCH_SECONDS=1 BENCH_SKIP_CORE=1 make bench
 #   BENCH_SKIP_CORE=1 BENCH_ONLY=edge_pass,edge_first BENCH_ROUNDS=1 BENCH_SECONDS=1 make bench
 set -euo pipefail
@@ -43,7 +51,9 @@ scripts/docker-engine.sh status >/dev/null 2>&1 || started_here=1
 down() { if [[ $started_here == 1 ]]; then scripts/docker-engine.sh down || true; fi; }
 trap down EXIT
 
-make --no-print-directory deps-sys build image
+make --no-print-directory deps-sys build image bench-deps
+IDEMPOTENT_PROXY_SERVER="$(make --no-print-directory -s print-alt-proxy)"
+export IDEMPOTENT_PROXY_SERVER
 export BENCH_PROFILE="${BENCH_PROFILE:-1}"
 if [[ $BENCH_PROFILE == 1 ]] && ! command -v perf >/dev/null; then
   log "perf not found: apt-get install linux-perf (for the profile of Envoy's CPU)"
@@ -103,15 +113,20 @@ if [[ "${BENCH_SKIP_CORE:-0}" != 1 ]]; then
     | grep -E '^(store calls|  probes=|[a-z_]+/[^ ]+ *time:|[a-z_/0-9A-Za-z]+$)' >&2 || true
 fi
 
-# wants <grep option> <pattern>: BENCH_ONLY is empty or names a scenario selected by grep.
-wants() { [[ -z "${BENCH_ONLY:-}" ]] || tr ',' '\n' <<<"$BENCH_ONLY" | grep -q "$1" "$2"; }
+# wants <grep options and patterns>: BENCH_ONLY is empty or names a scenario selected by grep.
+wants() { [[ -z "${BENCH_ONLY:-}" ]] || tr ',' '\n' <<<"$BENCH_ONLY" | grep -q "$@"; }
 
-rm -f "$OUT/envoy.json" "$OUT/edge.json"
-if wants -v '^edge_'; then
+rm -f "$OUT/envoy.json" "$OUT/edge.json" "$OUT/correctness.json"
+if wants -v -e '^edge_' -e '^correctness$'; then
   log "Envoy: $ROUNDS rounds x ${SECONDS_PER_RUN}s per configuration"
   "$PY" bench/envoy_bench.py --rounds "$ROUNDS" --seconds "$SECONDS_PER_RUN" \
     --floor-wasm dist/bench/floor.wasm --probe-wasm dist/bench/probe.wasm --bare-wasm dist/bench/bare.wasm \
     --idemgate-wasm dist/idemgate.wasm --out "$OUT/envoy.json"
+fi
+
+if wants -x -e correctness; then
+  log "correctness probe: idemgate and the alternative (bench/correctness.py)"
+  "$PY" bench/correctness.py --idemgate-wasm dist/idemgate.wasm --out "$OUT/correctness.json"
 fi
 
 if [[ "${BENCH_SKIP_EDGE:-0}" != 1 ]] && wants -e '^edge_'; then
@@ -120,7 +135,7 @@ if [[ "${BENCH_SKIP_EDGE:-0}" != 1 ]] && wants -e '^edge_'; then
   "$PY" bench/edge_bench.py --rounds "$ROUNDS" --seconds "$SECONDS_PER_RUN" --out "$OUT/edge.json"
 fi
 
-"$PY" bench/report.py --envoy "$OUT/envoy.json" --wasm-profile-dir "$OUT/cpuprof" --edge "$OUT/edge.json" --criterion-log "$OUT/criterion.log" \
+"$PY" bench/report.py --envoy "$OUT/envoy.json" --correctness "$OUT/correctness.json" --wasm-profile-dir "$OUT/cpuprof" --edge "$OUT/edge.json" --criterion-log "$OUT/criterion.log" \
   --wasm-sizes "$OUT/wasm-sizes.json" \
   --floor-wasm dist/bench/floor.wasm --floor-opt-wasm dist/bench/floor.opt.wasm --bare-wasm dist/bench/bare.wasm \
   --idemgate-wasm dist/idemgate.wasm \

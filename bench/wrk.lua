@@ -1,8 +1,9 @@
 -- wrk script for `make bench` (bench/envoy_bench.py).
 --
---   wrk ... -s bench/wrk.lua URL -- <mode> <prefix> <body bytes>
+--   wrk ... -s bench/wrk.lua URL -- <mode> <prefix> <body bytes> [<path>]
 --
--- Every request is a POST /orders with a JSON body of exactly <body bytes> bytes and an
+-- Every request is a POST <path> (default /orders; the alternative, idempotent-proxy-server,
+-- takes /URL_<NAME>) with a JSON body of exactly <body bytes> bytes and an
 -- Idempotency-Key header:
 --   unique   <prefix>-<n>, n counting from 1 (a new key per request; wrk runs 1 thread)
 --   fixed    <prefix>   (the same key every time: replays once the first one is stored)
@@ -12,13 +13,14 @@
 -- done() prints one line `BENCH_JSON {...}` with the counts and latency percentiles (us).
 
 local counter = 0
-local mode, prefix, body
+local mode, prefix, body, path
 local headers = {}
 
 function init(args)
   mode = args[1] or "unique"
   prefix = args[2] or "bench"
   local n = tonumber(args[3] or "1024")
+  path = args[4] or "/orders"
   local head, tail = '{"order":"bench","pad":"', '"}'
   local pad = n - #head - #tail
   if pad < 0 then pad = 0 end
@@ -33,7 +35,7 @@ function request()
   end
   headers["Idempotency-Key"] = key
   headers["Content-Type"] = "application/json"
-  return wrk.format("POST", "/orders", headers, body)
+  return wrk.format("POST", path, headers, body)
 end
 
 function done(summary, latency, requests)
