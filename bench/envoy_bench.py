@@ -27,7 +27,7 @@ origin), `fill` (warm up longer: first requests fill the slot table), `fleet`, `
     first_p1  idemgate with store.probes 1, a new key per request
     first_b3, replay_b3  idemgate with the opt-in fingerprint.algorithm blake3
     replay    idemgate, one key (after one priming request: replays)
-    alt_first, alt_replay  the alternative: idempotent-proxy-server (crates.io) with Redis, both
+    alt_first, alt_replay  the alternative: idempotent-proxy-server (cargo install) with Redis, both
               pinned to Envoy's CPU, in front of the same origin, the same requests (wrk to its
               `/URL_ORIGIN`); CPU per request = the proxy's + Redis's (/proc), every run
               interleaved with idemgate's, so each round pairs them

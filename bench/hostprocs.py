@@ -6,7 +6,7 @@ with taskset, its CPU time read from /proc (utime + stime of every thread), stop
   `return 200 {"ok":true}`, keep-alive), with a stub_status port that counts the requests
   it served (every run proves how many reached the origin);
 - `AltProxy`: the alternative a user would run instead of idemgate, `idempotent-proxy-server`
-  (crates.io) with its Redis (Debian redis-server), in front of the same origin.
+  (a Rust crate, `cargo install`) with its Redis (Debian redis-server), in front of the same origin.
 
 Nothing here is started unless a run asks for it; every process is stopped at exit.
 """

@@ -5,7 +5,7 @@
 #   1. builds dist/idemgate.wasm (make build), the Envoy image (make image) and the benchmark
 #      filters (bench/floor, bench/probe, bench/bare -> dist/bench/*.wasm); make bench-deps
 #      installs the origin (Debian nginx-light) and the alternative (idempotent-proxy-server
-#      from crates.io, cached in $IDEMGATE_CACHE, with Debian redis-server);
+#      with cargo install, cached in $IDEMGATE_CACHE, with Debian redis-server);
 #   2. criterion benches of idemgate-core (short: BENCH_CRITERION_ARGS);
 #   3. bench/envoy_bench.py: nginx as the origin (pinned with wrk), one Envoy container and the
 #      alternative (pinned to the other CPU), wrk against every scenario, interleaved,
@@ -76,7 +76,9 @@ cp "target/$WASM_TARGET/release/idemgate_bench_probe.wasm" dist/bench/probe.wasm
   "target/$WASM_TARGET/release/idemgate_bench_bare.wasm" -o dist/bench/bare.wasm
 
 REPORT=BENCHMARKS.md
+README_ARGS=(--readme README.md)  # a full run also fills the README's cost block
 if [[ -n "${BENCH_ONLY:-}" ]]; then
+  README_ARGS=()
   REPORT="$OUT/BENCHMARKS.partial.md"
   rm -f "$REPORT" "$OUT/wasm-sizes.json"
   log "BENCH_ONLY=$BENCH_ONLY: partial run, tables to $REPORT (BENCHMARKS.md untouched)"
@@ -139,6 +141,6 @@ fi
   --wasm-sizes "$OUT/wasm-sizes.json" \
   --floor-wasm dist/bench/floor.wasm --floor-opt-wasm dist/bench/floor.opt.wasm --bare-wasm dist/bench/bare.wasm \
   --idemgate-wasm dist/idemgate.wasm \
-  --started "$started_at" --benchmarks "$REPORT" \
+  --started "$started_at" --benchmarks "$REPORT" "${README_ARGS[@]}" \
   --command "make bench  # BENCH_ROUNDS=$ROUNDS BENCH_SECONDS=$SECONDS_PER_RUN"
 log "done in $(( $(date +%s) - started_at ))s; raw results in $OUT/, tables in $REPORT"
