@@ -211,11 +211,12 @@ def main() -> int:
             r.update({"retry": again.label(), "retry_took_ms": again.took_ms, "retry_why": again.why(),
                       "origin_requests": len(origin_hits(origin, r["key"]))})
         out["checks"]["refused"] = refused
+        log("correctness probe: the same key with a changed body")
+        out["checks"]["changed_body"] = {s["id"]: changed_body(s, origin, tag) for s in systems}
+        # last: duplicates may leave the alternative's Redis pool exhausted for a while
         log(f"correctness probe: {args.duplicates} concurrent duplicates, origin answering after {args.delay_ms} ms")
         out["checks"]["duplicates"] = {s["id"]: duplicates(s, origin, args.duplicates, args.delay_ms, tag)
                                        for s in systems}
-        log("correctness probe: the same key with a changed body")
-        out["checks"]["changed_body"] = {s["id"]: changed_body(s, origin, tag) for s in systems}
     finally:
         alt.stop()
         origin.stop()

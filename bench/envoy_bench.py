@@ -140,6 +140,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
                  "idemgate": {"fingerprint": {"algorithm": "blake3"}}, "fill": True},
     "replay": {"title": "4 idemgate replays (one key)", "mode": "fixed", "idemgate": {}},
     "alt_replay": {"title": "idempotent-proxy-server + Redis, replays (one key)", "mode": "fixed", "alt": "ORIGIN"},
+    "wait": {"title": "5 concurrent duplicates, wait policy", "mode": "wait", "sizes": [], "cluster": "slow",
+             "idemgate": {"onConcurrent": {"action": "wait", "waitMillis": 5000}}},
     "replay_b3": {"title": "4b idemgate replays, fingerprint.algorithm blake3", "mode": "fixed",
                   "idemgate": {"fingerprint": {"algorithm": "blake3"}}},
     "fleet_first": {"title": "3f idemgate fleet (etcd) first requests", "mode": "unique", "fleet": True,
@@ -165,8 +167,6 @@ SCENARIOS: dict[str, dict[str, Any]] = {
                      "mode": "unique", "cluster": "inenvoy", "filters": lambda: []},
     "upstream": {"title": "in-Envoy upstream listener alone (direct_response) [diag]", "mode": "unique",
                  "cluster": "none"},
-    "wait": {"title": "5 concurrent duplicates, wait policy", "mode": "wait", "sizes": [], "cluster": "slow",
-             "idemgate": {"onConcurrent": {"action": "wait", "waitMillis": 5000}}},
 }
 # store.etcd of the fleet rows (the Envoy cluster "etcd" lists the bench's members).
 ETCD_SPEC = {"cluster": "etcd", "authority": "etcd", "prefix": "/idemgate-bench/", "timeoutMillis": 1000,
@@ -400,13 +400,7 @@ class BenchEnvoy:
         return r.stdout + r.stderr
 
     def admin(self, path: str) -> tuple[int, str]:
-        c = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=10)
-        try:
-            c.request("GET", path)
-            r = c.getresponse()
-            return r.status, r.read().decode(errors="replace")
-        finally:
-            c.close()
+        return hostprocs.http_get(self.admin_port, path, timeout=10)
 
     def counters(self) -> dict[str, int]:
         """idemgate's counters and the origin cluster's connection count."""
