@@ -316,7 +316,10 @@ def summary_section(env: dict[str, Any], correctness: dict[str, Any] | None) -> 
         f"`Idempotency-Key`; the origin is {origin.get('version', 'nginx')} outside Envoy (`return 200`, keep-alive), "
         f"pinned with wrk to CPU {env.get('wrk_cpu')}; Envoy (`--concurrency 1`) and the alternative (proxy + Redis) "
         f"each get CPU {env.get('envoy_cpu')}. CPU per request is the system's own (Envoy's container; the proxy's "
-        "plus Redis's processes), never the origin's. Details, machine and versions below.",
+        "plus Redis's processes), never the origin's. What the two do per request differs: idemgate fingerprints "
+        "every body (SHA-256 by default) to tell a retry from a changed request and reads a duplicate's body to "
+        "check it; the alternative fingerprints nothing and answers a duplicate without reading its body (so a "
+        "changed body gets the first answer, below). Details, machine and versions below.",
         "",
     ]
     out += correctness_section(correctness, brief=True)
