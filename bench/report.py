@@ -305,13 +305,15 @@ def summary_section(env: dict[str, Any], correctness: dict[str, Any] | None) -> 
     if pairs:
         out += [
             "idemgate ÷ the alternative, paired per round (median, range over "
-            f"{env.get('rounds', '?')} rounds; below 1× idemgate used less CPU, above 1× it served more): "
+            f"{env.get('rounds', '?')} round{'' if env.get('rounds') == 1 else 's'}; below 1× idemgate used less CPU, "
+            "above 1× it served more): "
             + "; ".join(pairs) + ".",
             "",
         ]
     origin = env.get("origin") or {}
     out += [
-        f"One run of `make bench` ({env.get('rounds')} rounds × {env.get('seconds')} s per row, interleaved; medians): "
+        f"One run of `make bench` ({env.get('rounds')} round{'' if env.get('rounds') == 1 else 's'} × "
+        f"{env.get('seconds')} s per row, interleaved; medians): "
         f"wrk (1 thread, {env.get('connections')} connections) sends `POST` with a JSON body of 1 KiB or 64 KiB and an "
         f"`Idempotency-Key`; the origin is {origin.get('version', 'nginx')} outside Envoy (`return 200`, keep-alive), "
         f"pinned with wrk to CPU {env.get('wrk_cpu')}; Envoy (`--concurrency 1`) and the alternative (proxy + Redis) "
