@@ -55,7 +55,7 @@ SCENARIOS: dict[str, dict[str, str]] = {
     "edge_upstream": {"title": "origin worker alone [diag]", "mode": "unique"},
 }
 EDGE = REPO / "edge"
-WORKER_FILES = ["index.js", "engine.js", "store.js"]
+WORKER_FILES = ["index.js", "core.js", "engine.js", "gate.js", "outcomes.js", "claims.js", "store.js"]
 DIST_FILES = ["idemgate_edge.js", "idemgate_edge_bg.wasm"]
 IDEMGATE_CONFIG = {"store": {"namespace": "edgebench"}}
 

@@ -12,10 +12,9 @@ export const ROOT = resolve(EDGE, "..");
 export const COMPAT_DATE = "2025-04-01";
 
 /** The worker's modules, named as in edge/worker/workerd.capnp (relative to edge/). */
+export const WORKER_MODULES = ["index.js", "core.js", "engine.js", "gate.js", "outcomes.js", "claims.js", "store.js"];
 export const MODULES = [
-  { type: "ESModule", path: join(EDGE, "worker/index.js") },
-  { type: "ESModule", path: join(EDGE, "worker/engine.js") },
-  { type: "ESModule", path: join(EDGE, "worker/store.js") },
+  ...WORKER_MODULES.map((f) => ({ type: "ESModule", path: join(EDGE, "worker", f) })),
   { type: "ESModule", path: join(EDGE, "dist/module/idemgate_edge.js") },
   { type: "CompiledWasm", path: join(EDGE, "dist/module/idemgate_edge_bg.wasm") },
 ];

@@ -1,35 +1,35 @@
-// The idemgate core (Rust, wasm-bindgen) and the configuration, parsed once per isolate.
+// The configuration, parsed once per isolate, and the core's answers as Responses: shared by
+// every host (core.js for Cloudflare, deno.js for Deno), which passes its build of the core.
 //
-// The configuration is the same JSON document as the Envoy filter's, from the environment
-// binding IDEMGATE_CONFIG (a JSON string, or an object when set as a wrangler [vars]
-// table). Absent or empty, it gives the defaults, as an empty filter configuration does.
-// A refused configuration never throws out of the worker: every request gets a 500
-// problem naming the field, and the log says it once per isolate.
-import * as core from "../dist/module/idemgate_edge.js";
+// The configuration is the same JSON document as the Envoy filter's: a JSON string, or an
+// object (a wrangler [vars] table). Absent or empty, it gives the defaults, as an empty filter
+// configuration does. A refused configuration never throws out of the worker: every request
+// gets a 500 problem naming the field, and the log says it once per isolate.
 
-export { core };
-
-let current = { source: undefined, engine: null, error: null };
-
-/** `{engine}` for a valid configuration, `{error}` (a one-line message) otherwise. */
-export function engineFor(env) {
-  let source = env.IDEMGATE_CONFIG;
-  if (source === undefined || source === null) source = "";
-  else if (typeof source !== "string") source = JSON.stringify(source);
-  if (current.source === source) return current;
-  let engine = null;
-  let error = null;
-  try {
-    engine = new core.Engine(source);
-    console.log(`idemgate: configured (${engine.summary})`);
-  } catch (e) {
-    error = `invalid configuration: ${e && e.message ? e.message : String(e)}`;
-    console.error(`idemgate: ${error}`);
-  }
-  if (current.engine) current.engine.free();
-  current = { source, engine, error };
-  return current;
+/** `engineFor(source)` for `core`: `{engine}` for a valid configuration, `{error}` (a
+ * one-line message) otherwise; parsed again only when the source changes. */
+export function engines(core) {
+  let current = { source: undefined, engine: null, error: null };
+  return function engineFor(source) {
+    if (source === undefined || source === null) source = "";
+    else if (typeof source !== "string") source = JSON.stringify(source);
+    if (current.source === source) return current;
+    let engine = null;
+    let error = null;
+    try {
+      engine = new core.Engine(source);
+      console.log(`idemgate: configured (${engine.summary})`);
+    } catch (e) {
+      error = `invalid configuration: ${e && e.message ? e.message : String(e)}`;
+      console.error(`idemgate: ${error}`);
+    }
+    if (current.engine) current.engine.free();
+    current = { source, engine, error };
+    return current;
+  };
 }
+
+export const NULL_BODY = new Set([101, 204, 205, 304]);
 
 /** A Response from a core answer (and frees it). */
 export function toResponse(answer) {
@@ -41,8 +41,6 @@ export function toResponse(answer) {
   answer.free();
   return new Response(body, { status, headers });
 }
-
-export const NULL_BODY = new Set([101, 204, 205, 304]);
 
 /** Headers as the flat list `[name, value, …]` the core takes. */
 export function flat(headers) {

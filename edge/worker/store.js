@@ -1,139 +1,77 @@
-// The store: one Durable Object per scoped key (the worker names it idFromName(keyIdHex)).
+// The Cloudflare store: one Durable Object per scoped key (named idFromName(keyIdHex)) and
+// one per caller's rate-limit bucket, behind the store port that gate.js calls (kv.js is the
+// other implementation). The decisions are claims.js's, run on the object's slot.
 //
 // The object holds at most one record, the core's encoded Record (in flight or completed),
-// in memory and in its storage under "record". Every decision runs synchronously in the
-// core (Engine.decide) on the in-memory record, and the new record is set in memory before
-// the first await, so claims are serialised by the object itself; the storage write is
-// covered by the output gate (no answer leaves before it is durable). A storage alarm at
-// the record's expiry deletes it. Requests that the `wait` policy holds are parked here
-// and decided again the moment the record completes or is released, or when their
-// deadline or the in-flight lease ends.
+// in memory and in its storage under "record". A Durable Object handles its events one at a
+// time and the slot is set in memory before the first await, so claims are serialised by the
+// object itself; the storage writes (value and alarm, one batch) are covered by the output
+// gate: no answer leaves before they are durable. A storage alarm at the record's expiry
+// deletes it. Requests that the `wait` policy holds are parked here and decided again the
+// moment the record completes or is released, or when their deadline or the lease ends.
 import { DurableObject } from "cloudflare:workers";
-import { core, engineFor } from "./engine.js";
+import { claims } from "./claims.js";
+import { core, engineFor } from "./core.js";
 
 const RECORD = "record";
 const TAT = "tat";
+const rules = claims(core);
 
-export class IdempotencyStore extends DurableObject {
-  constructor(ctx, env) {
-    super(ctx, env);
-    this.record = undefined;
-    this.tat = undefined;
+/** The store port over a Durable Object namespace bound as IDEMGATE_STORE. */
+export function durableObjectStore(namespace) {
+  const object = (name) => namespace.get(namespace.idFromName(name));
+  return {
+    record(keyId) {
+      const stub = object(keyId);
+      return {
+        begin: (request) => stub.begin(request),
+        complete: (completed) => stub.complete(completed),
+        release: (owner) => stub.release(owner),
+      };
+    },
+    bucket(name) {
+      const stub = object(name);
+      return { charge: (request) => stub.charge(request) };
+    },
+  };
+}
+
+/** One stored value of the object (the record, or the bucket's state) and its alarm. */
+class Slot {
+  constructor(object, name) {
+    this.object = object;
+    this.name = name;
+    this.value = undefined;
+    this.version = 0;
     this.waiters = new Set();
-    // The alarm this object set last (undefined: none, or not known since it started).
-    this.alarmAt = undefined;
-    ctx.blockConcurrencyWhile(async () => {
-      const stored = await ctx.storage.get([RECORD, TAT]);
-      const record = stored.get(RECORD);
-      this.record = record ? new Uint8Array(record) : undefined;
-      this.tat = stored.get(TAT);
-    });
   }
 
-  /**
-   * Decides for one request of rule `rule`: claims the key, or settles the request with
-   * the stored record (the worker renders the answer from it with the same `now` and
-   * `deadline`), waiting first where the rule says so.
-   */
-  async begin({ rule, fingerprint, owner, expiresInMs }) {
-    const { engine, error } = engineFor(this.env);
-    if (!engine) throw new Error(error);
-    let deadline;
-    for (;;) {
-      const now = Date.now();
-      const v = engine.decide(rule, fingerprint, owner, expiresInMs ?? undefined, this.record, now, deadline);
-      let wakeAt;
-      try {
-        if (v.kind === core.VerdictKind.Claimed) {
-          const record = v.record;
-          const leaseExpired = v.leaseExpired;
-          await this.#write(record, v.expiresAt);
-          return { claimed: true, record, now, leaseExpired, waited: deadline !== undefined };
-        }
-        if (v.kind !== core.VerdictKind.Wait) {
-          return { claimed: false, record: this.record ?? null, now, deadline: deadline ?? null };
-        }
-        deadline = v.deadline;
-        wakeAt = v.wakeAt;
-      } finally {
-        v.free();
-      }
-      await this.#changed(wakeAt - now);
-    }
+  read() {
+    return { value: this.value, version: this.version };
   }
 
-  /** Stores the completed record of the claim that still holds the key; false if lost. */
-  async complete(completed) {
-    completed = new Uint8Array(completed);
-    if (!core.completes(this.record, completed)) return false;
-    const write = this.#write(completed, core.expiresAt(completed));
+  write(version, value, expiresAt) {
+    if (version !== this.version) return false;
+    this.value = value;
+    this.version++;
     this.#wake();
-    await write;
-    return true;
+    const { storage } = this.object.ctx;
+    // No await in between: one atomic batch (value + alarm), one flush.
+    const put = storage.put(this.name, value);
+    const alarm = this.object.alarmAt(expiresAt);
+    return Promise.all([put, alarm]).then(() => true);
   }
 
-  /** Frees the key held by claim `owner` (the origin's status is not stored). */
-  async release(owner) {
-    if (!core.releases(this.record, owner)) return false;
-    this.record = undefined;
+  remove(version) {
+    if (version !== this.version) return false;
+    this.value = undefined;
+    this.version++;
     this.#wake();
-    await this.ctx.storage.delete(RECORD);
-    this.alarmAt = undefined;
-    await this.ctx.storage.deleteAlarm();
-    return true;
+    return this.object.ctx.storage.delete(this.name).then(() => true);
   }
 
-  /**
-   * Rate limiting (an object named by the caller's bucket, see Exchange.limitKey): spends
-   * `cost` under rule `rule`'s limit and returns the state the bucket had before, which
-   * the worker turns into the answer and headers with the same core function.
-   */
-  async charge({ rule, cost }) {
-    const { engine, error } = engineFor(this.env);
-    if (!engine) throw new Error(error);
-    const now = Date.now();
-    const before = this.tat;
-    const next = engine.rateCheck(rule, before, now, cost);
-    if (next !== undefined) {
-      this.tat = next;
-      await this.ctx.storage.put(TAT, next);
-      // Once the bucket is full again its state means nothing: drop it then.
-      await this.#alarm(Number(next / 1_000_000n) + 1);
-    }
-    return { tat: before ?? null, now };
-  }
-
-  /** Expiry: the record is deleted once its key expires (a full bucket's state too). */
-  async alarm() {
-    this.alarmAt = undefined; // it fired: none is set now
-    if (this.tat !== undefined && Number(this.tat / 1_000_000n) < Date.now()) {
-      this.tat = undefined;
-      await this.ctx.storage.delete(TAT);
-    }
-    if (!this.record) return;
-    const at = core.expiresAt(this.record);
-    if (at !== undefined && at > Date.now()) {
-      await this.#alarm(at);
-      return;
-    }
-    this.record = undefined;
-    await this.ctx.storage.delete(RECORD);
-  }
-
-  async #write(record, expiresAt) {
-    this.record = record;
-    await this.ctx.storage.put(RECORD, record);
-    // A key's expiry is fixed at its claim: completing it leaves the claim's alarm as is.
-    await this.#alarm(expiresAt);
-  }
-
-  async #alarm(at) {
-    if (at === this.alarmAt) return;
-    await this.ctx.storage.setAlarm(at);
-    this.alarmAt = at;
-  }
-
-  #changed(ms) {
+  changed(version, ms) {
+    if (version !== this.version) return Promise.resolve();
     return new Promise((resolve) => {
       const done = () => {
         clearTimeout(timer);
@@ -147,5 +85,73 @@ export class IdempotencyStore extends DurableObject {
 
   #wake() {
     for (const done of [...this.waiters]) done();
+  }
+}
+
+export class IdempotencyStore extends DurableObject {
+  constructor(ctx, env) {
+    super(ctx, env);
+    this.record = new Slot(this, RECORD);
+    this.tat = new Slot(this, TAT);
+    // The alarm this object set last (undefined: none, or not known since it started).
+    this.alarm_ = undefined;
+    ctx.blockConcurrencyWhile(async () => {
+      const stored = await ctx.storage.get([RECORD, TAT]);
+      const record = stored.get(RECORD);
+      this.record.value = record ? new Uint8Array(record) : undefined;
+      this.tat.value = stored.get(TAT);
+    });
+  }
+
+  #engine() {
+    const { engine, error } = engineFor(this.env.IDEMGATE_CONFIG);
+    if (!engine) throw new Error(error);
+    return engine;
+  }
+
+  /** claims.begin on this key's record. */
+  begin(request) {
+    return rules.begin(this.#engine(), this.record, request);
+  }
+
+  /** claims.complete: stores the completed record of the claim that still holds the key. */
+  complete(completed) {
+    return rules.complete(this.record, new Uint8Array(completed));
+  }
+
+  /** claims.release: frees the key held by claim `owner`. */
+  async release(owner) {
+    if (!(await rules.release(this.record, owner))) return false;
+    this.alarm_ = undefined;
+    await this.ctx.storage.deleteAlarm();
+    return true;
+  }
+
+  /** claims.charge on this caller's bucket (an object named by Exchange.limitKey). */
+  charge(request) {
+    return rules.charge(this.#engine(), this.tat, request);
+  }
+
+  /** Expiry: the record is deleted once its key expires (a full bucket's state too). */
+  async alarm() {
+    this.alarm_ = undefined; // it fired: none is set now
+    const tat = this.tat.value;
+    if (tat !== undefined && Number(tat / 1_000_000n) < Date.now()) await this.tat.remove(this.tat.version);
+    const record = this.record.value;
+    if (!record) return;
+    const at = core.expiresAt(record);
+    if (at !== undefined && at > Date.now()) {
+      await this.alarmAt(at);
+      return;
+    }
+    await this.record.remove(this.record.version);
+  }
+
+  /** Sets the storage alarm at `at` unless it is set there already. A key's expiry is fixed
+   * at its claim, so completing it leaves the claim's alarm as it is. */
+  alarmAt(at) {
+    if (at === this.alarm_) return undefined;
+    this.alarm_ = at;
+    return this.ctx.storage.setAlarm(at);
   }
 }

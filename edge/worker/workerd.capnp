@@ -23,7 +23,11 @@ const config :Workerd.Config = (
 const idemgate :Workerd.Worker = (
   modules = [
     (name = "worker/index.js", esModule = embed "index.js"),
+    (name = "worker/core.js", esModule = embed "core.js"),
     (name = "worker/engine.js", esModule = embed "engine.js"),
+    (name = "worker/gate.js", esModule = embed "gate.js"),
+    (name = "worker/outcomes.js", esModule = embed "outcomes.js"),
+    (name = "worker/claims.js", esModule = embed "claims.js"),
     (name = "worker/store.js", esModule = embed "store.js"),
     (name = "dist/module/idemgate_edge.js", esModule = embed "../dist/module/idemgate_edge.js"),
     (name = "dist/module/idemgate_edge_bg.wasm", wasm = embed "../dist/module/idemgate_edge_bg.wasm"),
