@@ -112,6 +112,60 @@ export async function send(mf, name, method, path, { headers = {}, body, signal,
   };
 }
 
+export const DENO = join(EDGE, "node_modules/.bin/deno");
+/** What the README tells users to run worker/deno.js with (plus a KV file's directory). */
+export const DENO_FLAGS = ["--unstable-kv", "--allow-net", "--allow-env", "--allow-read"];
+const DENO_ENV = { DENO_NO_UPDATE_CHECK: "1", DENO_NO_PROMPT: "1" };
+
+/** A Deno process (the npm package's binary) running `args`; resolves once it printed a line
+ * matching `ready` (its match is `.ready`). stdout is scanned, then passed on; stderr inherited. */
+export async function startDeno(args, { env = {}, ready, timeoutMs = 30_000 } = {}) {
+  const proc = spawn(DENO, args, { cwd: EDGE, env: { ...process.env, ...DENO_ENV, ...env }, stdio: ["ignore", "pipe", "inherit"] });
+  let out = "";
+  const match = await new Promise((resolveReady, reject) => {
+    const timer = setTimeout(() => reject(new Error(`deno did not start: ${out}`)), timeoutMs);
+    const onData = (d) => {
+      out += d;
+      const m = out.match(ready);
+      if (m) {
+        clearTimeout(timer);
+        proc.stdout.off("data", onData);
+        resolveReady(m);
+      }
+    };
+    proc.stdout.on("data", onData);
+    proc.on("exit", (code) => reject(new Error(`deno exited (${code}): ${out}`)));
+  });
+  proc.stdout.pipe(process.stdout);
+  return {
+    proc,
+    ready: match,
+    async stop(signal = "SIGTERM") {
+      if (proc.exitCode === null && proc.signalCode === null) {
+        const exited = new Promise((r) => proc.once("exit", r));
+        proc.kill(signal);
+        await exited;
+      }
+    },
+  };
+}
+
+/** An HTTP request with fetch; resolves like send(). */
+export async function request(url, method, { headers = {}, body, signal } = {}) {
+  const init = { method, headers, signal, redirect: "manual" };
+  if (body !== undefined && body !== null) init.body = body;
+  const res = await fetch(url, init);
+  const bytes = new Uint8Array(await res.arrayBuffer());
+  return {
+    status: res.status,
+    headers: res.headers,
+    header: (n) => res.headers.get(n),
+    body: bytes,
+    text: () => new TextDecoder().decode(bytes),
+    json: () => JSON.parse(new TextDecoder().decode(bytes)),
+  };
+}
+
 export function tempDir(prefix) {
   const dir = mkdtempSync(join(tmpdir(), prefix));
   return { dir, remove: () => rmSync(dir, { recursive: true, force: true }) };

@@ -2,8 +2,8 @@
 // core, as filter/ is for Envoy. Every decision is the core's; this file moves bytes between
 // the client, the core, the store and the origin. Runtimes plug in through `host`:
 //
-//   core, engineFor  the core's build for the runtime and its configuration cache (engine.js)
-//   host.config      the configuration (same JSON as the Envoy filter's; absent = defaults)
+//   core             the core's build for the runtime
+//   host.engine()    the configuration's engine: {engine} or {error} (engine.js's cache)
 //   host.store       the store port: record(keyId) → {begin, complete, release} and
 //                    bucket(name) → {charge}; store.js (Durable Objects) and kv.js (Deno KV)
 //                    implement it with claims.js
@@ -38,7 +38,7 @@ const token = () => crypto.getRandomValues(new BigUint64Array(1))[0] || 1n;
 const short = (keyId) => keyId.slice(0, 12);
 
 /** The request handler for one build of the core: `handle(request, host)` → Response. */
-export function gate(core, engineFor) {
+export function gate(core) {
   const Step = core.Step;
   const cache = new Map();
   let cacheBytes = 0;
@@ -75,7 +75,7 @@ export function gate(core, engineFor) {
 
   async function handle(request, host) {
     const report = newReport(request.method, host.logs !== false, host.analytics);
-    const { engine, error } = engineFor(host.config);
+    const { engine, error } = host.engine();
     if (!engine) {
       report.outcome = "misconfigured";
       return finish(report, toResponse(core.misconfigured(error)));

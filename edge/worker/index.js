@@ -17,7 +17,7 @@ import { durableObjectStore } from "./store.js";
 
 export { IdempotencyStore } from "./store.js";
 
-const handle = gate(core, engineFor);
+const handle = gate(core);
 
 // Per isolate: the host is rebuilt only when the bindings object changes.
 let last = { env: undefined, host: undefined };
@@ -27,7 +27,7 @@ function hostFor(env) {
   const { origin, error } = originOf(env);
   const store = env.IDEMGATE_STORE ? durableObjectStore(env.IDEMGATE_STORE) : null;
   const host = {
-    config: env.IDEMGATE_CONFIG,
+    engine: () => engineFor(env.IDEMGATE_CONFIG),
     store,
     origin,
     misconfigured: error ?? (store ? null : "no store: bind a Durable Object namespace of class IdempotencyStore as IDEMGATE_STORE"),
