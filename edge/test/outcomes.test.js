@@ -3,7 +3,8 @@
 // line per request, captured from workerd's output) are summed into the Envoy counters they
 // name, and every counter must equal what the test sent of its kind. Also: requests refused
 // at body time spend rate-limit quota, no line carries a raw key or credential, and
-// IDEMGATE_OUTCOME_LOGS=off silences the lines.
+// IDEMGATE_OUTCOME_LOGS=off silences the lines. The same traffic's Workers Analytics Engine data
+// points (IDEMGATE_ANALYTICS, bound to a recording stand-in) add up to the same counters.
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import { Miniflare } from "miniflare";
@@ -48,7 +49,19 @@ before(async () => {
   origin = await startOrigin();
   mf = new Miniflare({
     workers: [
-      worker("metrics", CONFIG, origin),
+      worker("metrics", CONFIG, origin, { wrappedBindings: { IDEMGATE_ANALYTICS: { scriptName: "analytics" } } }),
+      // An Analytics Engine dataset that writes each data point to the log (Miniflare's own
+      // simulator drops them).
+      {
+        name: "analytics",
+        modules: [
+          {
+            type: "ESModule",
+            path: "analytics.js",
+            contents: `export default () => ({ writeDataPoint(p) { console.log("${POINT}" + JSON.stringify(p)); } });`,
+          },
+        ],
+      },
       worker("quiet", { store: { namespace: "quiet" } }, origin, { bindings: { IDEMGATE_OUTCOME_LOGS: "off" } }),
       worker("waitrl", WAIT_CONFIG, origin),
     ],
@@ -67,6 +80,21 @@ after(async () => {
 });
 
 const MARK = '{"idemgate":"outcome"';
+const POINT = "analytics-engine-point ";
+
+/** The Analytics Engine data points captured so far for `namespace`. */
+function points(namespace) {
+  const out = [];
+  for (const m of messages) {
+    for (const text of m.split("\n")) {
+      const at = text.indexOf(POINT);
+      if (at < 0) continue;
+      const p = JSON.parse(text.slice(at + POINT.length));
+      if (p.indexes[0] === namespace) out.push(p);
+    }
+  }
+  return out;
+}
 
 /** The outcome lines captured so far for `namespace`. */
 function lines(namespace) {
@@ -224,6 +252,18 @@ test("scripted traffic: the log lines count every outcome as Envoy's counters do
   assert.deepEqual(diff, [], diff.join("; "));
   // counters not listed above (wait_timeouts, lost_claims, store_errors, …) are 0: the
   // union above already requires it
+
+  // the Analytics Engine data points count the same: one per counter, double1 = 1
+  const ps = points(NAMESPACE);
+  const byCounter = {};
+  for (const pt of ps) byCounter[pt.blobs[0]] = (byCounter[pt.blobs[0]] ?? 0) + pt.doubles[0];
+  assert.deepEqual(byCounter, got);
+  for (const pt of ps) {
+    assert.equal(pt.blobs.length, 4);
+    assert.ok(["POST", "GET"].includes(pt.blobs[2]), JSON.stringify(pt));
+    assert.ok(pt.doubles[1] >= 200 && pt.doubles[1] < 600, JSON.stringify(pt));
+  }
+  assert.deepEqual(points("quiet"), [], "no dataset bound there");
 
   // every line is consistent with its answer
   for (const l of ls) {
