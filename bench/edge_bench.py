@@ -6,6 +6,12 @@ One workerd process (edge/node_modules, the version the edge tests use), pinned 
 as Envoy is, serves every scenario on its own socket:
 
     edge_pass      a trivial worker that forwards the request to the origin (the limit)
+    edge_floor     the floor of a first request with a Durable Object per key: a worker with
+                   no idemgate logic making the platform calls idemgate's first request makes
+                   (body read whole, a new object per key reading its storage at start, a
+                   begin round trip writing a record and an alarm in one batch, the request
+                   forwarded, the response read whole, a complete round trip writing the
+                   response) and answering with the origin's response
     edge_first     the idemgate edge worker (edge/worker, edge/dist), a new key per request
     edge_replay    the same worker, one key (primed: replays, answered from the isolate
                    cache or the key's Durable Object without reaching the origin)
@@ -50,6 +56,8 @@ import harness  # noqa: E402
 
 SCENARIOS: dict[str, dict[str, str]] = {
     "edge_pass": {"title": "1 passthrough worker (forwards to the origin)", "mode": "unique"},
+    "edge_floor": {"title": "2 Durable Object floor probe (a first request's round trips and writes, no idemgate)",
+                   "mode": "unique"},
     "edge_first": {"title": "3 idemgate edge worker, first requests", "mode": "unique"},
     "edge_replay": {"title": "4 idemgate edge worker, replays (one key)", "mode": "fixed"},
     "edge_upstream": {"title": "origin worker alone [diag]", "mode": "unique"},
@@ -69,6 +77,46 @@ export default {
     await request.arrayBuffer();
     served += 1;
     return new Response('{"ok":true}', { headers: { "content-type": "application/json" } });
+  },
+};
+"""
+
+FLOOR_JS = """
+import { DurableObject } from "cloudflare:workers";
+
+export class FloorStore extends DurableObject {
+  constructor(ctx, env) {
+    super(ctx, env);
+    ctx.blockConcurrencyWhile(async () => {
+      const stored = await ctx.storage.get(["record", "tat"]);
+      this.record = stored.get("record");
+    });
+  }
+  begin({ fingerprint }) {
+    this.record = fingerprint;
+    const put = this.ctx.storage.put("record", fingerprint);
+    const alarm = this.ctx.storage.setAlarm(Date.now() + 86400000);
+    return Promise.all([put, alarm]).then(() => ({ claimed: true, record: fingerprint }));
+  }
+  complete(record) {
+    this.record = record;
+    return this.ctx.storage.put("record", record).then(() => true);
+  }
+  async alarm() {
+    await this.ctx.storage.delete("record");
+  }
+}
+
+export default {
+  async fetch(request, env) {
+    const body = await request.arrayBuffer();
+    const key = request.headers.get("idempotency-key") ?? "";
+    const stub = env.FLOOR_STORE.get(env.FLOOR_STORE.idFromName(key));
+    await stub.begin({ fingerprint: new Uint8Array(32) });
+    const upstream = await env.ORIGIN.fetch(new Request(request.url, { method: request.method, headers: request.headers, body }));
+    const bytes = new Uint8Array(await upstream.arrayBuffer());
+    await stub.complete(bytes);
+    return new Response(bytes, { status: upstream.status, headers: upstream.headers });
   },
 };
 """
@@ -98,7 +146,7 @@ def capnp(ports: dict[str, int]) -> str:
     sockets = ",\n    ".join(
         f'(name = "{sid}", address = "127.0.0.1:{port}", http = (), service = "{service}")'
         for sid, port in ports.items()
-        for service in [{"edge_pass": "pass", "edge_upstream": "origin"}.get(sid, "idemgate")]
+        for service in [{"edge_pass": "pass", "edge_floor": "floor", "edge_upstream": "origin"}.get(sid, "idemgate")]
     )
     modules = ",\n    ".join(
         [f'(name = "worker/{f}", esModule = embed "worker/{f}")' for f in WORKER_FILES]
@@ -112,6 +160,7 @@ const config :Workerd.Config = (
   services = [
     (name = "idemgate", worker = .idemgate),
     (name = "pass", worker = .pass),
+    (name = "floor", worker = .floor),
     (name = "origin", worker = .origin),
   ],
   sockets = [
@@ -126,6 +175,16 @@ const pass :Workerd.Worker = (
   modules = [(name = "pass.js", esModule = embed "pass.js")],
   compatibilityDate = "2025-04-01",
   bindings = [(name = "ORIGIN", service = "origin")],
+);
+const floor :Workerd.Worker = (
+  modules = [(name = "floor.js", esModule = embed "floor.js")],
+  compatibilityDate = "2025-04-01",
+  bindings = [
+    (name = "ORIGIN", service = "origin"),
+    (name = "FLOOR_STORE", durableObjectNamespace = "FloorStore"),
+  ],
+  durableObjectNamespaces = [(className = "FloorStore", uniqueKey = "idemgate-edge-bench-floor")],
+  durableObjectStorage = (inMemory = void),
 );
 const idemgate :Workerd.Worker = (
   modules = [
@@ -157,6 +216,7 @@ class Workerd:
             shutil.copy(src, self.dir / "dist" / "module" / f)
         (self.dir / "origin.js").write_text(ORIGIN_JS)
         (self.dir / "pass.js").write_text(PASS_JS)
+        (self.dir / "floor.js").write_text(FLOOR_JS)
         (self.dir / "bench.capnp").write_text(capnp(ports))
         self.ports = ports
         self.cpu = cpu

@@ -51,15 +51,17 @@ fn ms_to_js(v: u64) -> f64 {
     v as f64
 }
 
-/// Header pairs from a flat list `[name, value, name, value, …]`. Fetch header values are
-/// byte strings (every character ≤ U+00FF), so each character is one byte, as on the wire.
-fn header_pairs(flat: &[String]) -> Vec<(String, Vec<u8>)> {
-    flat.chunks(2)
-        .filter_map(|pair| match pair {
-            [name, value] => Some((name.to_ascii_lowercase(), byte_string(value))),
-            _ => None,
-        })
-        .collect()
+/// Header pairs from their lines `name\nvalue\nname\nvalue\n…` (one string crosses into
+/// the wasm, not one per name and value; Fetch header names and values never contain a line
+/// feed). Fetch header values are byte strings (every character ≤ U+00FF), so each character
+/// is one byte, as on the wire.
+fn header_pairs(lines: &str) -> Vec<(String, Vec<u8>)> {
+    let mut parts = lines.split_terminator('\n');
+    let mut out = Vec::new();
+    while let (Some(name), Some(value)) = (parts.next(), parts.next()) {
+        out.push((name.to_ascii_lowercase(), byte_string(value)));
+    }
+    out
 }
 
 fn byte_string(s: &str) -> Vec<u8> {
@@ -165,16 +167,16 @@ impl Engine {
         )
     }
 
-    /// Starts a request at headers time. `headers` is flat (`[name, value, …]`),
+    /// Starts a request at headers time. `headers` are lines `name\nvalue\n…`,
     /// `random` supplies 16 random bytes for a generated correlation id.
     pub fn exchange(
         &self,
         method: &str,
         path_with_query: &str,
-        headers: Vec<String>,
+        headers: &str,
         random: &[u8],
     ) -> Exchange {
-        let mut headers = header_pairs(&headers);
+        let mut headers = header_pairs(headers);
         let mut ctx = AnswerContext::default();
         let mut generated = false;
         if let Some(c) = &self.config.correlation {
@@ -744,14 +746,19 @@ impl Exchange {
         self.config.store_namespace.clone()
     }
 
-    /// Rate-limit headers for the response (`[name, value, …]`), set when absent.
-    #[wasm_bindgen(getter, js_name = rateHeaders)]
-    pub fn rate_headers(&self) -> Vec<String> {
-        self.rate
-            .iter()
-            .flat_map(RateHeaders::pairs)
-            .flat_map(|(n, v)| [n.to_string(), v])
-            .collect()
+    /// Headers to set on the origin's response when it lacks them, as lines
+    /// `name\nvalue\n…`: the correlation id and the rate-limit headers, as the filter adds
+    /// them. Empty when there are none.
+    #[wasm_bindgen(getter, js_name = responseHeaders)]
+    pub fn response_headers(&self) -> String {
+        let mut out = String::new();
+        if let (Some(name), Some(id)) = (&self.ctx.correlation_header, &self.ctx.request_id) {
+            out.push_str(&format!("{name}\n{id}\n"));
+        }
+        for (name, value) in self.rate.iter().flat_map(RateHeaders::pairs) {
+            out.push_str(&format!("{name}\n{value}\n"));
+        }
+        out
     }
 
     /// The store could not be reached: answer 503 with `Retry-After` (nothing was executed).
@@ -783,10 +790,11 @@ impl Exchange {
         Some(Answer { inner })
     }
 
-    /// Starts capturing the origin's response to a claimed request.
-    pub fn capture(&self, status: u16, headers: Vec<String>) -> Capture {
+    /// Starts capturing the origin's response to a claimed request (`headers` as lines
+    /// `name\nvalue\n…`).
+    pub fn capture(&self, status: u16, headers: &str) -> Capture {
         let rule = self.config.rule_at(self.rule);
-        let capture = ResponseCapture::new(rule, status, &header_pairs(&headers));
+        let capture = ResponseCapture::new(rule, status, &header_pairs(headers));
         Capture {
             storable: capture.wants_body(),
             inner: Some(capture),

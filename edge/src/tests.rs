@@ -4,11 +4,9 @@ fn engine(json: &str) -> Engine {
     Engine::parse(json).unwrap()
 }
 
-fn h(pairs: &[(&str, &str)]) -> Vec<String> {
-    pairs
-        .iter()
-        .flat_map(|(n, v)| [n.to_string(), v.to_string()])
-        .collect()
+/// Header lines `name\nvalue\n…`, as the worker passes them.
+fn h(pairs: &[(&str, &str)]) -> String {
+    pairs.iter().map(|(n, v)| format!("{n}\n{v}\n")).collect()
 }
 
 fn json(answer: &Answer) -> idemgate_core::json::Value {
@@ -27,7 +25,7 @@ fn ready(e: &Engine, key: &str, body: &[u8]) -> Exchange {
     let mut ex = e.exchange(
         "POST",
         "/orders?x=1",
-        h(&[("Idempotency-Key", key)]),
+        &h(&[("Idempotency-Key", key)]),
         &[0; 16],
     );
     assert_eq!(ex.step(), Step::Body);
@@ -56,11 +54,11 @@ fn config_errors_name_the_field() {
 #[test]
 fn pass_reject_and_body_steps() {
     let e = engine("{}");
-    let get = e.exchange("GET", "/x", h(&[("idempotency-key", "k")]), &[]);
+    let get = e.exchange("GET", "/x", &h(&[("idempotency-key", "k")]), &[]);
     assert_eq!(get.step(), Step::Pass);
-    let none = e.exchange("POST", "/x", vec![], &[]);
+    let none = e.exchange("POST", "/x", "", &[]);
     assert_eq!(none.step(), Step::Pass);
-    let bad = e.exchange("POST", "/x", h(&[("idempotency-key", "\"open")]), &[]);
+    let bad = e.exchange("POST", "/x", &h(&[("idempotency-key", "\"open")]), &[]);
     assert_eq!(bad.step(), Step::Answer);
     let a = bad.answer().unwrap();
     assert_eq!(a.status(), 400);
@@ -71,16 +69,16 @@ fn pass_reject_and_body_steps() {
     let declared = e.exchange(
         "POST",
         "/x",
-        h(&[("idempotency-key", "k"), ("content-length", "1048577")]),
+        &h(&[("idempotency-key", "k"), ("content-length", "1048577")]),
         &[],
     );
     assert_eq!(declared.answer().unwrap().status(), 413);
-    let mut streamed = e.exchange("POST", "/x", h(&[("idempotency-key", "k")]), &[]);
+    let mut streamed = e.exchange("POST", "/x", &h(&[("idempotency-key", "k")]), &[]);
     assert_eq!(streamed.max_body_bytes(), 1_048_576.0);
     streamed.body_too_large();
     assert_eq!(streamed.answer().unwrap().status(), 413);
     // Latin-1 bytes arrive as one character each and are refused like on the wire
-    let latin = e.exchange("POST", "/x", h(&[("idempotency-key", "caf\u{e9}")]), &[]);
+    let latin = e.exchange("POST", "/x", &h(&[("idempotency-key", "caf\u{e9}")]), &[]);
     let doc = json(&latin.answer().unwrap());
     assert!(doc["detail"].as_str().unwrap().contains("position 3"));
 }
@@ -110,7 +108,7 @@ fn claim_complete_replay_round_trip() {
     // the origin answers 201: capture and complete
     let mut cap = ex.capture(
         201,
-        h(&[
+        &h(&[
             ("Content-Type", "application/json"),
             ("Set-Cookie", "s=1"),
             ("X-Other", "no"),
@@ -169,7 +167,7 @@ fn unstored_status_and_release() {
         None,
     );
     let claim = v.record().unwrap();
-    let mut cap = ex.capture(503, vec![]);
+    let mut cap = ex.capture(503, "");
     assert!(!cap.storable());
     assert_eq!(cap.finish(&claim), None);
     assert_eq!(cap.reason().as_deref(), Some("status"));
@@ -194,7 +192,7 @@ fn too_large_response_is_not_stored() {
         )
         .record()
         .unwrap();
-    let mut cap = ex.capture(200, vec![]);
+    let mut cap = ex.capture(200, "");
     cap.push(b"abcd");
     assert!(!cap.wants_body());
     assert_eq!(cap.finish(&claim), None);
@@ -276,17 +274,17 @@ fn wait_policy_wakes_at_the_lease_or_deadline() {
 #[test]
 fn correlation_ids_are_echoed_or_generated() {
     let e = engine(r#"{"correlation": {"header": "x-request-id"}}"#);
-    let sent = e.exchange("GET", "/x", h(&[("X-Request-Id", "abc")]), &[1; 16]);
+    let sent = e.exchange("GET", "/x", &h(&[("X-Request-Id", "abc")]), &[1; 16]);
     assert_eq!(sent.request_id().as_deref(), Some("abc"));
     assert!(!sent.generated());
-    let made = e.exchange("POST", "/x", h(&[("idempotency-key", "")]), &[7; 16]);
+    let made = e.exchange("POST", "/x", &h(&[("idempotency-key", "")]), &[7; 16]);
     assert!(made.generated());
     let id = made.request_id().unwrap();
     assert_eq!(id.len(), 36);
     assert_eq!(id.as_bytes()[14], b'4');
     let a = made.answer().unwrap();
     assert_eq!(header(&a.headers(), "x-request-id"), Some(id.as_str()));
-    let off = engine("{}").exchange("POST", "/x", vec![], &[0; 16]);
+    let off = engine("{}").exchange("POST", "/x", "", &[0; 16]);
     assert_eq!(off.correlation_header(), None);
     assert_eq!(off.request_id(), None);
 }
@@ -297,18 +295,18 @@ fn body_keys_and_routes() {
         r#"{"routes": [{"match": {"prefix": "/orders"}, "key": {"sources": [{"jsonPointer": "/orderId"}], "required": true},
              "onDuplicate": {"action": "reject", "status": 409, "code": "duplicate_order"}}]}"#,
     );
-    let mut ex = e.exchange("POST", "/orders", vec![], &[]);
+    let mut ex = e.exchange("POST", "/orders", "", &[]);
     assert_eq!(ex.step(), Step::Body);
     assert_eq!(ex.rule(), 1);
     ex.body(br#"{"items": []}"#);
     assert_eq!(ex.answer().unwrap().status(), 400);
-    let mut bad = e.exchange("POST", "/orders", vec![], &[]);
+    let mut bad = e.exchange("POST", "/orders", "", &[]);
     bad.body(b"not json");
     assert_eq!(
         json(&bad.answer().unwrap())["type"],
         "https://idemgate.dev/problems/invalid-body"
     );
-    let mut ok = e.exchange("POST", "/orders", vec![], &[]);
+    let mut ok = e.exchange("POST", "/orders", "", &[]);
     ok.body(br#"{"orderId": "o-1"}"#);
     assert_eq!(ok.step(), Step::Ready);
     assert_eq!(ok.rule_name(), "route0");
@@ -317,10 +315,10 @@ fn body_keys_and_routes() {
         .decide(ok.rule(), &fp, 3, None, None, 0.0, None)
         .record()
         .unwrap();
-    let mut cap = ok.capture(200, vec![]);
+    let mut cap = ok.capture(200, "");
     cap.push(b"ok");
     let done = cap.finish(&claim).unwrap();
-    let mut dup = e.exchange("POST", "/orders", vec![], &[]);
+    let mut dup = e.exchange("POST", "/orders", "", &[]);
     dup.body(br#"{"orderId": "o-1"}"#);
     assert!(dup.consider(&done, 1.0, None));
     let doc = json(&dup.answer().unwrap());
@@ -342,7 +340,7 @@ fn garbage_records_never_panic() {
         e.decide(0, &[0; 31], 1, None, None, 0.0, None).kind(),
         VerdictKind::Settled
     );
-    let mut cap = ex.capture(200, vec![]);
+    let mut cap = ex.capture(200, "");
     assert_eq!(cap.finish(b"junk"), None);
     assert_eq!(cap.reason().as_deref(), Some("bad_claim"));
 }
@@ -355,7 +353,7 @@ fn rate_limits_charge_like_the_filter() {
     );
     let caller = [("authorization", "Bearer a")];
     // not inspected (GET): a charge of 1 is due at headers time
-    let mut get = e.exchange("GET", "/x", h(&caller), &[]);
+    let mut get = e.exchange("GET", "/x", &h(&caller), &[]);
     assert!(get.charge_due());
     let bucket = get.limit_key().unwrap();
     assert!(bucket.starts_with("rate:idemgate:"));
@@ -363,15 +361,14 @@ fn rate_limits_charge_like_the_filter() {
     let tat1 = e.rate_check(get.limit_rule(), None, now, 1);
     assert!(tat1.is_some());
     assert!(!get.charged(None, now, 1));
-    assert_eq!(
-        header(&get.rate_headers(), "x-ratelimit-remaining"),
-        Some("1")
-    );
+    let added = get.response_headers();
+    let lines: Vec<String> = added.split_terminator('\n').map(str::to_string).collect();
+    assert_eq!(header(&lines, "x-ratelimit-remaining"), Some("1"));
     // the same caller elsewhere shares the bucket; another caller does not
-    let other = e.exchange("GET", "/y", h(&[("authorization", "Bearer b")]), &[]);
+    let other = e.exchange("GET", "/y", &h(&[("authorization", "Bearer b")]), &[]);
     assert_ne!(other.limit_key().unwrap(), bucket);
     assert_eq!(
-        e.exchange("GET", "/y", h(&caller), &[])
+        e.exchange("GET", "/y", &h(&caller), &[])
             .limit_key()
             .unwrap(),
         bucket
@@ -379,7 +376,7 @@ fn rate_limits_charge_like_the_filter() {
     let tat2 = e.rate_check(0, tat1, now, 1);
     // over the limit: no new state, and the answer is the 429 with the headers
     assert_eq!(e.rate_check(0, tat2, now, 1), None);
-    let mut third = e.exchange("POST", "/z", h(&caller), &[]);
+    let mut third = e.exchange("POST", "/z", &h(&caller), &[]);
     assert!(third.charge_due());
     assert!(third.charged(tat2, now, 1));
     let a = third.answer().unwrap();
@@ -404,7 +401,7 @@ fn rate_limits_charge_like_the_filter() {
         )
         .record()
         .unwrap();
-    let mut cap = covered.capture(200, vec![]);
+    let mut cap = covered.capture(200, "");
     let done = cap.finish(&claim).unwrap();
     assert!(covered.consider(&done, now, None));
     assert_eq!(covered.deferred_cost(), Some(0));
@@ -413,20 +410,20 @@ fn rate_limits_charge_like_the_filter() {
     assert_eq!(header(&a.headers(), "idempotent-replayed"), Some("true"));
     assert_eq!(header(&a.headers(), "x-ratelimit-remaining"), Some("0"));
     // an unreachable bucket: failClosed by default
-    let mut lost = e.exchange("GET", "/x", h(&caller), &[]);
+    let mut lost = e.exchange("GET", "/x", &h(&caller), &[]);
     assert!(lost.charge_failed(now));
     assert_eq!(lost.answer().unwrap().status(), 429);
     // no rate limit configured: nothing to charge
     assert_eq!(
-        engine("{}").exchange("GET", "/x", vec![], &[]).limit_key(),
+        engine("{}").exchange("GET", "/x", "", &[]).limit_key(),
         None
     );
 }
 
 fn ready_with(e: &Engine, extra: &[(&str, &str)], key: &str, body: &[u8]) -> Exchange {
     let mut headers = h(extra);
-    headers.extend(h(&[("idempotency-key", key)]));
-    let mut ex = e.exchange("POST", "/orders", headers, &[0; 16]);
+    headers.push_str(&h(&[("idempotency-key", key)]));
+    let mut ex = e.exchange("POST", "/orders", &headers, &[0; 16]);
     assert_eq!(ex.step(), Step::Body);
     ex.body(body);
     assert_eq!(ex.step(), Step::Ready);
@@ -438,22 +435,22 @@ fn outcomes_are_named_as_the_envoy_counters() {
     let e = engine(r#"{"key": {"sources": [{"jsonPointer": "/id"}], "required": true}}"#);
     let outcome = |ex: &Exchange| (ex.covered(), ex.outcome());
     // not covered (GET): no counter at all
-    let get = e.exchange("GET", "/x", vec![], &[]);
+    let get = e.exchange("GET", "/x", "", &[]);
     assert_eq!(outcome(&get), (false, None));
     assert_eq!(get.namespace(), "idemgate");
     // refused at body time: the refusal's counter
-    let mut not_json = e.exchange("POST", "/x", vec![], &[]);
+    let mut not_json = e.exchange("POST", "/x", "", &[]);
     assert_eq!(outcome(&not_json), (true, None));
     not_json.body(b"{nope");
     assert_eq!(outcome(&not_json), (true, Some("invalid_bodies".into())));
-    let mut missing = e.exchange("POST", "/x", vec![], &[]);
+    let mut missing = e.exchange("POST", "/x", "", &[]);
     missing.body(b"{}");
     assert_eq!(outcome(&missing), (true, Some("missing_keys".into())));
-    let mut large = e.exchange("POST", "/x", vec![], &[]);
+    let mut large = e.exchange("POST", "/x", "", &[]);
     large.body_too_large();
     assert_eq!(outcome(&large), (true, Some("too_large".into())));
     // ready: forwarded with a claim; then a replay, a mismatch, a conflict
-    let mut first = e.exchange("POST", "/x", vec![], &[]);
+    let mut first = e.exchange("POST", "/x", "", &[]);
     first.body(br#"{"id": "a"}"#);
     assert_eq!(outcome(&first), (true, Some("forwarded".into())));
     let now = 1_000_000.0;
@@ -462,22 +459,22 @@ fn outcomes_are_named_as_the_envoy_counters() {
         .decide(first.rule(), &fp, 7, None, None, now, None)
         .record()
         .unwrap();
-    let mut conflict = e.exchange("POST", "/x", vec![], &[]);
+    let mut conflict = e.exchange("POST", "/x", "", &[]);
     conflict.body(br#"{"id": "a"}"#);
     assert!(conflict.consider(&claim, now, None));
     assert_eq!(conflict.outcome().as_deref(), Some("conflicts"));
-    let done = first.capture(200, vec![]).finish(&claim).unwrap();
-    let mut again = e.exchange("POST", "/x", vec![], &[]);
+    let done = first.capture(200, "").finish(&claim).unwrap();
+    let mut again = e.exchange("POST", "/x", "", &[]);
     again.body(br#"{"id": "a"}"#);
     assert!(again.consider(&done, now, None));
     assert_eq!(again.outcome().as_deref(), Some("replayed"));
-    let mut changed = e.exchange("POST", "/x", vec![], &[]);
+    let mut changed = e.exchange("POST", "/x", "", &[]);
     changed.body(br#"{"id": "a", "x": 1}"#);
     assert!(changed.consider(&done, now, None));
     assert_eq!(changed.outcome().as_deref(), Some("mismatches"));
     // covered but no key where none is required: passed
     let optional = engine("{}");
-    let passed = optional.exchange("POST", "/x", vec![], &[]);
+    let passed = optional.exchange("POST", "/x", "", &[]);
     assert_eq!(outcome(&passed), (true, Some("passed".into())));
     let mut store_down = ready(&optional, "k", b"x");
     store_down.store_unavailable();
@@ -492,7 +489,7 @@ fn requests_refused_at_body_time_are_charged() {
     );
     let now = 1_000_000.0;
     for body in [&b"{nope"[..], b"{}"] {
-        let mut ex = e.exchange("POST", "/x", vec![], &[]);
+        let mut ex = e.exchange("POST", "/x", "", &[]);
         assert!(!ex.charge_due(), "inspected: charged once the body is in");
         ex.body(body);
         assert_eq!(ex.step(), Step::Answer);
@@ -505,7 +502,7 @@ fn requests_refused_at_body_time_are_charged() {
     }
     // over the limit the 429 replaces the refusal, once: nothing more is due
     let tat = e.rate_check(0, None, now, 1);
-    let mut ex = e.exchange("POST", "/x", vec![], &[]);
+    let mut ex = e.exchange("POST", "/x", "", &[]);
     ex.body_too_large();
     assert!(ex.charged(tat, now, 1));
     assert_eq!(ex.outcome().as_deref(), Some("rate_limited"));
@@ -522,7 +519,7 @@ fn a_body_hashed_by_the_worker_resolves_as_the_body() {
     let mut ex = e.exchange(
         "POST",
         "/orders?x=1",
-        h(&[("Idempotency-Key", "k1")]),
+        &h(&[("Idempotency-Key", "k1")]),
         &[0; 16],
     );
     let head = ex.body_hash_head(body.len() as f64).unwrap();
@@ -544,7 +541,29 @@ fn a_body_hashed_by_the_worker_resolves_as_the_body() {
 
     // a key in the body: the body itself is needed
     let e = engine(r#"{"key": {"sources": [{"jsonPointer": "/id"}]}}"#);
-    let ex = e.exchange("POST", "/orders", h(&[]), &[0; 16]);
+    let ex = e.exchange("POST", "/orders", &h(&[]), &[0; 16]);
     assert_eq!(ex.step(), Step::Body);
     assert_eq!(ex.body_hash_head(10.0), None);
+}
+
+#[test]
+fn header_lines_become_pairs() {
+    let pairs = header_pairs("Idempotency-Key\nk-1\nX-Empty\n\nX-Latin\ncaf\u{e9}\ndangling");
+    assert_eq!(
+        pairs,
+        vec![
+            ("idempotency-key".to_string(), b"k-1".to_vec()),
+            ("x-empty".to_string(), Vec::new()),
+            ("x-latin".to_string(), vec![b'c', b'a', b'f', 0xe9]),
+        ]
+    );
+    assert!(header_pairs("").is_empty());
+}
+
+#[test]
+fn response_headers_carry_the_correlation_id() {
+    let e = engine(r#"{"correlation": {"header": "x-request-id"}}"#);
+    let sent = e.exchange("POST", "/x", &h(&[("X-Request-Id", "abc")]), &[]);
+    assert_eq!(sent.response_headers(), "x-request-id\nabc\n");
+    assert_eq!(engine("{}").exchange("POST", "/x", "", &[]).response_headers(), "");
 }

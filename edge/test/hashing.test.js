@@ -17,7 +17,7 @@ export default {
     const engine = new core.Engine(JSON.stringify(config));
     const body = new Uint8Array(size);
     for (let i = 0; i < size; i++) body[i] = (i * 7 + size) & 0xff;
-    const flat = Object.entries(headers).flat();
+    const flat = Object.entries(headers).map(([n, v]) => n + "\\n" + v + "\\n").join("");
     const byWasm = engine.exchange("POST", "/orders?x=1", flat, new Uint8Array(16));
     byWasm.body(body);
     const byJs = engine.exchange("POST", "/orders?x=1", flat, new Uint8Array(16));

@@ -42,9 +42,10 @@ export function toResponse(answer) {
   return new Response(body, { status, headers });
 }
 
-/** Headers as the flat list `[name, value, …]` the core takes. */
-export function flat(headers) {
-  const out = [];
-  for (const [name, value] of headers) out.push(name, value);
+/** Headers as the lines `name\nvalue\n…` the core takes (one string crosses into the wasm;
+ * Fetch header names and values never contain a line feed). */
+export function lines(headers) {
+  let out = "";
+  for (const [name, value] of headers) out += `${name}\n${value}\n`;
   return out;
 }

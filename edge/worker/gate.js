@@ -13,7 +13,7 @@
 //                    request is then answered 500 misconfigured naming it
 //   host.logs        one JSON line per request (outcomes.js); host.analytics an optional
 //                    Analytics Engine dataset
-import { flat, toResponse, NULL_BODY } from "./engine.js";
+import { lines, toResponse, NULL_BODY } from "./engine.js";
 import { emit, newReport, note } from "./outcomes.js";
 
 // Isolate-local cache of completed records, by scoped key id. A completed record cannot
@@ -29,8 +29,9 @@ const CACHE_MAX_BYTES = 8 << 20;
 // large bodies, but a digest call has a fixed cost, above the wasm's for a small body.
 const HASH_NATIVELY_FROM = 4096;
 
-// Responses of a declared length up to this size are read in one piece, natively, and
-// answered once stored; longer or undeclared ones stream through (captureStream).
+// Responses up to this size are read whole before they are answered (once stored): in one
+// piece, natively, when their length is declared, else as they come. A longer one streams
+// through (captureStream), the bytes read so far first.
 const BUFFER_RESPONSES_UP_TO = 64 << 10;
 
 const random = (n) => crypto.getRandomValues(new Uint8Array(n));
@@ -80,9 +81,8 @@ export function gate(core) {
       report.outcome = "misconfigured";
       return finish(report, toResponse(core.misconfigured(error)));
     }
-    const url = new URL(request.url);
-    const path = url.pathname + url.search;
-    const ex = engine.exchange(request.method, path, flat(request.headers), random(16));
+    const path = pathOf(request.url);
+    const ex = engine.exchange(request.method, path, lines(request.headers), random(16));
     let response;
     try {
       response = await exchange(ex, request, host, path, report);
@@ -166,7 +166,7 @@ export function gate(core) {
       report.notStored = "incomplete";
       return upstreamFailed(ex, true);
     }
-    const capture = ex.capture(upstream.status, flat(upstream.headers));
+    const capture = ex.capture(upstream.status, lines(upstream.headers));
     if (!capture.storable) {
       capture.free();
       report.notStored = "status";
@@ -178,23 +178,24 @@ export function gate(core) {
       await settle(stored);
       return passthrough(ex, upstream);
     }
-    const whole = await readDeclared(upstream, BUFFER_RESPONSES_UP_TO);
-    if (whole !== undefined) {
-      // In one piece: captured, stored, then answered (nothing reaches the client before
-      // a retry would find the record).
-      if (whole === null) {
-        report.notStored = "incomplete";
-        free(stored);
-        console.warn(`idemgate: response for key ${short(keyId)} incomplete; key held until its lease lapses`);
-        return upstreamFailed(ex, true);
-      }
-      capture.push(whole);
+    const read = await readAhead(upstream, BUFFER_RESPONSES_UP_TO);
+    if (read.broken) {
+      // The origin's body broke off: the outcome is unknown, the claim stays until its lease.
+      report.notStored = "incomplete";
+      free(stored);
+      console.warn(`idemgate: response for key ${short(keyId)} incomplete; key held until its lease lapses`);
+      return upstreamFailed(ex, true);
+    }
+    if (read.whole) {
+      // In one piece: captured, stored, then answered (nothing reaches the client before a
+      // retry would find the record).
+      capture.push(read.whole);
       await settle(stored);
-      return passthrough(ex, upstream, whole);
+      return passthrough(ex, upstream, read.whole);
     }
     // The log line waits for the end of the stream, when the record is stored or not.
     report.streaming = true;
-    return passthrough(ex, upstream, upstream.body.pipeThrough(captureStream(stored)));
+    return passthrough(ex, upstream, captureStream(stored, read.head, read.reader));
   }
 
   /** The response is complete: store it (or say why not). */
@@ -225,36 +226,64 @@ export function gate(core) {
     }
   }
 
-  /** Streams the origin's body to the client while the core captures it. The last chunk is
-   * held back until the record is stored, so a client never has the whole response before
-   * a retry would find it (as in Envoy, which stores at end of stream before passing it on).
-   * A client that goes away cancels the stream: the outcome is unknown, the claim stays
-   * until its lease. */
-  function captureStream(stored) {
-    let held = null;
-    return new TransformStream({
-      transform(chunk, controller) {
-        const bytes = chunk instanceof Uint8Array ? chunk : new Uint8Array(chunk);
-        if (stored.capture.wantsBody) stored.capture.push(bytes);
-        if (held) controller.enqueue(held);
-        held = bytes;
+  /** Streams the origin's body to the client while the core captures it: `head` (the chunks
+   * read ahead), then the rest from `reader`. The last chunk is held back until the record is
+   * stored, so a client never has the whole response before a retry would find it (as in
+   * Envoy, which stores at end of stream before passing it on). A client that goes away, or
+   * an origin body that breaks off, leaves the outcome unknown: the claim stays until its
+   * lease. */
+  function captureStream(stored, head, reader) {
+    const pending = [...head];
+    for (const chunk of head) stored.capture.push(chunk);
+    const incomplete = () => {
+      console.warn(`idemgate: response for key ${short(stored.keyId)} incomplete; key held until its lease lapses`);
+      stored.report.notStored = "incomplete";
+      emit(stored.report);
+      free(stored);
+    };
+    return new ReadableStream({
+      async pull(controller) {
+        for (;;) {
+          let next;
+          try {
+            next = await reader.read();
+          } catch (e) {
+            incomplete();
+            controller.error(e);
+            return;
+          }
+          if (next.done) {
+            await settle(stored);
+            emit(stored.report);
+            for (const chunk of pending.splice(0)) controller.enqueue(chunk);
+            controller.close();
+            return;
+          }
+          const bytes = next.value instanceof Uint8Array ? next.value : new Uint8Array(next.value);
+          if (stored.capture.wantsBody) stored.capture.push(bytes);
+          pending.push(bytes);
+          if (pending.length > 1) {
+            // everything but the last chunk may go
+            while (pending.length > 1) controller.enqueue(pending.shift());
+            return;
+          }
+        }
       },
-      async flush(controller) {
-        await settle(stored);
-        emit(stored.report);
-        if (held) controller.enqueue(held);
-      },
-      cancel() {
-        // The client went away (or the origin's body broke): nothing is stored.
-        console.warn(`idemgate: response for key ${short(stored.keyId)} incomplete; key held until its lease lapses`);
-        stored.report.notStored = "incomplete";
-        emit(stored.report);
-        free(stored);
+      cancel(reason) {
+        reader.cancel(reason).catch(() => {});
+        incomplete();
       },
     });
   }
 
   return handle;
+}
+
+/** The path and query of an absolute request URL (`http://host/p?q` → `/p?q`): request URLs are
+ * serialised, so the path starts at the first "/" after the authority. */
+function pathOf(url) {
+  const at = url.indexOf("/", url.indexOf("//") + 2);
+  return at < 0 ? "/" : url.slice(at);
 }
 
 /** `{origin}` for an origin's base URL (ORIGIN_URL), or `{error}` naming what is wrong. */
@@ -326,14 +355,15 @@ function chargeDeferred(store, ex) {
   return cost === undefined ? false : charge(store, ex, cost);
 }
 
-/** Correlation id and rate-limit headers on a response that lacks them. */
+/** `headers` with the correlation id and rate-limit headers it lacks (a copy only when there
+ * is something to add). */
 function addHeaders(ex, headers) {
-  const name = ex.correlationHeader;
-  const id = ex.requestId;
-  if (name && id !== undefined && !headers.has(name)) headers.set(name, id);
-  const rate = ex.rateHeaders;
-  for (let i = 0; i + 1 < rate.length; i += 2) if (!headers.has(rate[i])) headers.set(rate[i], rate[i + 1]);
-  return headers;
+  const extra = ex.responseHeaders;
+  if (!extra) return headers;
+  const out = new Headers(headers);
+  const pairs = extra.split("\n");
+  for (let i = 0; i + 1 < pairs.length; i += 2) if (!out.has(pairs[i])) out.set(pairs[i], pairs[i + 1]);
+  return out;
 }
 
 /** Sends the request to the origin: the client's headers (plus a generated correlation
@@ -346,21 +376,24 @@ function forward(origin, request, path, ex, body) {
     target.pathname = target.pathname.replace(/\/$/, "") + (q < 0 ? path : path.slice(0, q));
     target.search = q < 0 ? "" : path.slice(q);
   } else {
-    target = new URL(path, request.url);
+    target = request.url;
   }
-  const headers = new Headers(request.headers);
-  if (ex.generated) headers.set(ex.correlationHeader, ex.requestId);
+  let headers = request.headers;
+  if (ex.generated) {
+    headers = new Headers(headers);
+    headers.set(ex.correlationHeader, ex.requestId);
+  }
   const method = request.method;
   const noBody = method === "GET" || method === "HEAD";
   const init = { method, headers, body: noBody ? null : body, redirect: "manual" };
   if (init.body instanceof ReadableStream) init.duplex = "half";
-  return (origin.service ?? globalThis).fetch(new Request(target, init));
+  return (origin.service ?? globalThis).fetch(target, init);
 }
 
 /** The origin's response to the client, with the correlation id and rate-limit headers
  * when it lacks them. */
 function passthrough(ex, upstream, body = upstream.body) {
-  const headers = addHeaders(ex, new Headers(upstream.headers));
+  const headers = addHeaders(ex, upstream.headers);
   return new Response(NULL_BODY.has(upstream.status) ? null : body, { status: upstream.status, statusText: upstream.statusText, headers });
 }
 
@@ -426,6 +459,11 @@ async function readBody(request, max) {
     }
     chunks.push(value);
   }
+  return concat(chunks, total);
+}
+
+/** `chunks` (of `total` bytes) as one array. */
+function concat(chunks, total) {
   if (chunks.length === 1) return chunks[0];
   const out = new Uint8Array(total);
   let at = 0;
@@ -436,15 +474,25 @@ async function readBody(request, max) {
   return out;
 }
 
-/** A response body of declared length within `max`, read in one piece: its bytes, null when
- * it broke off, or undefined (stream it) when its length is not declared or larger. */
-async function readDeclared(upstream, max) {
-  const n = declaredLength(upstream.headers, max);
-  if (n === undefined) return undefined;
+/** Reads the origin's body up to `max` bytes: `{whole}` when it ended within them (in one
+ * piece, natively, when its length is declared), `{head, reader}` when it goes on (the chunks
+ * read so far and the rest), `{broken}` when it broke off. */
+async function readAhead(upstream, max) {
   try {
-    const whole = new Uint8Array(await upstream.arrayBuffer());
-    return whole.byteLength === n ? whole : null;
+    if (declaredLength(upstream.headers, max) !== undefined) return { whole: new Uint8Array(await upstream.arrayBuffer()) };
+    const reader = upstream.body.getReader();
+    const head = [];
+    let total = 0;
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      const bytes = value instanceof Uint8Array ? value : new Uint8Array(value);
+      head.push(bytes);
+      total += bytes.byteLength;
+      if (total > max) return { head, reader };
+    }
+    return { whole: concat(head, total) };
   } catch {
-    return null;
+    return { broken: true };
   }
 }
