@@ -260,6 +260,26 @@ class Workerd:
         finally:
             c.close()
 
+    def refusals(self) -> dict[str, int]:
+        """The idemgate outcome lines in workerd's log whose status is not 2xx, by status and
+        outcome (what wrk counts as status errors), and the store errors logged."""
+        counts: dict[str, int] = {}
+        if not self.log_path.is_file():
+            return counts
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if '"idemgate":"outcome"' in line:
+                try:
+                    d = json.loads(line[line.index("{"):])
+                except ValueError:
+                    continue
+                if not 200 <= d.get("status", 0) < 300:
+                    key = f"{d.get('status')} {d.get('outcome')}"
+                    counts[key] = counts.get(key, 0) + 1
+            elif "idemgate: store error" in line or "Error" in line and "idemgate" in line:
+                key = line.strip()[:160]
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
@@ -366,6 +386,11 @@ def main() -> int:
                 f"  p99 {res['p99_us']:6d}us  cpu {res['cpu_us_per_req']:6.1f}us/req  other {res['other_load']:.2f}"
                 f"  origin/req {res['origin_per_request']:.2f}  err {res['errors']}")
     log(f"measured {len(configs) * args.rounds} edge runs in {time.monotonic() - t0:.0f}s")
+    refused = w.refusals()
+    if refused:
+        notes.append("answers that were not 2xx (idemgate's log lines, all runs): "
+                     + "; ".join(f"{n}× {k}" for k, n in sorted(refused.items(), key=lambda kv: -kv[1])[:8]))
+        log(notes[-1])
     for entry in results.values():
         runs = entry["runs"]
         entry["median"] = {

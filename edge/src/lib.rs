@@ -873,18 +873,22 @@ impl Capture {
     }
 }
 
-/// Whether the Durable Object stores `completed` over `current`: only the claim's own
-/// completion, while that claim is still the stored record (the slot table's rule).
+/// Whether the store keeps `completed` over `current`: only the claim's own completion,
+/// while that claim is still the stored record (the slot table's rule). Returns when the
+/// completed record expires (its storage expiry) if so, nothing otherwise.
 #[wasm_bindgen]
-pub fn completes(current: Option<Vec<u8>>, completed: &[u8]) -> bool {
+pub fn completes(current: Option<Vec<u8>>, completed: &[u8]) -> Option<f64> {
     match (
         current.and_then(|b| Record::decode(&b).ok()),
         Record::decode(completed),
     ) {
-        (Some(Record::InFlight { owner: held, .. }), Ok(Record::Completed { owner, .. })) => {
-            held == owner
-        }
-        _ => false,
+        (
+            Some(Record::InFlight { owner: held, .. }),
+            Ok(Record::Completed {
+                owner, expires_at, ..
+            }),
+        ) if held == owner => Some(ms_to_js(expires_at)),
+        _ => None,
     }
 }
 

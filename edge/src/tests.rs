@@ -118,9 +118,12 @@ fn claim_complete_replay_round_trip() {
     cap.push(b"{\"id\":");
     cap.push(b"1}");
     let done = cap.finish(&claim).unwrap();
-    assert!(completes(Some(claim.clone()), &done));
-    assert!(!completes(None, &done));
-    assert!(!completes(Some(done.clone()), &done));
+    assert_eq!(
+        completes(Some(claim.clone()), &done),
+        Some(1_000.0 + 86_400_000.0)
+    );
+    assert_eq!(completes(None, &done), None);
+    assert_eq!(completes(Some(done.clone()), &done), None);
     assert_eq!(completed_until(&done), Some(1_000.0 + 86_400_000.0));
     // a retry replays from the completed record (the isolate cache or the object)
     let mut retry = ready(&e, "\"order-1\"", b"{\"a\":1}");
@@ -333,7 +336,7 @@ fn garbage_records_never_panic() {
     assert!(!ex.consider(b"nope", 0.0, None));
     assert_eq!(expires_at(b""), None);
     assert_eq!(completed_until(&[0xff; 40]), None);
-    assert!(!completes(Some(vec![1, 2]), b"x"));
+    assert_eq!(completes(Some(vec![1, 2]), b"x"), None);
     let v = e.decide(0, &[0; 32], 1, None, Some(vec![9; 9]), 0.0, None);
     assert_eq!(v.kind(), VerdictKind::Claimed);
     assert_eq!(
@@ -565,5 +568,10 @@ fn response_headers_carry_the_correlation_id() {
     let e = engine(r#"{"correlation": {"header": "x-request-id"}}"#);
     let sent = e.exchange("POST", "/x", &h(&[("X-Request-Id", "abc")]), &[]);
     assert_eq!(sent.response_headers(), "x-request-id\nabc\n");
-    assert_eq!(engine("{}").exchange("POST", "/x", "", &[]).response_headers(), "");
+    assert_eq!(
+        engine("{}")
+            .exchange("POST", "/x", "", &[])
+            .response_headers(),
+        ""
+    );
 }

@@ -43,7 +43,9 @@ describe("concurrency", { concurrency: 1 }, () => {
   test("100 concurrent same-key requests execute once at the origin", async () => {
     const id = run();
     const h = { "Idempotency-Key": key() };
-    const path = `/storm?run=${id}&delay=1`;
+    // the first request takes 2.5 s at the origin, so that the others arrive while it is in
+    // flight even on a loaded machine
+    const path = `/storm?run=${id}&delay=2.5`;
     const resps = await Promise.all(Array.from({ length: 100 }, () => send(mf, "main", "POST", path, { headers: h, body: "x" })));
     const statuses = resps.map((r) => `${r.status}${r.header("idempotent-replayed") ? "r" : ""}`);
     // one execution; the others were in flight at the same time (409), or, on a loaded

@@ -19,7 +19,7 @@ export function claims(core) {
   return {
     /**
      * One request of rule `rule` with `fingerprint`, claim token `owner` and per-request
-     * expiry: claims the key (`{claimed: true, record, now, leaseExpired, waited}`), or settles
+     * expiry: claims the key (`{claimed: true, record, expiresAt, now, leaseExpired, waited}`), or settles
      * the request with the stored record (`{claimed: false, record, now, deadline}`: the worker
      * renders the answer from it with the same `now` and `deadline`), waiting first where the
      * rule says so.
@@ -35,7 +35,7 @@ export function claims(core) {
           if (v.kind === VerdictKind.Claimed) {
             const claim = v.record;
             if (await slot.write(version, claim, v.expiresAt)) {
-              return { claimed: true, record: claim, now, leaseExpired: v.leaseExpired, waited: deadline !== undefined };
+              return { claimed: true, record: claim, expiresAt: v.expiresAt, now, leaseExpired: v.leaseExpired, waited: deadline !== undefined };
             }
             if (++lost >= MAX_ATTEMPTS) throw new Error(`key still contended after ${lost} attempts`);
             continue;
@@ -56,8 +56,9 @@ export function claims(core) {
     async complete(slot, completed) {
       for (let lost = 0; lost < MAX_ATTEMPTS; lost++) {
         const { value, version } = await slot.read();
-        if (!core.completes(value, completed)) return false;
-        if (await slot.write(version, completed, core.expiresAt(completed))) return true;
+        const expiresAt = core.completes(value, completed);
+        if (expiresAt === undefined) return false;
+        if (await slot.write(version, completed, expiresAt)) return true;
       }
       throw new Error(`key still contended after ${MAX_ATTEMPTS} attempts`);
     },

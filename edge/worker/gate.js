@@ -34,8 +34,9 @@ const HASH_NATIVELY_FROM = 4096;
 // through (captureStream), the bytes read so far first.
 const BUFFER_RESPONSES_UP_TO = 64 << 10;
 
-const random = (n) => crypto.getRandomValues(new Uint8Array(n));
-const token = () => crypto.getRandomValues(new BigUint64Array(1))[0] || 1n;
+// One draw per request: 16 bytes for a generated correlation id, 8 for the claim token.
+const draw = () => crypto.getRandomValues(new Uint8Array(24));
+const token = (random) => new DataView(random.buffer, 16, 8).getBigUint64(0, true) || 1n;
 const short = (keyId) => keyId.slice(0, 12);
 
 /** The request handler for one build of the core: `handle(request, host)` → Response. */
@@ -54,12 +55,13 @@ export function gate(core) {
     return hit.record;
   }
 
-  function remember(keyId, record) {
-    const until = core.completedUntil(record);
+  /** Keeps a completed `record` (expiring at `until`, read from it when not given). */
+  function remember(keyId, record, until = core.completedUntil(record)) {
     if (until === undefined || record.byteLength > CACHE_MAX_BYTES / 8) return;
     forget(keyId);
     cache.set(keyId, { record, until: Math.min(until, Date.now() + CACHE_MAX_AGE_MS) });
     cacheBytes += record.byteLength;
+    if (cache.size <= CACHE_MAX_ENTRIES && cacheBytes <= CACHE_MAX_BYTES) return;
     for (const oldest of cache.keys()) {
       if (cache.size <= CACHE_MAX_ENTRIES && cacheBytes <= CACHE_MAX_BYTES) break;
       forget(oldest);
@@ -82,18 +84,19 @@ export function gate(core) {
       return finish(report, toResponse(core.misconfigured(error)));
     }
     const path = pathOf(request.url);
-    const ex = engine.exchange(request.method, path, lines(request.headers), random(16));
+    const random = draw();
+    const ex = engine.exchange(request.method, path, lines(request.headers), random.subarray(0, 16));
     let response;
     try {
-      response = await exchange(ex, request, host, path, report);
+      response = await exchange(ex, request, host, path, report, random);
     } finally {
-      note(report, ex);
+      note(report, ex, engine);
       ex.free();
     }
     return finish(report, response);
   }
 
-  async function exchange(ex, request, host, path, report) {
+  async function exchange(ex, request, host, path, report, random) {
     const { origin, store } = host;
     if (host.misconfigured && ex.step !== Step.Answer) {
       ex.misconfigured(host.misconfigured);
@@ -121,7 +124,7 @@ export function gate(core) {
       return answer(ex);
     }
 
-    const owner = token();
+    const owner = token(random);
     let slot;
     let begun;
     try {
@@ -173,7 +176,7 @@ export function gate(core) {
       await release(slot, owner, keyId, report);
       return passthrough(ex, upstream);
     }
-    const stored = { capture, claim, slot, keyId, report, freed: false };
+    const stored = { capture, claim, expiresAt: begun.expiresAt, slot, keyId, report, freed: false };
     if (!upstream.body) {
       await settle(stored);
       return passthrough(ex, upstream);
@@ -200,7 +203,7 @@ export function gate(core) {
 
   /** The response is complete: store it (or say why not). */
   async function settle(stored) {
-    const { capture, claim, slot, keyId, report } = stored;
+    const { capture, claim, expiresAt, slot, keyId, report } = stored;
     try {
       const completed = capture.finish(claim);
       if (!completed) {
@@ -213,7 +216,7 @@ export function gate(core) {
       }
       if (await slot.complete(completed)) {
         report.stored = true;
-        remember(keyId, completed);
+        remember(keyId, completed, expiresAt);
       } else {
         report.lostClaim = true;
         console.warn(`idemgate: key ${short(keyId)} was taken over before its response completed (lease too short?)`);

@@ -37,11 +37,22 @@ export function newReport(method, logs, analytics) {
   };
 }
 
-/** What the core knows of the request, read before the exchange is freed. */
-export function note(report, ex) {
-  report.namespace = ex.namespace;
+// The namespace and rule names of each configuration, read from the core once.
+const names = new WeakMap();
+
+/** What the core knows of the request, read before the exchange is freed (`engine`: the
+ * configuration it runs under). */
+export function note(report, ex, engine) {
+  let known = names.get(engine);
+  if (!known) names.set(engine, (known = { namespace: ex.namespace, routes: new Map() }));
+  report.namespace = known.namespace;
   report.covered = ex.covered;
-  report.route = report.covered ? ex.ruleName : null;
+  if (report.covered) {
+    const rule = ex.rule;
+    let route = known.routes.get(rule);
+    if (route === undefined) known.routes.set(rule, (route = ex.ruleName));
+    report.route = route;
+  }
   report.outcome = ex.outcome ?? null;
   const keyId = ex.keyId;
   report.keyId = keyId ? keyId.slice(0, 12) : null;
