@@ -10,8 +10,8 @@
 #   make integration  pytest tests/ against a real Envoy in Docker
 #   make test         unit + integration, then stop the engine if this run started it
 #   make edge         edge/dist/: the core for edge workers (wasm-bindgen + wasm-opt); see the edge section
-#   make run-edge     the edge worker in workerd in front of the demo origin
-#   make test-edge    node:test + Miniflare against the edge worker (part of make test, after integration)
+#   make run-edge     the edge worker in workerd in front of the demo origin (run-edge-deno: on Deno)
+#   make test-edge    node:test: the edge worker on workerd (Miniflare) and Deno (part of make test)
 #   make run-fleet    fleet mode demo: 3 etcd members + 2 Envoys (--concurrency 2) + origin; see the fleet section
 #   make lint         rustfmt check + clippy (host and wasm32-wasip1)
 #   make sizes        sizes of the filter and edge wasm, and where their bytes go (scripts/sizes.sh)
@@ -232,9 +232,14 @@ print-alt-proxy:
 #                  --target web (other runtimes; edge/dist/web), shrunk by wasm-opt (npm binaryen)
 # make run-edge    the worker in workerd (npm) in front of the demo origin (tests/origin.py on
 #                  :8080), Durable Objects on local disk; curl lines to try; Ctrl-C stops it all
-# make test-edge   node:test + Miniflare 4 (edge/test/): every conformance vector, 100
-#                  concurrent duplicates, persistence across a restart, bad inputs, plus a raw
-#                  `workerd serve` smoke test of edge/worker/workerd.capnp and a wrangler dry run
+# make run-edge-deno  the same on Deno (npm `deno`, edge/worker/deno.js) with Deno KV on disk
+# make edge-pack   dist/idemgate-edge-<version>.tgz: the npm package (npm pack of edge/)
+# make test-edge   node:test (edge/test/) on workerd (Miniflare 4) and on Deno (npm `deno`, Deno
+#                  KV): every conformance vector on both, 100 concurrent duplicates, persistence
+#                  across a restart, bad inputs; a raw `workerd serve` smoke test of
+#                  edge/worker/workerd.capnp; offline `npm pack` of the package, installed into
+#                  edge/template (an `npm create cloudflare` template) whose `wrangler deploy
+#                  --dry-run` bundle is then served by Miniflare
 #
 # wasm-bindgen-cli is installed once (cargo install, ~3 min) at exactly the version of the
 # wasm-bindgen crate in Cargo.lock, into $(IDEMGATE_CACHE)/wasm-bindgen-<version>. npm
@@ -249,7 +254,7 @@ WASM_OPT_FLAGS := -Oz --strip-debug --strip-producers --enable-bulk-memory \
   --enable-reference-types --enable-multivalue
 EDGE_TEST_ARGS ?=
 
-.PHONY: edge edge-deps edge-npm run-edge test-edge
+.PHONY: edge edge-deps edge-npm run-edge run-edge-deno edge-pack test-edge
 
 edge-npm:
 	@command -v npm >/dev/null || { echo "[edge] npm not found (Node.js >= 20.3 is needed)"; exit 1; }
@@ -291,9 +296,16 @@ edge-dist:
 run-edge: edge
 	@scripts/run-edge.sh
 
+run-edge-deno: edge
+	@EDGE_RUNTIME=deno scripts/run-edge.sh
+
+edge-pack: edge
+	@mkdir -p dist
+	@cd edge && npm pack --pack-destination ../dist --loglevel=error | grep -v '^$$' | sed 's|^|[edge] dist/|'
+
 test-edge: edge
-	@echo "[test-edge] node --test edge/test/ (Miniflare $$(node -p 'require("./edge/node_modules/miniflare/package.json").version'))"
-	@cd edge && XDG_CONFIG_HOME="$${TMPDIR:-/tmp}/idemgate-edge-xdg" WRANGLER_SEND_METRICS=false \
+	@echo "[test-edge] node --test edge/test/ (Miniflare $$(node -p 'require("./edge/node_modules/miniflare/package.json").version'), $$(edge/node_modules/.bin/deno --version | head -1))"
+	@cd edge && XDG_CONFIG_HOME="$${TMPDIR:-/tmp}/idemgate-edge-xdg" WRANGLER_SEND_METRICS=false DENO_NO_UPDATE_CHECK=1 \
 	  node --test --test-concurrency=2 $(EDGE_TEST_ARGS) test/
 
 # ------------------------------------------------------------------------------------ fleet
