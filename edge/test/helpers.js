@@ -100,7 +100,11 @@ export async function send(mf, name, method, path, { headers = {}, body, signal,
   const init = { method, headers, signal };
   if (duplex) init.duplex = duplex;
   if (body !== undefined && body !== null) init.body = body;
-  const res = await mf.dispatchFetch(`http://${name}.idemgate.test${path}`, init);
+  return received(await mf.dispatchFetch(`http://${name}.idemgate.test${path}`, init));
+}
+
+/** A response read whole: {status, headers, header(n), body, text(), json()}. */
+async function received(res) {
   const bytes = new Uint8Array(await res.arrayBuffer());
   return {
     status: res.status,
@@ -110,6 +114,29 @@ export async function send(mf, name, method, path, { headers = {}, body, signal,
     text: () => new TextDecoder().decode(bytes),
     json: () => JSON.parse(new TextDecoder().decode(bytes)),
   };
+}
+
+/** 100 concurrent same-key requests (`sendOne(i)`, slow at the origin) executed once: one
+ * forwarded, the others in flight at the same time (409 problem, Retry-After 1) or, on a
+ * loaded machine, arriving after it completed (its replay); then `sendOne` replays it. */
+export async function assertStorm(assert, origin, run, sendOne) {
+  const resps = await Promise.all(Array.from({ length: 100 }, (_, i) => sendOne(i)));
+  const statuses = resps.map((r) => `${r.status}${r.header("idempotent-replayed") ? "r" : ""}`);
+  const executed = resps.filter((r) => r.status === 200 && !r.header("idempotent-replayed"));
+  assert.equal(executed.length, 1, statuses.join(","));
+  assert.ok(statuses.filter((s) => s === "409").length >= 90, statuses.join(","));
+  for (const r of resps.filter((r) => r.status === 409)) {
+    assert.equal(r.header("retry-after"), "1");
+    assertProblem(assert, r, 409);
+  }
+  for (const r of resps.filter((r) => r.status === 200)) assert.deepEqual(r.body, executed[0].body);
+  assert.equal(await origin.executions(run), 1);
+  for (const i of [0, 1]) {
+    const again = await sendOne(i);
+    assert.equal(again.header("idempotent-replayed"), "true");
+    assert.deepEqual(again.body, executed[0].body);
+  }
+  assert.equal(await origin.executions(run), 1);
 }
 
 export const DENO = join(EDGE, "node_modules/.bin/deno");
@@ -154,16 +181,7 @@ export async function startDeno(args, { env = {}, ready, timeoutMs = 30_000 } = 
 export async function request(url, method, { headers = {}, body, signal } = {}) {
   const init = { method, headers, signal, redirect: "manual" };
   if (body !== undefined && body !== null) init.body = body;
-  const res = await fetch(url, init);
-  const bytes = new Uint8Array(await res.arrayBuffer());
-  return {
-    status: res.status,
-    headers: res.headers,
-    header: (n) => res.headers.get(n),
-    body: bytes,
-    text: () => new TextDecoder().decode(bytes),
-    json: () => JSON.parse(new TextDecoder().decode(bytes)),
-  };
+  return received(await fetch(url, init));
 }
 
 export function tempDir(prefix) {

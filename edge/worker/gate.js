@@ -450,19 +450,26 @@ async function readBody(request, max) {
     return whole.byteLength <= max ? whole : null;
   }
   const reader = request.body.getReader();
+  const { chunks, total, more } = await readUpTo(reader, max);
+  if (more) {
+    reader.cancel().catch(() => {});
+    return null;
+  }
+  return concat(chunks, total);
+}
+
+/** Chunks from `reader` until it ends (`more` false) or they exceed `max` bytes (`more` true). */
+async function readUpTo(reader, max) {
   const chunks = [];
   let total = 0;
   for (;;) {
     const { done, value } = await reader.read();
-    if (done) break;
-    total += value.byteLength;
-    if (total > max) {
-      reader.cancel().catch(() => {});
-      return null;
-    }
-    chunks.push(value);
+    if (done) return { chunks, total, more: false };
+    const bytes = value instanceof Uint8Array ? value : new Uint8Array(value);
+    chunks.push(bytes);
+    total += bytes.byteLength;
+    if (total > max) return { chunks, total, more: true };
   }
-  return concat(chunks, total);
 }
 
 /** `chunks` (of `total` bytes) as one array. */
@@ -484,17 +491,8 @@ async function readAhead(upstream, max) {
   try {
     if (declaredLength(upstream.headers, max) !== undefined) return { whole: new Uint8Array(await upstream.arrayBuffer()) };
     const reader = upstream.body.getReader();
-    const head = [];
-    let total = 0;
-    for (;;) {
-      const { done, value } = await reader.read();
-      if (done) break;
-      const bytes = value instanceof Uint8Array ? value : new Uint8Array(value);
-      head.push(bytes);
-      total += bytes.byteLength;
-      if (total > max) return { head, reader };
-    }
-    return { whole: concat(head, total) };
+    const { chunks, total, more } = await readUpTo(reader, max);
+    return more ? { head: chunks, reader } : { whole: concat(chunks, total) };
   } catch {
     return { broken: true };
   }
