@@ -460,6 +460,7 @@ def edge_section(edge: dict[str, Any]) -> tuple[list[str], dict[str, float]]:
             for key in ("rps", "cpu_us_per_req"):
                 facts[f"{size}/{sid}/{key}"] = m[key]
         out.append("")
+        out += edge_targets(size, rows)
     out.append("Spread (all rounds): " + "; ".join(
         f"{v['size']} {v['scenario']} {v['rps_min']:,.0f}–{v['rps_max']:,.0f} req/s, other load "
         f"{v['median'].get('other_load', 0):.2f} CPUs, {v['errors']} wrk errors"
@@ -471,6 +472,24 @@ def edge_section(edge: dict[str, Any]) -> tuple[list[str], dict[str, float]]:
         out.append(f"- check: {note}")
     out.append("")
     return out, facts
+
+
+def edge_targets(size: str, rows: dict[str, Any]) -> list[str]:
+    """The edge targets (issue 17), from the medians of one size: first requests against the
+    passthrough worker's req/s and the floor probe's CPU per request, replays against the
+    passthrough's req/s."""
+    med = {sid: v["median"] for sid, v in rows.items()}
+    parts = []
+    if "edge_first" in med and "edge_pass" in med:
+        parts.append(f"first requests at {med['edge_first']['rps'] / med['edge_pass']['rps']:.2f}× the passthrough "
+                     "worker's req/s (target ≥ 0.40×)")
+    if "edge_first" in med and "edge_floor" in med:
+        parts.append(f"{med['edge_first']['cpu_us_per_req'] / med['edge_floor']['cpu_us_per_req']:.2f}× the floor "
+                     "probe's CPU per request (target ≤ 1.30×)")
+    if "edge_replay" in med and "edge_pass" in med:
+        parts.append(f"replays at {med['edge_replay']['rps'] / med['edge_pass']['rps']:.2f}× the passthrough's req/s"
+                     + (" (target ≥ 1.00×)" if size == "1KiB" else ""))
+    return [f"Targets, {size}: " + "; ".join(parts) + ".", ""] if parts else []
 
 
 # ------------------------------------------------------------------------------ criterion
