@@ -46,7 +46,7 @@ origin_pid=$LAST_PID
 if [[ "$EDGE_RUNTIME" == deno ]]; then
   log "starting Deno on 127.0.0.1:$EDGE_PORT (Deno KV in $EDGE_STORAGE/kv.sqlite)"
   start_bg deno env IDEMGATE_CONFIG="$config" ORIGIN_URL="http://127.0.0.1:$ORIGIN_PORT" \
-    IDEMGATE_KV_PATH="$EDGE_STORAGE/kv.sqlite" PORT="$EDGE_PORT" HOSTNAME=127.0.0.1 DENO_NO_UPDATE_CHECK=1 \
+    IDEMGATE_KV_PATH="$EDGE_STORAGE/kv.sqlite" PORT="$EDGE_PORT" IDEMGATE_HOSTNAME=127.0.0.1 DENO_NO_UPDATE_CHECK=1 \
     "$DENO" run --unstable-kv --allow-net --allow-env --allow-read --allow-write="$EDGE_STORAGE" edge/worker/deno.js
 else
   log "starting workerd on 127.0.0.1:$EDGE_PORT (Durable Objects in $EDGE_STORAGE)"

@@ -152,6 +152,13 @@ impl Engine {
         Engine::parse(json).map_err(|e| JsError::new(&e))
     }
 
+    /// The store namespace (`store.namespace`): stores that share a database keep each
+    /// namespace's keys apart.
+    #[wasm_bindgen(getter)]
+    pub fn namespace(&self) -> String {
+        self.config.store_namespace.clone()
+    }
+
     /// One line for the log when the worker starts.
     #[wasm_bindgen(getter)]
     pub fn summary(&self) -> String {

@@ -5,11 +5,12 @@
 // over Deno KV's 64 KiB value limit too) survive a restart; the wait policy; HTTP/2;
 // refused configurations.
 import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
 import http2 from "node:http2";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { conformance } from "./conformance.js";
-import { DENO_FLAGS, assertProblem, assertStorm, freshId, request, startDeno, startOrigin, tempDir } from "./helpers.js";
+import { DENO, DENO_FLAGS, EDGE, assertProblem, assertStorm, freshId, request, startDeno, startOrigin, tempDir } from "./helpers.js";
 
 conformance("deno", async (variants, origin) => {
   const tmp = tempDir("idemgate-deno-conf-");
@@ -40,7 +41,7 @@ async function entry({ config, kvDir, origin, env = {} }) {
       ...(origin ? { ORIGIN_URL: `http://${origin.address}` } : {}),
       IDEMGATE_KV_PATH: join(kvDir, "kv.sqlite"),
       PORT: "0",
-      HOSTNAME: "127.0.0.1",
+      IDEMGATE_HOSTNAME: "127.0.0.1",
       ...env,
     },
     ready: /listening on (http:\/\/[^\s]+)/,
@@ -73,6 +74,28 @@ describe("deno: the shipped entry (worker/deno.js)", { concurrency: 1 }, () => {
       const path = `/storm?run=${id}&delay=2.5`;
       // every other request to each process; the replays afterwards from both
       await assertStorm(assert, origin, id, (i) => request(`${i % 2 ? a.url : b.url}${path}`, "POST", { headers: h, body: "x" }));
+    } finally {
+      await Promise.all([a.stop(), b.stop()]);
+    }
+  });
+
+  test("two namespaces on one KV database keep their keys apart", async () => {
+    const [a, b] = await Promise.all(
+      ["ns-a", "ns-b"].map((namespace) => entry({ config: { store: { namespace } }, kvDir: kv.dir, origin })),
+    );
+    try {
+      const id = freshId();
+      const h = { "Idempotency-Key": `n-${id}` };
+      const firstA = await request(`${a.url}/orders?run=${id}`, "POST", { headers: h, body: "x" });
+      const firstB = await request(`${b.url}/orders?run=${id}`, "POST", { headers: h, body: "x" });
+      assert.equal(firstB.header("idempotent-replayed"), null, "namespace b must not see a's record");
+      assert.notDeepEqual(firstA.body, firstB.body);
+      for (const [d, first] of [[a, firstA], [b, firstB]]) {
+        const again = await request(`${d.url}/orders?run=${id}`, "POST", { headers: h, body: "x" });
+        assert.equal(again.header("idempotent-replayed"), "true");
+        assert.deepEqual(again.body, first.body);
+      }
+      assert.equal(await origin.executions(id), 2);
     } finally {
       await Promise.all([a.stop(), b.stop()]);
     }
@@ -181,6 +204,22 @@ describe("deno: the shipped entry (worker/deno.js)", { concurrency: 1 }, () => {
       assert.equal(other.status, 200);
     } finally {
       await d.stop();
+    }
+  });
+
+  test("a bad PORT or a KV path that cannot be opened stops the entry with a message", async () => {
+    for (const [env, message] of [
+      [{ PORT: "eighty" }, /idemgate: PORT must be a port number \(0\.\.65535\), got "eighty"/],
+      [{ IDEMGATE_KV_PATH: join(kv.dir, "missing", "dir", "kv.sqlite") }, /idemgate: cannot open Deno KV at .*missing/],
+    ]) {
+      const r = spawnSync(DENO, ["run", ...DENO_FLAGS, `--allow-write=${kv.dir}`, "worker/deno.js"], {
+        cwd: EDGE,
+        env: { ...process.env, DENO_NO_UPDATE_CHECK: "1", ORIGIN_URL: "http://127.0.0.1:9", PORT: "0", ...env },
+        encoding: "utf8",
+        timeout: 30_000,
+      });
+      assert.equal(r.status, 2, `${r.stdout}\n${r.stderr}`);
+      assert.match(r.stderr, message);
     }
   });
 

@@ -147,7 +147,7 @@ test("the packed Deno entry (idemgate-edge/deno) serves and replays with Deno KV
   const kvDir = join(tmp.dir, "kv");
   mkdirSync(kvDir);
   const deno = await startDeno(["run", ...DENO_FLAGS, `--allow-write=${kvDir}`, join(dir, "node_modules/idemgate-edge/worker/deno.js")], {
-    env: { ORIGIN_URL: `http://${origin.address}`, IDEMGATE_KV_PATH: join(kvDir, "kv.sqlite"), PORT: "0", HOSTNAME: "127.0.0.1" },
+    env: { ORIGIN_URL: `http://${origin.address}`, IDEMGATE_KV_PATH: join(kvDir, "kv.sqlite"), PORT: "0", IDEMGATE_HOSTNAME: "127.0.0.1" },
     ready: /listening on (http:\/\/[^\s]+)/,
   });
   try {

@@ -28,6 +28,8 @@ before(async () => {
   workers.push(worker("defaults", undefined, origin));
   workers.push(worker("url", {}, null, { bindings: { ORIGIN_URL: `http://127.0.0.1:${origin.port}/base/` } }));
   workers.push(worker("down", {}, null, { bindings: { ORIGIN_URL: "http://127.0.0.1:1/" } }));
+  workers.push(worker("badurl", {}, null, { bindings: { ORIGIN_URL: "ftp://origin.example/" } }));
+  workers.push(worker("nostore", {}, origin, { durableObjects: {} }));
   mf = await startMiniflare(workers);
 });
 
@@ -296,6 +298,20 @@ describe("bad inputs, as in Envoy", { concurrency: 4 }, () => {
   test("no origin configured answers 500 misconfigured", async () => {
     const r = await send(mf, "noorigin", "POST", "/n", { headers: { "Idempotency-Key": "k" }, body: "x" });
     assert.ok(assertProblem(assert, r, 500).detail.includes("ORIGIN_URL"));
+  });
+
+  test("an ORIGIN_URL that is not http(s), or no store binding, answers 500 naming it", async () => {
+    for (const [name, needle] of [
+      ["badurl", 'ORIGIN_URL: must be http: or https:, got "ftp:"'],
+      ["nostore", "no store: bind a Durable Object namespace of class IdempotencyStore as IDEMGATE_STORE"],
+    ]) {
+      for (const method of ["POST", "GET"]) {
+        const r = await send(mf, name, method, "/n", { headers: { "Idempotency-Key": "k" }, body: method === "POST" ? "x" : null });
+        const doc = assertProblem(assert, r, 500);
+        assert.ok(doc.type.endsWith("misconfigured"));
+        assert.ok(doc.detail.includes(needle), doc.detail);
+      }
+    }
   });
 });
 

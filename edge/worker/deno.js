@@ -9,7 +9,7 @@
 //   IDEMGATE_KV_PATH       the Deno KV database (a file: local SQLite); absent = Deno.openKv()'s
 //                          default (on Deno Deploy: the KV database attached to the app)
 //   IDEMGATE_OUTCOME_LOGS  "off" silences the per-request JSON log line
-//   PORT, HOSTNAME         where to listen (8000, 0.0.0.0; Deno Deploy ignores them)
+//   PORT, IDEMGATE_HOSTNAME  where to listen (8000, 0.0.0.0; Deno Deploy ignores them)
 //
 // Or embed it: `Deno.serve(await idemgate({ config, origin: "https://…", kv }))`.
 import * as core from "../dist/web/idemgate_edge.js";
@@ -28,7 +28,7 @@ const rules = claims(core);
  * A request handler (`(request) => Promise<Response>`) for one configuration.
  * Options: `config` (a JSON string or object), `origin` (the origin's base URL), `kv` (a
  * Deno.Kv; default `Deno.openKv(kvPath)`), `kvPath`, `prefix` (the KV key prefix, default
- * ["idemgate"]), `logs` (default true).
+ * ["idemgate"], followed by the configuration's store namespace), `logs` (default true).
  */
 export async function idemgate({ config, origin, kv, kvPath, prefix, logs = true } = {}) {
   const { origin: resolved, error } = origin === undefined || origin === null || origin === ""
@@ -37,9 +37,12 @@ export async function idemgate({ config, origin, kv, kvPath, prefix, logs = true
   kv ??= await Deno.openKv(kvPath);
   const engineFor = engines(core); // one per handler: each keeps its own configuration
   const engine = () => engineFor(config);
+  // Keys are scoped by method, route, credentials and key, not by namespace: handlers sharing
+  // one database keep their namespaces apart under the prefix.
+  const namespace = engine().engine?.namespace ?? "";
   const host = {
     engine,
-    store: kvStore(kv, rules, () => engine().engine, { prefix }),
+    store: kvStore(kv, rules, () => engine().engine, { prefix: [...(prefix ?? ["idemgate"]), namespace] }),
     origin: resolved,
     misconfigured: error ?? null,
     logs,
@@ -51,23 +54,36 @@ export async function idemgate({ config, origin, kv, kvPath, prefix, logs = true
 
 if (import.meta.main) {
   const env = (name) => Deno.env.get(name);
+  const fail = (message) => {
+    console.error(`idemgate: ${message}`);
+    Deno.exit(2);
+  };
+  const port = Number(env("PORT") || 8000);
+  if (!Number.isInteger(port) || port < 0 || port > 65535) fail(`PORT must be a port number (0..65535), got ${JSON.stringify(env("PORT"))}`);
+  const kvPath = env("IDEMGATE_KV_PATH") || undefined;
+  let kv;
+  try {
+    kv = await Deno.openKv(kvPath);
+  } catch (e) {
+    fail(`cannot open Deno KV${kvPath ? ` at ${kvPath}` : ""}: ${e && e.message ? e.message : e}`);
+  }
   const handler = await idemgate({
     config: env("IDEMGATE_CONFIG"),
     origin: env("ORIGIN_URL"),
-    kvPath: env("IDEMGATE_KV_PATH") || undefined,
+    kv,
     logs: enabled(env("IDEMGATE_OUTCOME_LOGS")),
   });
   const server = Deno.serve(
     {
-      port: Number(env("PORT") ?? 8000),
-      hostname: env("HOSTNAME") ?? "0.0.0.0",
+      port,
+      hostname: env("IDEMGATE_HOSTNAME") || "0.0.0.0",
       onListen: ({ hostname, port }) => console.log(`idemgate: listening on http://${hostname}:${port}/`),
     },
     handler,
   );
   const stop = async () => {
     await server.shutdown();
-    handler.kv.close();
+    kv.close();
     Deno.exit(0);
   };
   Deno.addSignalListener("SIGTERM", stop);

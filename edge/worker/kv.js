@@ -4,7 +4,7 @@
 // (`atomic().check(entry).set(…, {expireIn})`), so of two requests that read the same state
 // only one claims the key; the other reads again and is answered from the new record.
 //
-// Layout under `prefix` (default ["idemgate"]):
+// Layout under `prefix` (deno.js: ["idemgate", <store namespace>]):
 //   [...prefix, "record", keyId]             the core's encoded record, or, for a record over
 //                                            one value's limit (64 KiB), a manifest
 //                                            {parts, size, blob} of
