@@ -18,7 +18,8 @@ as Envoy is, serves every scenario on its own socket:
     edge_upstream  diagnostic: wrk straight to the origin worker (its share of the CPU)
 
 The origin is a third worker in the same process (a service binding, as a zero-cost
-upstream): it reads the whole body and answers `200 {"ok":true}`, and counts the requests
+upstream): it reads the whole body and answers `200 {"ok":true}` with its Content-Length (as an
+HTTP origin does; a service binding does not add it), and counts the requests
 it served, so every run proves how many requests reached it (first requests: 1 each,
 replays: 0). Durable Objects keep their storage in memory (workerd drops an object's in-memory
 storage when it evicts the idle object, ~70 s: each replay run stores its key again first).
@@ -77,7 +78,8 @@ export default {
     }
     await request.arrayBuffer();
     served += 1;
-    return new Response('{"ok":true}', { headers: { "content-type": "application/json" } });
+    // with its length, as an HTTP origin sends it (a service binding drops the implicit one)
+    return new Response('{"ok":true}', { headers: { "content-type": "application/json", "content-length": "11" } });
   },
 };
 """
