@@ -21,6 +21,7 @@
 //! can hold the fence's version and the conditional write fails whenever the key exists.
 #![forbid(unsafe_code)]
 
+mod fleet;
 pub mod metrics;
 mod vecmap;
 
@@ -31,9 +32,10 @@ use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 use vecmap::VecMap;
 
+use fleet::{FleetClaim, Settling};
 use idemgate_core::config::ConcurrentAction;
 use idemgate_core::decision::Request;
-use idemgate_core::fleet::{self, Call, ClaimFlow, Fleet, FleetHandle, KeepAlives, Lease, Step};
+use idemgate_core::fleet::{FleetHandle, KeepAlives};
 use idemgate_core::problem::{self, AnswerContext, LocalAnswer};
 use idemgate_core::ratelimit::{self, RateHeaders, Settlement};
 use idemgate_core::store::{Begun, CasStore, ClaimHandle, Events, Expect, SlotTable, StoreError};
@@ -235,21 +237,14 @@ struct Root {
 /// How often waiting requests look at the store again.
 const WAIT_POLL_MS: u32 = 10;
 
-/// How often the root context dispatches queued fleet completions and releases.
-const FLEET_TICK_MS: u32 = 10;
-
 /// How often metrics counted in the VM reach Envoy's stats when nothing else needs a
 /// faster tick: the most a counter at the admin endpoint lags behind the traffic.
 const METRICS_FLUSH_MS: u32 = 1000;
 
 impl Context for Root {
-    fn on_http_call_response(&mut self, token: u32, _n: usize, body_size: usize, _t: usize) {
-        let (status, body) = call_answer(body_size);
-        if let Some(w) = FLEET_WAIT_CALLS.with(|c| c.borrow_mut().remove(&token)) {
-            waiter_answered(self.id, w, status, &body);
-        } else {
-            fleet_op_answered(token, status, &body);
-        }
+    fn on_grpc_call_response(&mut self, token: u32, status_code: u32, size: usize) {
+        let answer = fleet::Answer::read(status_code, size);
+        fleet::root_answered(self.id, token, &answer);
     }
 
     fn on_done(&mut self) -> bool {
@@ -309,7 +304,7 @@ impl RootContext for Root {
                 // context's tick (a stream's own calls die with it). Every tick also
                 // flushes the metrics counted in the VM.
                 let tick_ms = if config.store_etcd.is_some() {
-                    FLEET_TICK_MS
+                    fleet::FLEET_TICK_MS
                 } else if waits {
                     WAIT_POLL_MS
                 } else {
@@ -344,19 +339,9 @@ impl RootContext for Root {
         let _ = poll_waiters();
         if let Some(s) = &self.shared {
             if s.config.store_etcd.is_some() {
-                poll_fleet_waiters(self.id);
-                let now = now_ms();
-                let due = s.keepalives.borrow_mut().due(now);
-                for lease in due {
-                    queue_fleet_op(s, FleetOp::KeepAlive(lease));
-                }
-                if now.saturating_sub(self.granted_ahead_at) >= GRANT_AHEAD_MS {
-                    self.granted_ahead_at = now;
-                    grant_ahead(s, now);
-                }
+                fleet::tick(self.id, s, &mut self.granted_ahead_at);
             }
         }
-        drain_fleet_ops(self.id);
         if let Some(s) = &self.shared {
             s.metrics.flush();
             // An operator may change Envoy's level at run time (admin /logging).
@@ -667,6 +652,9 @@ enum Phase {
     FleetClaim(Box<FleetClaim>),
     /// Fleet mode: forwarded with a claim in etcd; waiting for the response.
     FleetForwarded(usize, Box<FleetHandle>),
+    /// Fleet mode: the response is complete and its last bytes are held while its claim is
+    /// settled in etcd (first attempt, from this stream).
+    Settling(Box<Settling>),
     /// Capturing the response.
     Capturing(Held, ResponseCapture),
     /// Answered locally or finished.
@@ -688,9 +676,9 @@ struct Reader {
 }
 
 impl Context for Reader {
-    fn on_http_call_response(&mut self, token: u32, _n: usize, body_size: usize, _t: usize) {
-        let (status, body) = call_answer(body_size);
-        self.fleet_answered(token, status, &body);
+    fn on_grpc_call_response(&mut self, token: u32, status_code: u32, size: usize) {
+        let answer = fleet::Answer::read(status_code, size);
+        self.fleet_answered(token, &answer);
     }
 
     fn on_done(&mut self) -> bool {
@@ -709,7 +697,7 @@ impl Context for Reader {
                 self.shared.metrics.inc("not_stored_incomplete");
                 // Its in-flight lease is no longer kept alive for it: the key lapses
                 // within the lease's TTL, unless other claims still hold that lease.
-                unhold(&self.shared, &h);
+                fleet::unhold(&self.shared, &h);
                 log::debug!(
                     "idemgate: key {} left in flight in etcd until its lease lapses",
                     h.key_id.to_hex()
@@ -721,9 +709,9 @@ impl Context for Reader {
             Phase::Waiting(_) => {
                 let id = self.id;
                 WAITERS.with(|w| w.borrow_mut().retain(|x| x.reader != id));
-                FLEET_WAITERS.with(|w| w.borrow_mut().retain(|x| x.reader != id));
-                FLEET_WAIT_CALLS.with(|w| w.borrow_mut().retain(|_, x| x.reader != id));
+                fleet::forget_waiter(id);
             }
+            phase @ (Phase::Settling(_) | Phase::FleetClaim(_)) => self.fleet_done(phase),
             _ => {}
         }
         true
@@ -921,22 +909,25 @@ impl Reader {
         }
     }
 
-    fn finish_response(&mut self) {
-        self.settle_response();
+    /// The response is complete: settle its claim. `Pause` while its last bytes are held
+    /// until the settlement is durable (fleet mode).
+    fn finish_response(&mut self) -> Action {
+        if self.settle_response() {
+            return Action::Pause;
+        }
         // Waiters on this worker learn the outcome now rather than at the next tick.
         if poll_waiters() {
             let _ = hostcalls::set_effective_context(self.id);
         }
+        Action::Continue
     }
 
-    fn settle_response(&mut self) {
+    /// Settles the claim of a complete response; returns whether the response is held.
+    fn settle_response(&mut self) -> bool {
         let (handle, capture) = match std::mem::replace(&mut self.phase, Phase::Done) {
             Phase::Capturing(Held::Local(h), c) => (h, c),
-            Phase::Capturing(Held::Fleet(h), c) => {
-                settle_fleet_response(&self.shared, h, c);
-                return;
-            }
-            _ => return,
+            Phase::Capturing(Held::Fleet(h), c) => return self.settle_fleet(h, c),
+            _ => return false,
         };
         let s = self.shared.clone();
         let table = s.table();
@@ -971,6 +962,7 @@ impl Reader {
                 log::warn!("idemgate: response for key {} exceeds maxResponseBytes; not stored, key held until its lease lapses", handle.key_id.to_hex());
             }
         }
+        false
     }
 
     /// Reads or makes the request's correlation id (before the headers pass).
@@ -1146,7 +1138,7 @@ impl HttpContext for Reader {
         if !via_upstream {
             self.shared.metrics.inc("not_stored_incomplete");
             if let Held::Fleet(h) = &handle {
-                unhold(&self.shared, h);
+                fleet::unhold(&self.shared, h);
             }
             log::debug!(
                 "idemgate: local response {status} for key {}; claim left to its lease",
@@ -1158,7 +1150,7 @@ impl HttpContext for Reader {
         let capture = ResponseCapture::new(rule, status, &headers);
         self.phase = Phase::Capturing(handle, capture);
         if eos {
-            self.finish_response();
+            return self.finish_response();
         }
         Action::Continue
     }
@@ -1173,15 +1165,14 @@ impl HttpContext for Reader {
                 }
             }
             if eos {
-                self.finish_response();
+                return self.finish_response();
             }
         }
         Action::Continue
     }
 
     fn on_http_response_trailers(&mut self, _n: usize) -> Action {
-        self.finish_response();
-        Action::Continue
+        self.finish_response()
     }
 }
 
@@ -1213,8 +1204,6 @@ impl Reader {
     }
 }
 
-// ------------------------------------------------------------------------------ fleet mode
-
 /// A claim held by a forwarded request: in shared data (local mode) or in etcd (fleet).
 enum Held {
     Local(ClaimHandle),
@@ -1228,920 +1217,4 @@ impl Held {
             Held::Fleet(h) => h.key_id,
         }
     }
-}
-
-/// A claim waiting for etcd.
-struct FleetClaim {
-    rule: usize,
-    gate: Option<u64>,
-    flow: ClaimFlow,
-    /// Token of the call in flight.
-    call: u32,
-    /// The call in flight is a grant of this lease.
-    granting: Option<Lease>,
-    /// Leases granted for this claim.
-    got: Vec<(Lease, i64)>,
-    /// Cached leases are not to be trusted (one vanished).
-    fresh: bool,
-    /// Parked by the wait policy at least once.
-    waited: bool,
-    /// Grants that failed.
-    grant_failures: u32,
-    /// Answer context, for answers sent from the root context's tick.
-    ctx: AnswerContext,
-}
-
-impl FleetClaim {
-    fn lease_id(&self, s: &Shared, lease: Lease) -> Option<i64> {
-        self.got
-            .iter()
-            .find(|(l, _)| *l == lease)
-            .map(|(_, id)| *id)
-            .or_else(|| (!self.fresh).then(|| cached_lease(s, lease)).flatten())
-    }
-
-    /// Dispatches the claim's next call from the current context: a grant of a lease it
-    /// has no id for, else the claim txn.
-    fn send_next(&mut self, s: &Shared) -> Result<(), String> {
-        let spec = s
-            .config
-            .store_etcd
-            .as_ref()
-            .ok_or_else(|| "fleet mode is not configured".to_string())?;
-        let [inflight, expiry] = self.flow.leases();
-        let call = match (self.lease_id(s, inflight), self.lease_id(s, expiry)) {
-            (Some(i), Some(e)) => {
-                self.granting = None;
-                self.fresh = false;
-                self.flow.call(i, e)
-            }
-            (None, _) => self.grant(s, inflight),
-            (_, None) => self.grant(s, expiry),
-        };
-        self.call = dispatch(spec, &call)?;
-        Ok(())
-    }
-
-    /// Feeds etcd's answer to the call in flight (a grant, retried like any call, or an
-    /// attempt of the claim flow); returns the next step.
-    fn answered(&mut self, s: &Shared, status: Option<u16>, body: &[u8]) -> Step {
-        if status != Some(200) {
-            s.metrics.inc("fleet_errors");
-        }
-        let Some(lease) = self.granting.take() else {
-            let rule = s.config.rule_at(self.rule);
-            return self.flow.on_answer(rule, status, body, now_ms());
-        };
-        match fleet::parse_grant(status, body) {
-            Ok(id) => {
-                cache_lease(s, lease, id);
-                self.got.push((lease, id));
-                Step::NeedLeases { fresh: false }
-            }
-            Err(_)
-                if self.grant_failures < s.config.store_etcd.as_ref().map_or(0, |e| e.retries) =>
-            {
-                self.grant_failures += 1;
-                Step::NeedLeases { fresh: false }
-            }
-            Err(e) => Step::Unavailable {
-                reason: format!("lease grant: {e}"),
-                maybe_claimed: false,
-            },
-        }
-    }
-
-    fn grant(&mut self, s: &Shared, lease: Lease) -> Call {
-        self.granting = Some(lease);
-        s.metrics.inc("fleet_leases");
-        lease.grant_call(now_ms())
-    }
-}
-
-/// Status and body of the http call being answered (`None`: no answer, e.g. a timeout).
-fn call_answer(body_size: usize) -> (Option<u16>, Vec<u8>) {
-    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
-        .ok()
-        .flatten()
-        .and_then(|v| v.parse::<u16>().ok());
-    let body = if body_size > 0 {
-        hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-            .ok()
-            .flatten()
-            .unwrap_or_default()
-    } else {
-        Vec::new()
-    };
-    (status, body)
-}
-
-/// Dispatches `call` to the etcd cluster from the current context.
-fn dispatch(spec: &idemgate_core::config::EtcdSpec, call: &Call) -> Result<u32, String> {
-    hostcalls::dispatch_http_call(
-        &spec.cluster,
-        vec![
-            (":method", "POST"),
-            (":path", call.path),
-            (":authority", &spec.authority),
-            ("content-type", "application/json"),
-        ],
-        Some(&call.body),
-        vec![],
-        std::time::Duration::from_millis(spec.timeout_ms),
-    )
-    .map_err(|e| format!("dispatch to cluster {:?} failed: {e:?}", spec.cluster))
-}
-
-fn cached_lease(s: &Shared, lease: Lease) -> Option<i64> {
-    let spec = s.config.store_etcd.as_ref()?;
-    let key = lease.cache_key(&s.config.store_namespace, spec.lease_bucket_ms);
-    match hostcalls::get_shared_data(&key) {
-        Ok((Some(v), _)) => lease.parse_cache(&v),
-        _ => None,
-    }
-}
-
-fn cache_lease(s: &Shared, lease: Lease, id: i64) {
-    if let Some(spec) = s.config.store_etcd.as_ref() {
-        let key = lease.cache_key(&s.config.store_namespace, spec.lease_bucket_ms);
-        let value = lease.cache_value(id);
-        let _ = hostcalls::set_shared_data(&key, Some(value.as_bytes()), None);
-    }
-}
-
-/// How often the root context looks for leases to grant ahead of the claims.
-const GRANT_AHEAD_MS: u64 = 200;
-
-thread_local! {
-    /// Leases this worker is granting ahead (answers pending).
-    static GRANTING_AHEAD: RefCell<Vec<Lease>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Grants, from the root context, the in-flight leases the rules' claims are about to need
-/// and that no worker of this Envoy has cached yet, so that claims rarely wait for a grant
-/// (and do not all grant the same lease at once when a window begins).
-fn grant_ahead(s: &Rc<Shared>, now: u64) {
-    let mut seen: Vec<u64> = Vec::new();
-    for rule in s.config.rules() {
-        if seen.contains(&rule.lease_ms) {
-            continue;
-        }
-        seen.push(rule.lease_ms);
-        let ahead = fleet::leases_ahead(rule.lease_ms, now);
-        for lease in ahead.into_iter().flatten() {
-            let pending = GRANTING_AHEAD.with(|g| g.borrow().contains(&lease));
-            if !pending && cached_lease(s, lease).is_none() {
-                GRANTING_AHEAD.with(|g| g.borrow_mut().push(lease));
-                s.metrics.inc("fleet_leases");
-                queue_fleet_op(s, FleetOp::Grant(lease));
-            }
-        }
-    }
-}
-
-/// A forwarded claim's in-flight lease no longer needs keeping alive for it.
-fn unhold(s: &Shared, handle: &FleetHandle) {
-    s.keepalives.borrow_mut().release(handle.inflight_lease);
-}
-
-fn cache_completed(s: &Shared, key_id: &idemgate_core::KeyId, record: &idemgate_core::Record) {
-    if let Some(f) = Fleet::new(&s.config) {
-        let value = fleet::cache_value(key_id, record);
-        if f.value_policy(value.len()) == fleet::ValuePolicy::Store {
-            let _ = hostcalls::set_shared_data(&f.cache_key(key_id), Some(&value), None);
-        }
-    }
-}
-
-impl Reader {
-    /// Fleet mode: answer from the local cache of completed records when it can (never a
-    /// claim), else ask etcd; the request is paused until etcd answers.
-    fn conclude_fleet(
-        &mut self,
-        rule_idx: usize,
-        resolved: &Resolved,
-        request: Request,
-        token: Option<u64>,
-    ) -> Action {
-        let s = self.shared.clone();
-        let Some(f) = Fleet::new(&s.config) else {
-            return Action::Continue;
-        };
-        let rule = s.config.rule_at(rule_idx);
-        let now = now_ms();
-        if let Ok((Some(bytes), _)) = hostcalls::get_shared_data(&f.cache_key(&resolved.key_id)) {
-            if let Some(rec) = fleet::cache_lookup(&bytes, &resolved.key_id, now) {
-                match idemgate_core::decide(rule, &request, Some(&rec), now) {
-                    idemgate_core::Decision::Replay(stored) => {
-                        s.metrics.inc("fleet_cache_hits");
-                        return self.fleet_answer(rule_idx, token, Some(stored), None);
-                    }
-                    idemgate_core::Decision::Reject(r) => {
-                        s.metrics.inc("fleet_cache_hits");
-                        return self.fleet_answer(rule_idx, token, None, Some(r));
-                    }
-                    // Expired or otherwise claimable: only etcd may grant a claim.
-                    _ => {}
-                }
-            }
-        }
-        s.metrics.inc("fleet_claims");
-        let flow = ClaimFlow::start(&f, rule, resolved.key_id, request, now);
-        let mut claim = Box::new(FleetClaim {
-            rule: rule_idx,
-            gate: token,
-            flow,
-            call: 0,
-            granting: None,
-            got: Vec::new(),
-            fresh: false,
-            waited: false,
-            grant_failures: 0,
-            ctx: self.ctx.clone(),
-        });
-        match self.fleet_next(&mut claim) {
-            Some(action) => action,
-            None => {
-                self.phase = Phase::FleetClaim(claim);
-                Action::Pause
-            }
-        }
-    }
-
-    /// Sends the claim's next call (a lease grant, or the claim txn). `Some(action)` when
-    /// it ended.
-    fn fleet_next(&mut self, claim: &mut FleetClaim) -> Option<Action> {
-        let s = self.shared.clone();
-        match claim.send_next(&s) {
-            Ok(()) => None,
-            Err(e) => Some(self.fleet_unavailable(claim, e, false)),
-        }
-    }
-
-    fn fleet_answered(&mut self, token: u32, status: Option<u16>, body: &[u8]) {
-        let mut claim = match std::mem::replace(&mut self.phase, Phase::Done) {
-            Phase::FleetClaim(c) => c,
-            other => {
-                self.phase = other;
-                return;
-            }
-        };
-        if claim.call != token {
-            self.phase = Phase::FleetClaim(claim);
-            return;
-        }
-        let s = self.shared.clone();
-        let rule = s.config.rule_at(claim.rule);
-        let step = claim.answered(&s, status, body);
-        let action = match step {
-            Step::Send(call) => match s
-                .config
-                .store_etcd
-                .as_ref()
-                .map(|spec| dispatch(spec, &call))
-            {
-                Some(Ok(t)) => {
-                    claim.call = t;
-                    self.phase = Phase::FleetClaim(claim);
-                    return;
-                }
-                Some(Err(e)) => self.fleet_unavailable(&claim, e, true),
-                None => return,
-            },
-            Step::NeedLeases { fresh } => {
-                if fresh {
-                    claim.got.clear();
-                    claim.fresh = true;
-                }
-                match self.fleet_next(&mut claim) {
-                    None => {
-                        self.phase = Phase::FleetClaim(claim);
-                        return;
-                    }
-                    Some(a) => a,
-                }
-            }
-            Step::Wait { deadline } => {
-                // From now on the root context's tick re-polls etcd and answers.
-                claim.waited = true;
-                let settled = Rc::new(RefCell::new(Settled::Pending));
-                FLEET_WAITERS.with(|w| {
-                    w.borrow_mut().push(FleetWaiter {
-                        reader: self.id,
-                        shared: s.clone(),
-                        due: now_ms().saturating_add(FLEET_POLL_MS),
-                        deadline,
-                        claim,
-                        settled: settled.clone(),
-                        charge: self.deferred_charge.take(),
-                        rate: None,
-                    })
-                });
-                self.phase = Phase::Waiting(settled);
-                return;
-            }
-            Step::Forward(handle) => self.fleet_forward(claim.rule, claim.gate, handle),
-            Step::Answer {
-                decision,
-                completed,
-            } => {
-                if let Some(rec) = &completed {
-                    cache_completed(&s, &claim.flow.key_id(), rec);
-                }
-                match decision {
-                    idemgate_core::Decision::Replay(stored) => {
-                        if claim.waited {
-                            s.metrics.inc("waited");
-                        }
-                        self.fleet_answer(claim.rule, claim.gate, Some(stored), None)
-                    }
-                    idemgate_core::Decision::Reject(r) => {
-                        if claim.waited && matches!(r, Rejection::Conflict { .. }) {
-                            s.metrics.inc("wait_timeouts");
-                        }
-                        self.fleet_answer(claim.rule, claim.gate, None, Some(r))
-                    }
-                    _ => self.fleet_answer(
-                        claim.rule,
-                        claim.gate,
-                        None,
-                        Some(Rejection::Conflict {
-                            retry_after_s: rule.on_concurrent.retry_after_s,
-                        }),
-                    ),
-                }
-            }
-            Step::Unavailable {
-                reason,
-                maybe_claimed,
-            } => self.fleet_unavailable(&claim, reason, maybe_claimed),
-        };
-        if action == Action::Continue {
-            let _ = hostcalls::resume_http_request();
-        }
-    }
-
-    /// Replays or rejects (fleet mode), charging the rate limit as local mode does.
-    fn fleet_answer(
-        &mut self,
-        rule_idx: usize,
-        gate: Option<u64>,
-        stored: Option<idemgate_core::StoredResponse>,
-        rejection: Option<Rejection>,
-    ) -> Action {
-        let s = self.shared.clone();
-        let rule = s.config.rule_at(rule_idx);
-        if let Some(t) = gate {
-            GATES.with(|g| g.borrow_mut().remove(&t));
-        }
-        let cost = match &stored {
-            Some(_) => u32::from(
-                s.config
-                    .rule_at(self.deferred_charge.as_ref().map_or(0, |(r, _)| *r))
-                    .rate_limit
-                    .as_ref()
-                    .is_some_and(|r| r.charge_replays),
-            ),
-            None => 1,
-        };
-        if let Some((limit_rule, limited)) = self.deferred(cost) {
-            return self.reject(s.config.rule_at(limit_rule), limited);
-        }
-        match (stored, rejection) {
-            (Some(stored), _) => {
-                s.metrics.inc("replayed");
-                self.respond(problem::replay(rule, &stored, &self.ctx))
-            }
-            (None, Some(r)) => self.reject(rule, r),
-            (None, None) => self.reject(
-                rule,
-                Rejection::StoreUnavailable {
-                    retry_after_s: 1,
-                    reason: "no decision",
-                },
-            ),
-        }
-    }
-
-    fn fleet_forward(&mut self, rule_idx: usize, gate: Option<u64>, handle: FleetHandle) -> Action {
-        let s = self.shared.clone();
-        let rule = s.config.rule_at(rule_idx);
-        // Kept alive from the root context until the claim settles.
-        s.keepalives
-            .borrow_mut()
-            .hold(handle.inflight_lease, handle.inflight, now_ms());
-        if let Some((limit_rule, limited)) = self.deferred(1) {
-            queue_fleet_op(&s, FleetOp::Release(Box::new(handle)));
-            if let Some(t) = gate {
-                GATES.with(|g| g.borrow_mut().remove(&t));
-            }
-            return self.reject(s.config.rule_at(limit_rule), limited);
-        }
-        if let Some(t) = gate {
-            if let Err(detail) = release_gate(self.id, t) {
-                queue_fleet_op(&s, FleetOp::Release(Box::new(handle)));
-                log::error!("idemgate: {detail}");
-                return self.reject(rule, Rejection::Misconfigured { detail });
-            }
-        }
-        s.metrics.inc("forwarded");
-        self.phase = Phase::FleetForwarded(rule_idx, Box::new(handle));
-        Action::Continue
-    }
-
-    /// etcd could not decide: the fail policy answers.
-    fn fleet_unavailable(&mut self, claim: &FleetClaim, reason: String, maybe: bool) -> Action {
-        let s = self.shared.clone();
-        let rule = s.config.rule_at(claim.rule);
-        log::warn!("idemgate: etcd could not decide a claim: {reason}");
-        if maybe {
-            if let Some(call) = claim.flow.abandon_call() {
-                queue_fleet_op(&s, FleetOp::Abandon(call));
-            }
-        }
-        let open = Fleet::new(&s.config).is_some_and(|f| f.fails_open());
-        if open {
-            s.metrics.inc("fleet_fail_open");
-            if let Some(t) = claim.gate {
-                if let Err(detail) = release_gate(self.id, t) {
-                    return self.reject(rule, Rejection::Misconfigured { detail });
-                }
-            }
-            let _ = self.deferred(1);
-            self.phase = Phase::Done;
-            return Action::Continue;
-        }
-        s.metrics.inc("fleet_fail_closed");
-        if let Some(t) = claim.gate {
-            GATES.with(|g| g.borrow_mut().remove(&t));
-        }
-        self.reject(
-            rule,
-            Rejection::StoreUnavailable {
-                retry_after_s: 1,
-                reason: "etcd unavailable",
-            },
-        )
-    }
-}
-
-/// Work for the root context: completions, releases and abandons outlive their streams.
-enum FleetOp {
-    Complete {
-        handle: Box<FleetHandle>,
-        call: Call,
-        record: Box<idemgate_core::Record>,
-        attempts_left: u32,
-    },
-    Release(Box<FleetHandle>),
-    Abandon(Call),
-    KeepAlive(i64),
-    /// A lease granted ahead of the claims that will need it.
-    Grant(Lease),
-}
-
-struct QueuedOp {
-    shared: Rc<Shared>,
-    op: FleetOp,
-}
-
-thread_local! {
-    static FLEET_QUEUE: RefCell<Vec<QueuedOp>> = const { RefCell::new(Vec::new()) };
-    static FLEET_PENDING: RefCell<VecMap<u32, QueuedOp>> = RefCell::new(VecMap::new());
-}
-
-fn queue_fleet_op(shared: &Rc<Shared>, op: FleetOp) {
-    FLEET_QUEUE.with(|q| {
-        q.borrow_mut().push(QueuedOp {
-            shared: shared.clone(),
-            op,
-        })
-    });
-}
-
-/// Completion of a forwarded request in fleet mode: queued for the root context.
-fn settle_fleet_response(s: &Rc<Shared>, handle: Box<FleetHandle>, capture: ResponseCapture) {
-    let Some(f) = Fleet::new(&s.config) else {
-        return;
-    };
-    match capture.finish() {
-        Ok(stored) => match fleet::complete_call(&f, &handle, &stored) {
-            Ok(call) => {
-                let record = fleet::completed_record(&handle, &stored);
-                queue_fleet_op(
-                    s,
-                    FleetOp::Complete {
-                        handle,
-                        call,
-                        record: Box::new(record),
-                        attempts_left: f.spec.retries,
-                    },
-                );
-            }
-            Err(_) => {
-                s.metrics.inc("not_stored_too_large");
-                unhold(s, &handle);
-                log::warn!("idemgate: record for key {} exceeds store.etcd.maxValueBytes; not stored, key held until its lease lapses", handle.key_id.to_hex());
-            }
-        },
-        Err(NotStored::Status(_)) => {
-            s.metrics.inc("not_stored_status");
-            queue_fleet_op(s, FleetOp::Release(handle));
-        }
-        Err(NotStored::TooLarge) => {
-            s.metrics.inc("not_stored_too_large");
-            unhold(s, &handle);
-        }
-    }
-}
-
-/// Dispatches queued fleet work from the root context (so its answers come back here).
-fn drain_fleet_ops(root: u32) {
-    let ops = FLEET_QUEUE.with(|q| std::mem::take(&mut *q.borrow_mut()));
-    if ops.is_empty() {
-        return;
-    }
-    let _ = hostcalls::set_effective_context(root);
-    for q in ops {
-        let Some(spec) = q.shared.config.store_etcd.clone() else {
-            continue;
-        };
-        let call = match &q.op {
-            FleetOp::Complete { call, .. } => call.clone(),
-            FleetOp::Release(h) => fleet::release_call(h),
-            FleetOp::Abandon(c) => c.clone(),
-            FleetOp::KeepAlive(lease) => fleet::keepalive_call(*lease),
-            FleetOp::Grant(lease) => lease.grant_call(now_ms()),
-        };
-        match dispatch(&spec, &call) {
-            Ok(t) => FLEET_PENDING.with(|p| {
-                p.borrow_mut().insert(t, q);
-            }),
-            Err(e) => {
-                q.shared.metrics.inc("fleet_errors");
-                log::error!("idemgate: {e}");
-                match &q.op {
-                    FleetOp::Complete { handle, .. } | FleetOp::Release(handle) => {
-                        unhold(&q.shared, handle)
-                    }
-                    FleetOp::KeepAlive(lease) => {
-                        let failed = Err(fleet::EtcdError::Unavailable(e));
-                        q.shared
-                            .keepalives
-                            .borrow_mut()
-                            .answered(*lease, &failed, now_ms());
-                    }
-                    FleetOp::Grant(lease) => {
-                        GRANTING_AHEAD.with(|g| g.borrow_mut().retain(|l| l != lease))
-                    }
-                    FleetOp::Abandon(_) => {}
-                }
-            }
-        }
-    }
-}
-
-/// An answer to root-context fleet work.
-fn fleet_op_answered(token: u32, status: Option<u16>, body: &[u8]) {
-    let Some(q) = FLEET_PENDING.with(|p| p.borrow_mut().remove(&token)) else {
-        return;
-    };
-    let s = q.shared.clone();
-    match q.op {
-        FleetOp::Complete {
-            handle,
-            call,
-            record,
-            attempts_left,
-        } => match fleet::complete_outcome(&handle, status, body) {
-            Ok(fleet::Completion::Stored) => {
-                s.metrics.inc("stored");
-                unhold(&s, &handle);
-                cache_completed(&s, &handle.key_id, &record);
-            }
-            Ok(fleet::Completion::Lost) => {
-                s.metrics.inc("lost_claims");
-                unhold(&s, &handle);
-                log::warn!(
-                    "idemgate: key {} was taken over in etcd before its response completed",
-                    handle.key_id.to_hex()
-                );
-            }
-            Err(e) => {
-                s.metrics.inc("fleet_errors");
-                if attempts_left > 0 {
-                    queue_fleet_op(
-                        &s,
-                        FleetOp::Complete {
-                            handle,
-                            call,
-                            record,
-                            attempts_left: attempts_left - 1,
-                        },
-                    );
-                } else {
-                    s.metrics.inc("store_errors");
-                    unhold(&s, &handle);
-                    log::error!(
-                        "idemgate: completion of key {} not stored: {e}; key held until its lease lapses",
-                        handle.key_id.to_hex()
-                    );
-                }
-            }
-        },
-        FleetOp::Release(handle) => {
-            unhold(&s, &handle);
-            if status != Some(200) {
-                s.metrics.inc("fleet_errors");
-            }
-        }
-        FleetOp::Abandon(_) => {
-            if status != Some(200) {
-                s.metrics.inc("fleet_errors");
-            }
-        }
-        FleetOp::Grant(lease) => {
-            GRANTING_AHEAD.with(|g| g.borrow_mut().retain(|l| *l != lease));
-            match fleet::parse_grant(status, body) {
-                Ok(id) => cache_lease(&s, lease, id),
-                Err(e) => {
-                    s.metrics.inc("fleet_errors");
-                    log::debug!("idemgate: lease grant ahead of claims: {e}");
-                }
-            }
-        }
-        FleetOp::KeepAlive(lease) => {
-            let outcome = fleet::parse_keepalive(status, body);
-            let refresh = s
-                .keepalives
-                .borrow_mut()
-                .answered(lease, &outcome, now_ms());
-            match refresh {
-                fleet::Refresh::Alive => s.metrics.inc("fleet_keepalives"),
-                fleet::Refresh::Gone => {
-                    s.metrics.inc("fleet_leases_lost");
-                    log::warn!("idemgate: in-flight lease {lease:x} lapsed in etcd while claims held it (etcd unreachable for longer than its TTL?); their keys are free again");
-                }
-                fleet::Refresh::Failed => {
-                    s.metrics.inc("fleet_errors");
-                    if let Err(e) = outcome {
-                        log::debug!("idemgate: keep-alive of lease {lease:x}: {e}");
-                    }
-                }
-                fleet::Refresh::Unheld => {}
-            }
-        }
-    }
-}
-
-/// How often a request parked by the wait policy in fleet mode asks etcd again.
-const FLEET_POLL_MS: u64 = 25;
-
-/// A request parked by the wait policy in fleet mode. The root context carries it on:
-/// calls dispatched from a root context are answered there, not in the stream.
-struct FleetWaiter {
-    reader: u32,
-    shared: Rc<Shared>,
-    due: u64,
-    deadline: u64,
-    claim: Box<FleetClaim>,
-    settled: Rc<RefCell<Settled>>,
-    /// The rate-limit charge deferred until the wait ends (limit rule, request headers).
-    charge: Option<(usize, Headers)>,
-    /// The rate-limit headers of the settled charge, for the answer.
-    rate: Option<RateHeaders>,
-}
-
-thread_local! {
-    /// Parked requests waiting for their next poll.
-    static FLEET_WAITERS: RefCell<Vec<FleetWaiter>> = const { RefCell::new(Vec::new()) };
-    /// Parked requests with a call to etcd in flight, by call token.
-    static FLEET_WAIT_CALLS: RefCell<VecMap<u32, FleetWaiter>> = RefCell::new(VecMap::new());
-}
-
-/// Re-polls etcd for every parked request that is due: a create txn whose failure branch
-/// reads the key (a released key is claimed at once; a completed one is replayed).
-fn poll_fleet_waiters(root: u32) {
-    let parked = FLEET_WAITERS.with(|w| std::mem::take(&mut *w.borrow_mut()));
-    if parked.is_empty() {
-        return;
-    }
-    let now = now_ms();
-    let mut still = Vec::new();
-    for mut w in parked {
-        if w.due > now {
-            still.push(w);
-            continue;
-        }
-        let step = w
-            .claim
-            .flow
-            .repoll(w.shared.config.rule_at(w.claim.rule), now);
-        waiter_step(root, w, step);
-    }
-    FLEET_WAITERS.with(|w| w.borrow_mut().extend(still));
-}
-
-/// An answer from etcd to a parked request's call.
-fn waiter_answered(root: u32, mut w: FleetWaiter, status: Option<u16>, body: &[u8]) {
-    let s = w.shared.clone();
-    let step = w.claim.answered(&s, status, body);
-    waiter_step(root, w, step);
-}
-
-/// Carries a parked request on by one step, from the root context.
-fn waiter_step(root: u32, mut w: FleetWaiter, step: Step) {
-    let s = w.shared.clone();
-    let rule = s.config.rule_at(w.claim.rule);
-    let _ = hostcalls::set_effective_context(root);
-    let sent = match step {
-        Step::Send(call) => s
-            .config
-            .store_etcd
-            .as_ref()
-            .ok_or_else(|| "fleet mode is not configured".to_string())
-            .and_then(|spec| dispatch(spec, &call))
-            .map(|t| w.claim.call = t),
-        Step::NeedLeases { fresh } => {
-            if fresh {
-                w.claim.got.clear();
-                w.claim.fresh = true;
-            }
-            w.claim.send_next(&s)
-        }
-        Step::Wait { deadline } => {
-            w.deadline = deadline;
-            w.due = now_ms().saturating_add(FLEET_POLL_MS);
-            FLEET_WAITERS.with(|q| q.borrow_mut().push(w));
-            return;
-        }
-        Step::Forward(handle) => {
-            if waiter_settle(&mut w, Settlement::Other) {
-                queue_fleet_op(&s, FleetOp::Release(Box::new(handle)));
-                let _ = hostcalls::set_effective_context(root);
-                return;
-            }
-            s.keepalives
-                .borrow_mut()
-                .hold(handle.inflight_lease, handle.inflight, now_ms());
-            let released = match w.claim.gate {
-                Some(t) => release_gate(w.reader, t),
-                None => hostcalls::set_effective_context(w.reader).map_err(|e| format!("{e:?}")),
-            };
-            match released
-                .and_then(|()| hostcalls::resume_http_request().map_err(|e| format!("{e:?}")))
-            {
-                Ok(()) => {
-                    s.metrics.inc("forwarded");
-                    *w.settled.borrow_mut() =
-                        Settled::FleetForwarded(w.claim.rule, Box::new(handle), w.rate.take());
-                }
-                Err(detail) => {
-                    queue_fleet_op(&s, FleetOp::Release(Box::new(handle)));
-                    waiter_reject(&w, Rejection::Misconfigured { detail });
-                }
-            }
-            let _ = hostcalls::set_effective_context(root);
-            return;
-        }
-        Step::Answer {
-            decision,
-            completed,
-        } => {
-            if let Some(rec) = &completed {
-                cache_completed(&s, &w.claim.flow.key_id(), rec);
-            }
-            let settled = match decision {
-                idemgate_core::Decision::Replay(_) => Settlement::Replayed,
-                _ => Settlement::Other,
-            };
-            if waiter_settle(&mut w, settled) {
-                let _ = hostcalls::set_effective_context(root);
-                return;
-            }
-            match decision {
-                idemgate_core::Decision::Replay(stored) => {
-                    if hostcalls::set_effective_context(w.reader).is_ok() {
-                        s.metrics.inc("replayed");
-                        s.metrics.inc("waited");
-                        send(with_rate(
-                            problem::replay(rule, &stored, &w.claim.ctx),
-                            w.rate.as_ref(),
-                        ));
-                    }
-                    waiter_done(&w);
-                }
-                idemgate_core::Decision::Reject(r) => {
-                    if matches!(r, Rejection::Conflict { .. }) {
-                        s.metrics.inc("wait_timeouts");
-                    }
-                    waiter_reject(&w, r);
-                }
-                _ => waiter_reject(
-                    &w,
-                    Rejection::Conflict {
-                        retry_after_s: rule.on_concurrent.retry_after_s,
-                    },
-                ),
-            }
-            let _ = hostcalls::set_effective_context(root);
-            return;
-        }
-        Step::Unavailable {
-            reason,
-            maybe_claimed,
-        } => Err(format!(
-            "{reason}{}",
-            if maybe_claimed {
-                " (maybe claimed)"
-            } else {
-                ""
-            }
-        ))
-        .inspect_err(|_| {
-            if maybe_claimed {
-                if let Some(call) = w.claim.flow.abandon_call() {
-                    queue_fleet_op(&s, FleetOp::Abandon(call));
-                }
-            }
-        }),
-    };
-    match sent {
-        Ok(()) => FLEET_WAIT_CALLS.with(|c| {
-            c.borrow_mut().insert(w.claim.call, w);
-        }),
-        Err(e) => {
-            // etcd cannot decide: the fail policy answers, as for a first attempt.
-            log::warn!("idemgate: etcd could not decide a waiting request: {e}");
-            if waiter_settle(&mut w, Settlement::Other) {
-                let _ = hostcalls::set_effective_context(root);
-                return;
-            }
-            if Fleet::new(&s.config).is_some_and(|f| f.fails_open()) {
-                s.metrics.inc("fleet_fail_open");
-                let released = match w.claim.gate {
-                    Some(t) => release_gate(w.reader, t),
-                    None => {
-                        hostcalls::set_effective_context(w.reader).map_err(|e| format!("{e:?}"))
-                    }
-                };
-                if released
-                    .and_then(|()| hostcalls::resume_http_request().map_err(|e| format!("{e:?}")))
-                    .is_ok()
-                {
-                    *w.settled.borrow_mut() = Settled::Done;
-                }
-            } else {
-                s.metrics.inc("fleet_fail_closed");
-                waiter_reject(
-                    &w,
-                    Rejection::StoreUnavailable {
-                        retry_after_s: 1,
-                        reason: "etcd unavailable",
-                    },
-                );
-            }
-            let _ = hostcalls::set_effective_context(root);
-        }
-    }
-}
-
-/// Answers a parked request with `r` (from its own context).
-fn waiter_reject(w: &FleetWaiter, r: Rejection) {
-    waiter_reject_by(w, w.claim.rule, r);
-}
-
-/// Answers a parked request with `r` in the error format of rule `rule`.
-fn waiter_reject_by(w: &FleetWaiter, rule: usize, r: Rejection) {
-    let rule = w.shared.config.rule_at(rule);
-    if hostcalls::set_effective_context(w.reader).is_ok() {
-        w.shared.metrics.rejection(&r);
-        send(with_rate(
-            problem::render(rule, &r, &w.claim.ctx),
-            w.rate.as_ref(),
-        ));
-    }
-    waiter_done(w);
-}
-
-/// Settles a parked request's deferred rate-limit charge now that its wait ended as
-/// `settled`, as local mode does; answers 429 and returns true when the caller is over its
-/// limit.
-fn waiter_settle(w: &mut FleetWaiter, settled: Settlement) -> bool {
-    let (rate, limited) = settle_deferred(&w.shared, w.charge.take(), settled);
-    w.rate = rate;
-    match limited {
-        Some((limit_rule, r)) => {
-            waiter_reject_by(w, limit_rule, r);
-            true
-        }
-        None => false,
-    }
-}
-
-fn waiter_done(w: &FleetWaiter) {
-    if let Some(t) = w.claim.gate {
-        GATES.with(|g| g.borrow_mut().remove(&t));
-    }
-    *w.settled.borrow_mut() = Settled::Done;
 }
