@@ -416,7 +416,14 @@ fn write_answered(
             };
             return Some((Box::new(op), at));
         }
-        WriteStep::Done(written) => settled(s, w, written, back_to),
+        WriteStep::Done(written) => {
+            log::debug!(
+                "idemgate: {:?} of key {}: {written:?}",
+                w.write.kind(),
+                w.write.key_id().to_hex()
+            );
+            settled(s, w, written, back_to)
+        }
         WriteStep::GiveUp(e) => gave_up(s, w, &e),
     }
     if let Some(h) = &w.handle {
@@ -559,6 +566,56 @@ impl FleetClaim {
         self.granting = Some(lease);
         s.metrics.inc("fleet_leases");
         lease.grant_call(now_ms())
+    }
+}
+
+/// Which bytes of a fleet response are held back. The end of the stream is held until the
+/// claim is settled; when the response declares its length, so are the bytes that complete
+/// it (an HTTP/1.1 client with a `content-length` has its answer once it has them, whether
+/// or not the end of the stream follows).
+#[derive(Debug, Default)]
+pub(crate) struct ResponseHold {
+    /// The response's `content-length`.
+    declared: Option<u64>,
+    /// Body bytes seen so far.
+    seen: u64,
+    /// Bytes at the start of Envoy's buffer already seen (held back by the last callback).
+    buffered: usize,
+}
+
+impl ResponseHold {
+    /// For a fleet response with `headers`.
+    pub(crate) fn of(headers: &[(String, Vec<u8>)]) -> Self {
+        let declared = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        Self {
+            declared,
+            ..Self::default()
+        }
+    }
+
+    /// Of a body callback with `body_size` bytes buffered: where the new bytes start, and
+    /// how many there are.
+    pub(crate) fn fresh(&mut self, body_size: usize) -> (usize, usize) {
+        let from = self.buffered.min(body_size);
+        let new = body_size - from;
+        self.seen = self.seen.saturating_add(new as u64);
+        (from, new)
+    }
+
+    /// After a body callback (not the end of the stream): `Pause` keeps the buffer (the
+    /// bytes completing the declared length) until the claim is settled.
+    pub(crate) fn after(&mut self, body_size: usize, new: usize) -> Action {
+        if self.declared.is_some_and(|len| new > 0 && self.seen >= len) {
+            self.buffered = body_size;
+            Action::Pause
+        } else {
+            self.buffered = 0;
+            Action::Continue
+        }
     }
 }
 
@@ -889,6 +946,11 @@ impl Reader {
             record,
             hold: Some((self.id, now.saturating_add(bound))),
         };
+        log::debug!(
+            "idemgate: {:?} of key {}: response held until etcd has it",
+            op.write.kind(),
+            op.write.key_id().to_hex()
+        );
         match dispatch(f.spec, op.write.call()) {
             Ok(call) => self.phase = Phase::Settling(Box::new(Settling { op, call })),
             Err(e) => {

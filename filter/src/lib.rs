@@ -363,6 +363,7 @@ impl RootContext for Root {
                 add_correlation: false,
                 rate: None,
                 deferred_charge: None,
+                hold: fleet::ResponseHold::default(),
             })),
             (Role::Reader, None) => None,
         }
@@ -673,6 +674,8 @@ struct Reader {
     /// Index of the rule whose rate limit applies, and the request headers, while a
     /// covered request's charge waits for its decision.
     deferred_charge: Option<(usize, Headers)>,
+    /// Fleet mode: which response bytes are held until the claim is settled in etcd.
+    hold: fleet::ResponseHold,
 }
 
 impl Context for Reader {
@@ -1148,6 +1151,9 @@ impl HttpContext for Reader {
         }
         let rule = self.shared.config.rule_at(rule_idx);
         let capture = ResponseCapture::new(rule, status, &headers);
+        if matches!(handle, Held::Fleet(_)) {
+            self.hold = fleet::ResponseHold::of(&headers);
+        }
         self.phase = Phase::Capturing(handle, capture);
         if eos {
             return self.finish_response();
@@ -1157,9 +1163,11 @@ impl HttpContext for Reader {
 
     fn on_http_response_body(&mut self, body_size: usize, eos: bool) -> Action {
         if let Phase::Capturing(_, capture) = &mut self.phase {
-            if capture.wants_body() && body_size > 0 {
+            // Bytes held back earlier (fleet mode) are still in the buffer: only the rest is new.
+            let (from, new) = self.hold.fresh(body_size);
+            if capture.wants_body() && new > 0 {
                 if let Ok(Some(chunk)) =
-                    hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size)
+                    hostcalls::get_buffer(BufferType::HttpResponseBody, from, new)
                 {
                     capture.push(&chunk);
                 }
@@ -1167,6 +1175,7 @@ impl HttpContext for Reader {
             if eos {
                 return self.finish_response();
             }
+            return self.hold.after(body_size, new);
         }
         Action::Continue
     }
