@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 import signal
 import subprocess
 import time
@@ -476,23 +477,28 @@ def run_storm(f: Fleet, name: str, fault: Callable[[], Any], recover: Callable[[
     its requests got 503) executes it once, within its lease. No key runs twice; every answer
     is the origin's, a replay of it, or 409/503 with Retry-After."""
     tag = uuid.uuid4().hex[:12]
-    base = f"/fleet/fault/{name}/{tag}"
-    keys = [(f"{base}/{k}", f"{name}-{k}-{tag}") for k in range(20)]
-    jobs = [(j * 20 + k, keys[k][0], keys[k][1]) for j in range(10) for k in range(20)]
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    base = f"/fleet/fault/{slug}/{tag}"
+    keys = [(f"{base}/{k}", f"{slug}-{k}-{tag}") for k in range(20)]
+    # (order, Envoy, path, key): every key's requests alternate between the two Envoys
+    jobs = [(j * 20 + k, j + k, keys[k][0], keys[k][1]) for j in range(10) for k in range(20)]
     t0 = time.monotonic()
 
-    def one(i: int, path: str, key: str) -> tuple[str, Resp | None]:
+    def one(i: int, envoy: int, path: str, key: str) -> tuple[str, Resp | None]:
         time.sleep(max(0.0, t0 + i * 0.01 - time.monotonic()))
-        return path, safe_post(f.port(i, "storm"), f"{path}?delay={delay}", key)
+        return path, safe_post(f.port(envoy, "storm"), f"{path}?delay={delay}", key)
 
-    with concurrent.futures.ThreadPoolExecutor(80) as pool:
-        futs = [pool.submit(one, *job) for job in jobs]
-        time.sleep(max(0.0, t0 + fault_at - time.monotonic()))
-        state = fault()
-        results = [fut.result() for fut in futs]
-    t_fault = time.monotonic() - t0
-    recover(state)
-    f.cluster.wait_leader()
+    state = None
+    try:
+        with concurrent.futures.ThreadPoolExecutor(80) as pool:
+            futs = [pool.submit(one, *job) for job in jobs]
+            time.sleep(max(0.0, t0 + fault_at - time.monotonic()))
+            state = fault()
+            results = [fut.result() for fut in futs]
+    finally:
+        t_fault = time.monotonic() - t0
+        recover(state)
+        f.cluster.wait_leader()
     recovered = time.monotonic()
     statuses: dict[str, int] = {}
     answered: dict[str, list[Resp]] = {}
@@ -513,7 +519,7 @@ def run_storm(f: Fleet, name: str, fault: Callable[[], Any], recover: Callable[[
 
     def settle(i: int, path: str, key: str) -> None:
         while True:
-            r = safe_post(f.port(i, "storm"), f"{path}?delay=0.05", key)
+            r = safe_post(f.port(i, "storm"), f"{path}?delay={delay}", key)
             if r is not None and r.status == 200:
                 finals[path] = r
                 waits.append(time.monotonic() - recovered)
@@ -528,6 +534,10 @@ def run_storm(f: Fleet, name: str, fault: Callable[[], Any], recover: Callable[[
             fut.result()
     counts = executions(f.origin, base)
     twice = {p: n for p, n in counts.items() if n > 1}
+    if twice:
+        for e in f.envoys:
+            print("\n".join(line for line in e.logs().splitlines()
+                            if "idemgate:" in line and ("warn" in line or "error" in line))[-4000:])
     for path, _ in keys:
         rs = answered.get(path, [])
         final = finals[path]

@@ -971,10 +971,11 @@ pub enum FailPolicy {
     Open,
 }
 
-/// Fleet mode: etcd (v3 JSON gateway) is the authoritative store of claims and records.
+/// Fleet mode: etcd (its v3 gRPC API, through an Envoy cluster) is the authoritative store
+/// of claims and records.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EtcdSpec {
-    /// Envoy cluster name of the etcd members.
+    /// Envoy cluster name of the etcd members (HTTP/2; TLS as its transport socket says).
     pub cluster: String,
     /// Key prefix in etcd (ends with `/`).
     pub prefix: String,

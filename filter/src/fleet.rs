@@ -394,11 +394,11 @@ fn write_answered(
     now: u64,
     back_to: u32,
 ) -> Option<(Box<WriteOp>, u64)> {
-    let alive_until = w
+    let alive = w
         .handle
         .as_ref()
-        .and_then(|h| s.keepalives.borrow().alive_until(h.inflight_lease));
-    let step = w.write.on_reply(reply, now, alive_until);
+        .is_some_and(|h| s.keepalives.borrow().holds(h.inflight_lease));
+    let step = w.write.on_reply(reply, now, alive);
     match step {
         WriteStep::Retry { at, error } => {
             s.metrics.inc("fleet_errors");
@@ -916,7 +916,7 @@ impl Reader {
             return false;
         };
         let (write, record) = match capture.finish() {
-            Ok(stored) => match Write::complete(&f, &handle, &stored) {
+            Ok(stored) => match Write::complete(&f, &handle, &stored, now_ms()) {
                 Ok((w, record)) => (w, Some(Box::new(record))),
                 Err(_) => {
                     s.metrics.inc("not_stored_too_large");
@@ -927,7 +927,7 @@ impl Reader {
             },
             Err(NotStored::Status(_)) => {
                 s.metrics.inc("not_stored_status");
-                (Write::release(&handle), None)
+                (Write::release(&handle, now_ms()), None)
             }
             Err(NotStored::TooLarge) => {
                 s.metrics.inc("not_stored_too_large");
@@ -981,7 +981,7 @@ fn queue_release(s: &Rc<Shared>, handle: FleetHandle) {
     queue_write(
         s,
         WriteOp {
-            write: Write::release(&handle),
+            write: Write::release(&handle, now_ms()),
             handle: Some(Box::new(handle)),
             record: None,
             hold: None,

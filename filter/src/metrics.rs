@@ -40,6 +40,9 @@ pub const COUNTERS: &[&str] = &[
     "fleet_fail_closed",
     "fleet_keepalives",
     "fleet_leases_lost",
+    "fleet_retries",
+    "fleet_abandoned",
+    "fleet_unsettled",
 ];
 
 /// Gauges, in definition order.

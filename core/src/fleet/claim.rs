@@ -263,15 +263,15 @@ impl ClaimFlow {
 
     /// The write withdrawing our record if an attempt committed unseen (after
     /// [`Step::Unavailable`] with `maybe_claimed`, or a request gone while claiming):
-    /// `value == <our record>` → delete, retried until etcd answers, for up to two
-    /// in-flight lease TTLs (after which nothing keeps such a record).
+    /// `value == <our record>` → delete, retried until etcd answers (see
+    /// [`retry_window_ms`](super::write::retry_window_ms)).
     pub fn abandon(&self, now: Millis) -> Option<Write> {
         self.sent.then(|| {
             Write::abandon(
                 &self.key,
                 self.key_id,
                 self.claim.record().encode(),
-                now.saturating_add(self.inflight.ttl_s * 2000),
+                now.saturating_add(super::write::retry_window_ms(self.inflight.ttl_s)),
             )
         })
     }

@@ -141,8 +141,8 @@ pub fn leases_ahead(lease_ms: u64, now: Millis) -> [Option<Lease>; 2] {
     [Some(Lease::InFlight(cur)), next]
 }
 
-/// In-flight leases held by one worker's unsettled claims, when each is due for a
-/// keep-alive, and until when etcd is known to keep it. The root context's tick sends what
+/// In-flight leases held by one worker's unsettled claims, and when each is due for a
+/// keep-alive. The root context's tick sends what
 /// [`KeepAlives::due`] returns and feeds each answer to [`KeepAlives::answered`]. A lease no
 /// claim holds is forgotten (and lapses in etcd within its TTL).
 #[derive(Debug, Default)]
@@ -154,13 +154,9 @@ pub struct KeepAlives {
 struct Held {
     lease: i64,
     holders: u32,
-    ttl_ms: u64,
     refresh_ms: u64,
     due: Millis,
-    /// When the keep-alive in flight was sent (`None`: none in flight).
-    sent_at: Option<Millis>,
-    /// etcd keeps the lease at least until then (from the last confirmed refresh).
-    alive_until: Millis,
+    sent: bool,
 }
 
 /// What a keep-alive answer means for its lease.
@@ -178,8 +174,7 @@ pub enum Refresh {
 
 impl KeepAlives {
     /// An unsettled claim attached to `lease` at `now`. A lease this worker did not hold
-    /// yet is refreshed at once: another worker may have granted it up to half a TTL ago
-    /// (which is also all that is known of its life until that refresh answers).
+    /// yet is refreshed at once: another worker may have granted it up to half a TTL ago.
     pub fn hold(&mut self, lease: i64, kind: InFlightLease, now: Millis) {
         if lease <= 0 {
             return;
@@ -189,11 +184,9 @@ impl KeepAlives {
             None => self.held.push(Held {
                 lease,
                 holders: 1,
-                ttl_ms: kind.ttl_s * 1000,
                 refresh_ms: kind.refresh_ms().max(1),
                 due: now,
-                sent_at: None,
-                alive_until: now.saturating_add(kind.ttl_s * 500),
+                sent: false,
             }),
         }
     }
@@ -210,8 +203,8 @@ impl KeepAlives {
     pub fn due(&mut self, now: Millis) -> Vec<i64> {
         let mut out = Vec::new();
         for h in &mut self.held {
-            if h.sent_at.is_none() && h.due <= now {
-                h.sent_at = Some(now);
+            if !h.sent && h.due <= now {
+                h.sent = true;
                 out.push(h.lease);
             }
         }
@@ -228,13 +221,10 @@ impl KeepAlives {
         let Some(h) = self.held.iter_mut().find(|h| h.lease == lease) else {
             return Refresh::Unheld;
         };
-        let sent_at = h.sent_at.take().unwrap_or(now);
+        h.sent = false;
         match outcome {
-            Ok(Some(ttl_s)) => {
+            Ok(Some(_)) => {
                 h.due = now.saturating_add(h.refresh_ms);
-                // renewed no earlier than the request was sent
-                let ttl_ms = ttl_s.saturating_mul(1000).min(h.ttl_ms.max(1000));
-                h.alive_until = h.alive_until.max(sent_at.saturating_add(ttl_ms));
                 Refresh::Alive
             }
             Ok(None) => {
@@ -248,13 +238,9 @@ impl KeepAlives {
         }
     }
 
-    /// Until when etcd is known to keep `lease` (`None`: not held, or known gone). A claim
-    /// on it is safe to settle until then; later, its key may be free for another request.
-    pub fn alive_until(&self, lease: i64) -> Option<Millis> {
-        self.held
-            .iter()
-            .find(|h| h.lease == lease)
-            .map(|h| h.alive_until)
+    /// Whether `lease` is held and not known to have lapsed in etcd.
+    pub fn holds(&self, lease: i64) -> bool {
+        self.held.iter().any(|h| h.lease == lease)
     }
 
     /// Number of leases held.
@@ -358,20 +344,18 @@ mod tests {
         ka.hold(5, l, 1_100);
         ka.hold(6, l, 1_100);
         assert_eq!(ka.len(), 2);
-        // known alive for half a TTL from the first hold, until a refresh says more
-        assert_eq!(ka.alive_until(5), Some(6_000));
+        assert!(ka.holds(5) && !ka.holds(7));
         assert_eq!(ka.due(1_100), vec![5, 6]);
         assert_eq!(ka.due(1_200), Vec::<i64>::new()); // answers pending
         assert_eq!(ka.answered(5, &Ok(Some(10)), 1_200), Refresh::Alive);
-        assert_eq!(ka.alive_until(5), Some(11_100)); // renewed no earlier than sent
         assert_eq!(
             ka.answered(6, &Err(EtcdError::Unavailable("x".into())), 1_200),
             Refresh::Failed
         );
-        assert_eq!(ka.alive_until(6), Some(6_100)); // a failure tells nothing new
+        assert!(ka.holds(6)); // a failure tells nothing new
         assert_eq!(ka.due(1_500), vec![6]); // retried after 200 ms
         assert_eq!(ka.answered(6, &Ok(None), 1_510), Refresh::Gone);
-        assert_eq!(ka.alive_until(6), None);
+        assert!(!ka.holds(6));
         assert_eq!(ka.len(), 1);
         assert_eq!(ka.due(4_532), Vec::<i64>::new());
         assert_eq!(ka.due(4_533), vec![5]);

@@ -481,26 +481,31 @@ fn unavailable_after_retries_is_abandoned_by_owner_token() {
         txn_of(ab.call()).success[0].request,
         Some(request_op::Request::DeleteRange(_))
     ));
+    // retried for 3 lease TTLs, at least 30 s, whatever the keep-alives say
     assert!(matches!(
-        ab.on_reply(&TIMEOUT, 2_000, None),
+        ab.on_reply(&TIMEOUT, 2_000, false),
         WriteStep::Retry { at: 2_025, .. }
     ));
     assert!(matches!(
-        ab.on_reply(&TIMEOUT, 2_100, None),
+        ab.on_reply(&TIMEOUT, 2_100, false),
         WriteStep::Retry { at: 2_150, .. }
     ));
     assert!(matches!(
-        ab.on_reply(&TIMEOUT, 21_590, None),
+        ab.on_reply(&TIMEOUT, 31_000, false),
+        WriteStep::Retry { .. }
+    ));
+    assert!(matches!(
+        ab.on_reply(&TIMEOUT, 31_590, false),
         WriteStep::GiveUp(_)
     ));
     // etcd answers: gone (the attempt never committed), or deleted now
     let mut ab = flow.abandon(1_600).unwrap();
     assert_eq!(
-        ab.on_reply(&Reply::Ok(&failed_with(9, None)), 2_000, None),
+        ab.on_reply(&Reply::Ok(&failed_with(9, None)), 2_000, true),
         WriteStep::Done(Written::Released)
     );
     assert_eq!(
-        ab.on_reply(&Reply::Ok(&succeeded(9)), 2_000, None),
+        ab.on_reply(&Reply::Ok(&succeeded(9)), 2_000, true),
         WriteStep::Done(Written::Released)
     );
     // a refusal (a request etcd will never take) is not retried
@@ -509,7 +514,7 @@ fn unavailable_after_retries_is_abandoned_by_owner_token() {
         message: "etcdserver: mvcc: database space exceeded",
     };
     assert!(matches!(
-        ab.on_reply(&no_space, 2_000, None),
+        ab.on_reply(&no_space, 2_000, true),
         WriteStep::GiveUp(EtcdError::Refused(_))
     ));
     // definite refusals do not make a claim ambiguous
@@ -559,7 +564,7 @@ fn completions_are_retried_while_the_lease_lives_and_an_ambiguous_one_is_read_ba
         headers: vec![],
         body: b"made".to_vec(),
     };
-    let (mut w, record) = Write::complete(&f, &h, &resp).unwrap();
+    let (mut w, record) = Write::complete(&f, &h, &resp, 1_000).unwrap();
     assert_eq!(w.kind(), WriteKind::Complete);
     assert_eq!(
         compare_of(w.call()),
@@ -571,14 +576,13 @@ fn completions_are_retried_while_the_lease_lives_and_an_ambiguous_one_is_read_ba
     assert_eq!(Record::decode(&value).unwrap(), record);
     assert!(matches!(record, Record::Completed { owner: 9, .. }));
     assert_eq!(
-        w.clone()
-            .on_reply(&Reply::Ok(&succeeded(13)), 1_000, Some(9_000)),
+        w.clone().on_reply(&Reply::Ok(&succeeded(13)), 1_000, true),
         WriteStep::Done(Written::Stored)
     );
-    // unanswered: retried, with a growing pause, while the lease is known to live
+    // unanswered: retried, with a growing pause, for 3 lease TTLs (at least 30 s)
     let mut at = 0;
     for now in [2_000, 2_100, 2_300, 2_700] {
-        match w.on_reply(&TIMEOUT, now, Some(9_000)) {
+        match w.on_reply(&TIMEOUT, now, true) {
             WriteStep::Retry { at: a, .. } => at = a,
             other => panic!("{other:?}"),
         }
@@ -589,7 +593,7 @@ fn completions_are_retried_while_the_lease_lives_and_an_ambiguous_one_is_read_ba
         w.clone().on_reply(
             &Reply::Ok(&failed_with(14, Some(&record.encode()))),
             3_000,
-            Some(9_000)
+            true
         ),
         WriteStep::Done(Written::Stored)
     );
@@ -599,17 +603,22 @@ fn completions_are_retried_while_the_lease_lives_and_an_ambiguous_one_is_read_ba
         w.clone().on_reply(
             &Reply::Ok(&failed_with(14, Some(&theirs.encode()))),
             3_000,
-            Some(9_000)
+            true
         ),
         WriteStep::Done(Written::Lost)
     );
-    // no more retries once the lease may have lapsed: the outcome is unknown
-    match w.on_reply(&TIMEOUT, 8_990, Some(9_000)) {
+    assert!(matches!(
+        w.clone().on_reply(&TIMEOUT, 30_500, true),
+        WriteStep::Retry { .. }
+    ));
+    // no more retries after the window: the outcome is unknown
+    match w.clone().on_reply(&TIMEOUT, 31_000, true) {
         WriteStep::GiveUp(e) => assert!(e.may_have_written()),
         other => panic!("{other:?}"),
     }
+    // ... nor once a keep-alive found the lease gone (the key lapsed)
     assert!(matches!(
-        Write::release(&h).on_reply(&TIMEOUT, 1_000, None),
+        Write::release(&h, 1_000).on_reply(&TIMEOUT, 1_000, false),
         WriteStep::GiveUp(_)
     ));
     // too large for etcd: held, not written
@@ -619,13 +628,13 @@ fn completions_are_retried_while_the_lease_lives_and_an_ambiguous_one_is_read_ba
         body: vec![0; 4096],
     };
     assert!(matches!(
-        Write::complete(&f, &h, &big),
+        Write::complete(&f, &h, &big, 1_000),
         Err(ValuePolicy::Hold)
     ));
     assert_eq!(f.value_policy(2048), ValuePolicy::Store);
     assert_eq!(f.value_policy(2049), ValuePolicy::Hold);
     // the release: delete on our revision; gone already counts as released
-    let mut r = Write::release(&h);
+    let mut r = Write::release(&h, 1_000);
     assert_eq!(
         compare_of(r.call()),
         (TARGET_MOD, TargetUnion::ModRevision(12))
@@ -635,14 +644,14 @@ fn completions_are_retried_while_the_lease_lives_and_an_ambiguous_one_is_read_ba
         Some(request_op::Request::DeleteRange(_))
     ));
     assert_eq!(
-        r.on_reply(&Reply::Ok(&failed_with(20, None)), 1_000, Some(9_000)),
+        r.on_reply(&Reply::Ok(&failed_with(20, None)), 1_000, true),
         WriteStep::Done(Written::Released)
     );
     assert_eq!(
         r.on_reply(
             &Reply::Ok(&failed_with(20, Some(&theirs.encode()))),
             1_000,
-            Some(9_000)
+            true
         ),
         WriteStep::Done(Written::Lost)
     );

@@ -12,9 +12,10 @@
 //! - **Abandon** = `value == <our in-flight record>` → delete: a claim that may have
 //!   committed while every attempt went unanswered, and whose request was answered 503.
 //!
-//! Completions and releases are retried while their claim's in-flight lease is known to
-//! live (after that, a compare would fail anyway: the key lapsed); abandons until their
-//! own deadline.
+//! Each is retried until etcd answers it, for up to 3 in-flight lease TTLs (at least 30 s):
+//! longer than any outage the lease survives (etcd restores leases after an election or a
+//! restart, and the root context keeps refreshing them meanwhile). A completion or release
+//! stops early when its lease is known to have lapsed (its key is gone: nothing to settle).
 //!
 //! ```
 //! use idemgate_core::fleet::write::{Write, WriteStep};
@@ -22,7 +23,7 @@
 //! use idemgate_core::KeyId;
 //! let mut w = Write::abandon("/k", KeyId([0; 16]), b"record".to_vec(), 10_000);
 //! // no answer: again in 25 ms
-//! let step = w.on_reply(&Reply::Failed { code: 14, message: "" }, 1_000, None);
+//! let step = w.on_reply(&Reply::Failed { code: 14, message: "" }, 1_000, true);
 //! assert!(matches!(step, WriteStep::Retry { at: 1_025, .. }));
 //! ```
 use super::calls::{delete_op, parse_txn, put_op, txn, Call, EtcdError, Expect, Reply};
@@ -89,6 +90,11 @@ fn backoff_ms(failures: u32) -> u64 {
     (25u64 << failures.saturating_sub(1).min(6)).min(1000)
 }
 
+/// How long a settlement of a claim on an in-flight lease of `ttl_s` is retried.
+pub fn retry_window_ms(ttl_s: u64) -> u64 {
+    (ttl_s * 3000).max(30_000)
+}
+
 impl Write {
     /// The completion of `handle`'s claim with `response`, and the record it writes; or
     /// `Err(ValuePolicy::Hold)` when that record is over `maxValueBytes`.
@@ -96,6 +102,7 @@ impl Write {
         fleet: &Fleet<'_>,
         handle: &FleetHandle,
         response: &StoredResponse,
+        now: Millis,
     ) -> Result<(Self, Record), ValuePolicy> {
         let record = Record::Completed {
             owner: handle.claim.owner,
@@ -112,20 +119,20 @@ impl Write {
             &Expect::Revision(handle.mod_revision),
             put_op(&handle.key, value, handle.lease),
         );
-        Ok((Self::new(WriteKind::Complete, handle, call), record))
+        Ok((Self::new(WriteKind::Complete, handle, call, now), record))
     }
 
     /// The release of `handle`'s claim.
-    pub fn release(handle: &FleetHandle) -> Self {
+    pub fn release(handle: &FleetHandle, now: Millis) -> Self {
         let call = txn(
             &handle.key,
             &Expect::Revision(handle.mod_revision),
             delete_op(&handle.key),
         );
-        Self::new(WriteKind::Release, handle, call)
+        Self::new(WriteKind::Release, handle, call, now)
     }
 
-    fn new(kind: WriteKind, handle: &FleetHandle, call: Call) -> Self {
+    fn new(kind: WriteKind, handle: &FleetHandle, call: Call, now: Millis) -> Self {
         Self {
             kind,
             key: handle.key.clone(),
@@ -133,7 +140,7 @@ impl Write {
             call,
             owner: Some(handle.claim.owner),
             failures: 0,
-            deadline: 0,
+            deadline: now.saturating_add(retry_window_ms(handle.inflight.ttl_s)),
         }
     }
 
@@ -176,26 +183,18 @@ impl Write {
         self.failures
     }
 
-    /// Feeds the answer to [`Write::call`] at `now`. `lease_alive_until`: until when the
-    /// claim's in-flight lease is known to live (completions and releases are retried until
-    /// then; `None`: not known to live any more).
-    pub fn on_reply(
-        &mut self,
-        reply: &Reply<'_>,
-        now: Millis,
-        lease_alive_until: Option<Millis>,
-    ) -> WriteStep {
+    /// Feeds the answer to [`Write::call`] at `now`. `lease_alive`: whether the claim's
+    /// in-flight lease may still live (false once a keep-alive found it gone: the key
+    /// lapsed, there is nothing left to settle).
+    pub fn on_reply(&mut self, reply: &Reply<'_>, now: Millis, lease_alive: bool) -> WriteStep {
         let r = match parse_txn(reply) {
             Ok(r) => r,
             Err(error) => {
                 self.failures = self.failures.saturating_add(1);
-                let until = match self.kind {
-                    WriteKind::Abandon => self.deadline,
-                    _ => lease_alive_until.unwrap_or(0),
-                };
                 let at = now.saturating_add(backoff_ms(self.failures));
                 return if matches!(error, EtcdError::Refused(_) | EtcdError::LeaseNotFound)
-                    || at >= until
+                    || (!lease_alive && self.kind != WriteKind::Abandon)
+                    || at >= self.deadline
                 {
                     WriteStep::GiveUp(error)
                 } else {
