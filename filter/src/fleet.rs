@@ -698,11 +698,11 @@ impl Reader {
                 let mut st = st;
                 let s = self.shared.clone();
                 let now = now_ms();
-                if let Some((op, _)) = write_answered(&s, &mut st.op, &answer.reply(), now, self.id)
+                if let Some((op, at)) = write_answered(&s, &mut st.op, &answer.reply(), now, self.id)
                 {
                     // Not settled: the root context carries on (and lets the response go
                     // at the latest at its bound).
-                    queue(&s, FleetOp::Write(op), now);
+                    queue(&s, FleetOp::Write(op), at);
                 }
             }
             other => self.phase = other,
