@@ -309,17 +309,20 @@ test-edge: edge
 	  node --test --test-concurrency=2 $(EDGE_TEST_ARGS) test/
 
 # ------------------------------------------------------------------------------------ fleet
-# make fleet-setup  Debian's etcd-server (etcd 3.4) via apt when no `etcd` is on PATH; part of
+# make fleet-setup  Debian's etcd-server (etcd 3.4) and openssl (the TLS certificates of the
+#                   fleet tests and run-fleet) via apt when missing; part of
 #                   integration-setup, so tests/test_fleet.py runs in `make test` (it skips
 #                   itself when etcd is missing)
 # make run-fleet    fleet mode in the foreground (envoy/fleet/run.sh): etcd members on
-#                   127.0.0.1:2379/22379/32379 (data in a temp dir), origin :8080/:8081, Envoys
+#                   127.0.0.1:2379/22379/32379 (TLS; data and certificates in a temp dir), origin :8080/:8081, Envoys
 #                   :10000 (admin 9901) and :10001 (admin 9902) sharing etcd; Ctrl-C stops it all
 .PHONY: fleet-setup run-fleet
 fleet-setup:
-	@if ! command -v etcd >/dev/null; then \
-	  echo "[fleet] apt-get install etcd-server"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server >/dev/null; \
+	@missing=""; command -v etcd >/dev/null || missing="etcd-server"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	if [[ -n "$$missing" ]]; then \
+	  echo "[fleet] apt-get install $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
 run-fleet: fleet-setup build
