@@ -12,6 +12,7 @@ etcd-server).
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
 import json
 import re
 import signal
@@ -490,8 +491,8 @@ def restart_envoy(e: Envoy) -> None:
 def safe_post(port: int, path: str, key: str) -> Resp | None:
     try:
         return post(port, path, key, timeout=30)
-    except OSError:
-        return None  # connection reset (an Envoy killed under it)
+    except (OSError, http.client.HTTPException):
+        return None  # connection reset or answer cut short (an Envoy killed under it)
 
 
 def run_storm(f: Fleet, name: str, fault: Callable[[], Any], recover: Callable[[Any], None],
