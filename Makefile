@@ -15,6 +15,8 @@
 #   make run-fleet    fleet mode demo: 3 etcd members + 2 Envoys (--concurrency 2) + origin; see the fleet section
 #   make lint         rustfmt check + clippy (host and wasm32-wasip1)
 #   make sizes        sizes of the filter and edge wasm, and where their bytes go (scripts/sizes.sh)
+#   make oci          the module image $(OCI_IMAGE): FROM scratch, /plugin.wasm (deploy/oci/)
+#   make dist         release artifacts in dist/: versioned .wasm + sha256, image tarball, edge bundle
 #   make clean        cargo clean + dist/
 #
 # Variables (make VAR=... or environment): IDEMGATE_CACHE, ENVOY_VERSION, ENVOY_IMAGE,
@@ -35,7 +37,7 @@ PYTEST_ARGS ?= -q
 PYTEST_PATHS ?= tests/
 WASM_TARGET := wasm32-wasip1
 WASM_OUT := target/$(WASM_TARGET)/release/idemgate_filter.wasm
-PY_DEPS := pytest>=8,<10 requests>=2.31,<3 jsonschema>=4.18,<5
+PY_DEPS := pytest>=8,<10 requests>=2.31,<3 jsonschema>=4.18,<5 pyyaml>=6,<7 cel-python>=0.5,<0.6
 
 export IDEMGATE_CACHE ENVOY_VERSION ENVOY_IMAGE PYTHON
 
@@ -72,8 +74,8 @@ deps-py:
 	  rm -rf "$(VENV)"; mkdir -p "$(IDEMGATE_CACHE)"; \
 	  "$(PYTHON)" -m venv "$(VENV)"; \
 	fi; \
-	if ! "$(VENV)/bin/python" -c 'import pytest, requests, jsonschema' >/dev/null 2>&1; then \
-	  echo "[deps] installing pytest and requests into the venv"; \
+	if ! "$(VENV)/bin/python" -c 'import pytest, requests, jsonschema, yaml, celpy' >/dev/null 2>&1; then \
+	  echo "[deps] installing $(PY_DEPS) into the venv"; \
 	  "$(VENV)/bin/python" -m pip install --quiet --disable-pip-version-check $(foreach d,$(PY_DEPS),'$(d)'); \
 	fi
 
@@ -143,7 +145,7 @@ unit:
 	@echo "[unit] $(UNIT_CMD)"
 	@$(UNIT_CMD)
 
-integration-setup: deps-py deps-sys fleet-setup build docker-up image
+integration-setup: deps-py deps-sys fleet-setup deploy-deps build docker-up image dist
 
 integration: integration-setup
 	@echo "[integration] pytest $(PYTEST_PATHS) (Envoy image $(ENVOY_IMAGE))"
@@ -184,7 +186,7 @@ lint: deps-rust
 
 clean:
 	cargo clean
-	rm -rf dist/*.wasm tests/__pycache__ edge/dist
+	rm -rf dist/*.wasm dist/*.sha256 dist/*.tar dist/*.tar.gz dist/SHA256SUMS tests/__pycache__ edge/dist
 
 # ------------------------------------------------------------------------------------ bench
 # make bench       idemgate's cost as a user would measure it (not part of `make test`): criterion
@@ -324,3 +326,39 @@ fleet-setup:
 
 run-fleet: fleet-setup build
 	@envoy/fleet/run.sh
+
+# ----------------------------------------------------------------------------------- deploy
+# make oci          the module image $(OCI_IMAGE) built offline (deploy/oci/build.sh):
+#                   FROM scratch, one layer with /plugin.wasm (Istio's "compat" variant, what
+#                   Envoy Gateway's Image source expects), OCI labels with the version, the git
+#                   revision and OCI_SOURCE (default: the git remote). Push it with docker push,
+#                   or skopeo from the tarball `make dist` writes.
+# make dist         dist/idemgate-<version>.wasm + .sha256, dist/idemgate-wasm-<version>.docker.tar,
+#                   dist/idemgate-edge-<version>.tar.gz, dist/SHA256SUMS (scripts/dist.sh); part
+#                   of integration-setup, so `make test` checks them (tests/test_oci.py)
+# make deploy-deps  Debian's docker-registry, skopeo and prometheus (promtool) for the tests of
+#                   deploy/ (registry round trip, Prometheus rules against a real Prometheus)
+#
+# Variables: IDEMGATE_VERSION (default: [workspace.package] version in Cargo.toml),
+# OCI_IMAGE (default idemgate/idemgate-wasm:$(IDEMGATE_VERSION)), OCI_SOURCE.
+IDEMGATE_VERSION ?= $(shell awk '/^\[workspace.package\]/{p=1; next} /^\[/{p=0} p && /^version *=/{gsub(/[" ]/, ""); sub(/^version=/, ""); print; exit}' Cargo.toml)
+OCI_IMAGE ?= idemgate/idemgate-wasm:$(IDEMGATE_VERSION)
+export IDEMGATE_VERSION OCI_IMAGE
+# command:Debian package
+DEPLOY_TOOLS := docker-registry:docker-registry skopeo:skopeo promtool:prometheus prometheus:prometheus
+
+.PHONY: oci dist deploy-deps
+oci: build docker-up
+	@VERSION="$(IDEMGATE_VERSION)" OCI_IMAGE="$(OCI_IMAGE)" deploy/oci/build.sh
+
+dist: build edge docker-up
+	@VERSION="$(IDEMGATE_VERSION)" OCI_IMAGE="$(OCI_IMAGE)" scripts/dist.sh
+
+deploy-deps:
+	@missing=""; for tp in $(DEPLOY_TOOLS); do \
+	  command -v "$${tp%%:*}" >/dev/null || case " $$missing " in *" $${tp##*:} "*) ;; *) missing="$$missing $${tp##*:}";; esac; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "[deps] apt-get install$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
