@@ -37,7 +37,7 @@ PYTEST_ARGS ?= -q
 PYTEST_PATHS ?= tests/
 WASM_TARGET := wasm32-wasip1
 WASM_OUT := target/$(WASM_TARGET)/release/idemgate_filter.wasm
-PY_DEPS := pytest>=8,<10 requests>=2.31,<3 jsonschema>=4.18,<5 pyyaml>=6,<7 cel-python>=0.5,<0.6
+PY_DEPS := pytest>=8,<10 requests>=2.31,<3 jsonschema>=4.18,<5 pyyaml>=6,<7 cel-python>=0.5,<0.6 python-jsonpath>=2,<3
 
 export IDEMGATE_CACHE ENVOY_VERSION ENVOY_IMAGE PYTHON
 
@@ -74,7 +74,7 @@ deps-py:
 	  rm -rf "$(VENV)"; mkdir -p "$(IDEMGATE_CACHE)"; \
 	  "$(PYTHON)" -m venv "$(VENV)"; \
 	fi; \
-	if ! "$(VENV)/bin/python" -c 'import pytest, requests, jsonschema, yaml, celpy' >/dev/null 2>&1; then \
+	if ! "$(VENV)/bin/python" -c 'import pytest, requests, jsonschema, yaml, celpy, jsonpath' >/dev/null 2>&1; then \
 	  echo "[deps] installing $(PY_DEPS) into the venv"; \
 	  "$(VENV)/bin/python" -m pip install --quiet --disable-pip-version-check $(foreach d,$(PY_DEPS),'$(d)'); \
 	fi
