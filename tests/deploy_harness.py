@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Mapping
@@ -258,3 +259,80 @@ class FileServer:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# --------------------------------------------------------------------------- prometheus
+
+
+class Prometheus:
+    """Debian's prometheus on 127.0.0.1 with `config` (a dict: the prometheus.yaml), its
+    TSDB in a temp dir; `query`, `alerts` and `rules` wrap the HTTP API."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.binary = require_tool("prometheus", "make deploy-deps installs Debian's prometheus")
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="idemgate-prometheus-"))
+        self.log = self.dir / "prometheus.log"
+        self.config = config
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "Prometheus":
+        import yaml
+
+        cfg = self.dir / "prometheus.yml"
+        cfg.write_text(yaml.safe_dump(dict(self.config), sort_keys=False))
+        cmd = [self.binary, f"--config.file={cfg}", f"--storage.tsdb.path={self.dir / 'data'}",
+               f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                with urllib.request.urlopen(self.url + "/-/ready", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except (OSError, urllib.error.HTTPError):
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"prometheus did not become ready:\n{self.log.read_text(errors='replace')[-3000:]}")
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "Prometheus":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def api(self, path: str, **params: str) -> Any:
+        url = f"{self.url}/api/v1/{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                doc = json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"{path} {params}: HTTP {e.code}: {e.read().decode(errors='replace')}") from None
+        if doc.get("status") != "success":
+            raise AssertionError(f"{path} {params}: {doc}")
+        return doc["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        return self.api("query", query=expr)["result"]
+
+    def alerts(self) -> list[dict[str, Any]]:
+        return self.api("alerts")["alerts"]
+
+    def rule_evaluations(self) -> int:
+        """How many rule groups have been evaluated at least once."""
+        groups = self.api("rules")["groups"]
+        return sum(1 for g in groups if g.get("lastEvaluation", "").startswith("0001") is False)

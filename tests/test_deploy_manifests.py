@@ -24,7 +24,7 @@ from harness import REPO_ROOT
 
 CRD_DIR = DEPLOY / "crds"
 CRDS = CRDs.load(CRD_DIR)
-MANIFEST_DIRS = [DEPLOY / "istio", DEPLOY / "envoy-gateway"]
+MANIFEST_DIRS = [DEPLOY / "istio", DEPLOY / "envoy-gateway", DEPLOY / "prometheus"]
 MANIFESTS = sorted(p for d in MANIFEST_DIRS for p in d.rglob("*.yaml"))
 SCHEMA = Draft202012Validator(json.loads((REPO_ROOT / "schema" / "idemgate.schema.json").read_text()))
 # Kinds deploy/ may hold that no vendored CRD describes (plain Kubernetes objects).
@@ -35,7 +35,7 @@ def docs() -> list[tuple[str, int, dict[str, Any]]]:
     out = []
     for path in MANIFESTS:
         for i, doc in enumerate(yaml.safe_load_all(path.read_text())):
-            if doc:
+            if doc and "kind" in doc:  # Kubernetes resources, not Prometheus' own files
                 out.append((str(path.relative_to(DEPLOY)), i, doc))
     return out
 
@@ -59,6 +59,8 @@ def test_every_kind_in_deploy_has_a_vendored_schema():
         ("networking.istio.io/v1alpha3", "EnvoyFilter"),
         ("gateway.envoyproxy.io/v1alpha1", "EnvoyExtensionPolicy"),
         ("gateway.envoyproxy.io/v1alpha1", "EnvoyPatchPolicy"),
+        ("monitoring.coreos.com/v1", "PodMonitor"),
+        ("monitoring.coreos.com/v1", "PrometheusRule"),
     }
     for f, i, d in CUSTOM:
         assert CRDS.kind_of(d) is not None, f"{f}#{i}"
