@@ -201,22 +201,57 @@ def test_two_filter_mode_pairs_share_a_vm_and_run_in_order():
     assert r.get("failStrategy") == g.get("failStrategy") == "FAIL_CLOSE"
 
 
+def by_file(kind: str) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for f, _, d in CUSTOM:
+        if d["kind"] == kind:
+            out.setdefault(f, []).append(d)
+    return out
+
+
 def test_single_filter_manifests_set_the_stop_iteration_flag():
-    (ef,) = [d for _, _, d in CUSTOM if d["kind"] == "EnvoyFilter"]
-    (ext,) = [p for p in ef["spec"]["configPatches"] if p["applyTo"] == "EXTENSION_CONFIG"]
-    (flt,) = [p for p in ef["spec"]["configPatches"] if p["applyTo"] == "HTTP_FILTER"]
-    cfg = ext["patch"]["value"]["typed_config"]["config"]
-    assert cfg["allow_on_headers_stop_iteration"] is True and cfg["failure_policy"] == "FAIL_CLOSED"
-    assert flt["patch"]["value"]["name"] == ext["patch"]["value"]["name"] == f"{ef['metadata']['namespace']}.idemgate"
+    efs = by_file("EnvoyFilter")
+    assert set(efs) == {"istio/envoyfilter.yaml", "istio/fleet/envoyfilter.yaml"}
+    for f, (ef,) in efs.items():
+        (ext,) = [p for p in ef["spec"]["configPatches"] if p["applyTo"] == "EXTENSION_CONFIG"]
+        (flt,) = [p for p in ef["spec"]["configPatches"] if p["applyTo"] == "HTTP_FILTER"]
+        cfg = ext["patch"]["value"]["typed_config"]["config"]
+        assert cfg["allow_on_headers_stop_iteration"] is True and cfg["failure_policy"] == "FAIL_CLOSED", f
+        assert flt["patch"]["value"]["name"] == ext["patch"]["value"]["name"], f
     # the EnvoyPatchPolicy names the filter its EnvoyExtensionPolicy generates, on the listener
     # of the Gateway both target
-    (eep,) = [d for _, _, d in CUSTOM if d["kind"] == "EnvoyExtensionPolicy"]
-    (epp,) = [d for _, _, d in CUSTOM if d["kind"] == "EnvoyPatchPolicy"]
-    (target,) = eep["spec"]["targetRefs"]
-    assert epp["spec"]["targetRef"]["name"] == target["name"] and target["kind"] == "Gateway"
-    (patch,) = epp["spec"]["jsonPatches"]
-    ns, name = eep["metadata"]["namespace"], eep["metadata"]["name"]
-    assert f"envoy.filters.http.wasm/envoyextensionpolicy/{ns}/{name}/wasm/0" in patch["operation"]["jsonPath"]
-    assert patch["name"].startswith(f"{epp['metadata']['namespace']}/{target['name']}/")
-    assert patch["operation"] == {**patch["operation"], "op": "add", "path": "/typed_config/config/allow_on_headers_stop_iteration", "value": True}
-    assert eep["spec"]["wasm"][0]["failOpen"] is False
+    eeps, epps = by_file("EnvoyExtensionPolicy"), by_file("EnvoyPatchPolicy")
+    assert set(eeps) == set(epps) == {"envoy-gateway/envoyextensionpolicy.yaml", "envoy-gateway/fleet/envoyextensionpolicy.yaml"}
+    for f in eeps:
+        (eep,), (epp,) = eeps[f], epps[f]
+        (target,) = eep["spec"]["targetRefs"]
+        assert epp["spec"]["targetRef"]["name"] == target["name"] and target["kind"] == "Gateway"
+        patch = epp["spec"]["jsonPatches"][0]
+        ns, name = eep["metadata"]["namespace"], eep["metadata"]["name"]
+        assert f"envoy.filters.http.wasm/envoyextensionpolicy/{ns}/{name}/wasm/0" in patch["operation"]["jsonPath"]
+        assert patch["name"].startswith(f"{epp['metadata']['namespace']}/{target['name']}/")
+        assert patch["operation"] == {**patch["operation"], "op": "add", "path": "/typed_config/config/allow_on_headers_stop_iteration", "value": True}
+        assert eep["spec"]["wasm"][0]["failOpen"] is False
+
+
+def test_fleet_examples_name_the_etcd_clusters_they_define():
+    """Istio: store.etcd.cluster is the cluster Istio makes of etcd.yaml's client Service
+    (outbound|<port>||<service>.<namespace>.svc.cluster.local), a gRPC port; Envoy Gateway:
+    the cluster the EnvoyPatchPolicy adds, with HTTP/2."""
+    etcd = list(yaml.safe_load_all((DEPLOY / "istio" / "fleet" / "etcd.yaml").read_text()))
+    svc = next(d for d in etcd if d["kind"] == "Service" and d["spec"].get("clusterIP") != "None")
+    (port,) = svc["spec"]["ports"]
+    assert port["appProtocol"] == "grpc"
+    want = f"outbound|{port['port']}||{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc.cluster.local"
+    ((_, cfg),) = [(w, c) for w, c in idemgate_configs() if w.startswith("istio/fleet/")]
+    assert cfg["store"]["etcd"]["cluster"] == want
+    sts = next(d for d in etcd if d["kind"] == "StatefulSet")
+    flags = [a for a in sts["spec"]["template"]["spec"]["containers"][0]["command"] if a.startswith("--")]
+    shipped = [line.strip() for line in (REPO_ROOT / "envoy" / "fleet" / "etcd.flags").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    assert set(shipped) <= set(flags), set(shipped) - set(flags)
+    ((_, eg_cfg),) = [(w, c) for w, c in idemgate_configs() if w.startswith("envoy-gateway/fleet/")]
+    (epp,) = by_file("EnvoyPatchPolicy")["envoy-gateway/fleet/envoyextensionpolicy.yaml"]
+    clusters = [p["operation"]["value"] for p in epp["spec"]["jsonPatches"] if p["type"].endswith("Cluster")]
+    assert [c["name"] for c in clusters] == [eg_cfg["store"]["etcd"]["cluster"]]
+    assert "http2_protocol_options" in json.dumps(clusters[0])
