@@ -62,6 +62,13 @@ SCENARIOS = {
     if name.startswith("test_") and callable(fn) and "envoy" in inspect.signature(fn).parameters
 }
 globals().update(SCENARIOS)
+# ... with the fixtures they use that test_filter.py defines, except the Envoy and origin this
+# module provides.
+globals().update({
+    name: obj for name, obj in vars(test_filter).items()
+    if name not in ("envoy", "origin")
+    and (hasattr(obj, "_pytestfixturefunction") or type(obj).__name__ == "FixtureFunctionDefinition")
+})
 
 # The listeners of test_filter.py, plus the configuration exactly as each manifest ships it.
 SHIPPED = "shipped"
