@@ -71,8 +71,8 @@ def sha256(data: bytes) -> str:
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
-    """Poll url until it answers with any HTTP status; raise with the log if it does not,
-    or if proc exits meanwhile."""
+    """Poll url until it answers 2xx; raise with the log if it does not, or if proc exits
+    meanwhile."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -80,9 +80,7 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = N
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
+        except OSError:  # refused, or an HTTP error status (not ready yet)
             time.sleep(0.1)
     text = log.read_text(errors="replace") if log and log.exists() else ""
     raise RuntimeError(f"{url} did not answer within {timeout}s:\n{text[-3000:]}")
@@ -99,28 +97,59 @@ def stop_process(proc: subprocess.Popen[bytes] | None, grace: float = 10) -> Non
         proc.wait(grace)
 
 
+# --------------------------------------------------------------------------- processes
+
+
+class Served:
+    """A server process of this test run on 127.0.0.1: started by `spawn`, stopped by PID,
+    its files in a temp dir removed."""
+
+    def __init__(self, binary: str, prefix: str) -> None:
+        self.binary = binary
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix))
+        self.log = self.dir / "server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def spawn(self, args: list[str], ready_path: str, timeout: float = 60) -> None:
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([self.binary, *args], stdout=log, stderr=subprocess.STDOUT)
+        wait_http(self.url + ready_path, timeout, self.proc, self.log)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def start(self) -> "Served":
+        raise NotImplementedError
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 # --------------------------------------------------------------------------- registry
 
 
-class Registry:
+class Registry(Served):
     """Debian's docker-registry (distribution 2.8) on 127.0.0.1, storage in a temp dir,
     no auth, plain HTTP (Docker and skopeo treat 127.0.0.0/8 registries as insecure-allowed
     only with the flags below)."""
 
     def __init__(self) -> None:
-        self.binary = require_tool("docker-registry", "make deploy-deps installs Debian's docker-registry")
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="idemgate-registry-"))
-        self.log = self.dir / "registry.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(require_tool("docker-registry", "make deploy-deps installs Debian's docker-registry"),
+                         "idemgate-registry-")
 
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
 
     def start(self) -> "Registry":
         config = self.dir / "config.yml"
@@ -130,21 +159,8 @@ class Registry:
             f"storage: {{filesystem: {{rootdirectory: {self.dir / 'data'}}}}}\n"
             f"http: {{addr: '{self.host}'}}\n"
         )
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([self.binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
-        wait_http(self.url + "/v2/", 30, self.proc, self.log)
+        self.spawn(["serve", str(config)], "/v2/", 30)
         return self
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self.proc = None
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> "Registry":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- the registry API, as an image puller uses it -------------------------------------
 
@@ -264,54 +280,23 @@ class FileServer:
 # --------------------------------------------------------------------------- prometheus
 
 
-class Prometheus:
+class Prometheus(Served):
     """Debian's prometheus on 127.0.0.1 with `config` (a dict: the prometheus.yaml), its
-    TSDB in a temp dir; `query`, `alerts` and `rules` wrap the HTTP API."""
+    TSDB in a temp dir; `query`, `alerts` and `api` wrap the HTTP API."""
 
     def __init__(self, config: Mapping[str, Any]) -> None:
-        self.binary = require_tool("prometheus", "make deploy-deps installs Debian's prometheus")
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="idemgate-prometheus-"))
-        self.log = self.dir / "prometheus.log"
+        super().__init__(require_tool("prometheus", "make deploy-deps installs Debian's prometheus"),
+                         "idemgate-prometheus-")
         self.config = config
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "Prometheus":
         import yaml
 
         cfg = self.dir / "prometheus.yml"
         cfg.write_text(yaml.safe_dump(dict(self.config), sort_keys=False))
-        cmd = [self.binary, f"--config.file={cfg}", f"--storage.tsdb.path={self.dir / 'data'}",
-               f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"]
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            try:
-                with urllib.request.urlopen(self.url + "/-/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except (OSError, urllib.error.HTTPError):
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"prometheus did not become ready:\n{self.log.read_text(errors='replace')[-3000:]}")
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self.proc = None
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> "Prometheus":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.spawn([f"--config.file={cfg}", f"--storage.tsdb.path={self.dir / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"], "/-/ready")
+        return self
 
     def api(self, path: str, **params: str) -> Any:
         url = f"{self.url}/api/v1/{path}"
@@ -331,8 +316,3 @@ class Prometheus:
 
     def alerts(self) -> list[dict[str, Any]]:
         return self.api("alerts")["alerts"]
-
-    def rule_evaluations(self) -> int:
-        """How many rule groups have been evaluated at least once."""
-        groups = self.api("rules")["groups"]
-        return sum(1 for g in groups if g.get("lastEvaluation", "").startswith("0001") is False)
