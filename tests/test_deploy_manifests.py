@@ -216,7 +216,7 @@ def test_single_filter_manifests_set_the_stop_iteration_flag():
         (ext,) = [p for p in ef["spec"]["configPatches"] if p["applyTo"] == "EXTENSION_CONFIG"]
         (flt,) = [p for p in ef["spec"]["configPatches"] if p["applyTo"] == "HTTP_FILTER"]
         cfg = ext["patch"]["value"]["typed_config"]["config"]
-        assert cfg["allow_on_headers_stop_iteration"] is True and cfg["failure_policy"] == "FAIL_CLOSED", f
+        assert cfg["allow_on_headers_stop_iteration"] is True and cfg["failure_policy"] == "FAIL_RELOAD", f
         assert flt["patch"]["value"]["name"] == ext["patch"]["value"]["name"], f
     # the EnvoyPatchPolicy names the filter its EnvoyExtensionPolicy generates, on the listener
     # of the Gateway both target
