@@ -186,7 +186,7 @@ lint: deps-rust
 
 clean:
 	cargo clean
-	rm -rf dist/*.wasm dist/*.sha256 dist/*.tar dist/*.tar.gz dist/SHA256SUMS tests/__pycache__ edge/dist
+	rm -rf dist/*.wasm dist/*.sha256 dist/*.tar dist/*.tgz dist/SHA256SUMS tests/__pycache__ edge/dist
 
 # ------------------------------------------------------------------------------------ bench
 # make bench       idemgate's cost as a user would measure it (not part of `make test`): criterion
@@ -334,7 +334,7 @@ run-fleet: fleet-setup build
 #                   revision and OCI_SOURCE (default: the git remote). Push it with docker push,
 #                   or skopeo from the tarball `make dist` writes.
 # make dist         dist/idemgate-<version>.wasm + .sha256, dist/idemgate-wasm-<version>.docker.tar,
-#                   dist/idemgate-edge-<version>.tar.gz, dist/SHA256SUMS (scripts/dist.sh); part
+#                   dist/idemgate-edge-<version>.tgz (make edge-pack), dist/SHA256SUMS (scripts/dist.sh); part
 #                   of integration-setup, so `make test` checks them (tests/test_oci.py)
 # make deploy-deps  Debian's docker-registry, skopeo and prometheus (promtool) for the tests of
 #                   deploy/ (registry round trip, Prometheus rules against a real Prometheus)
@@ -351,7 +351,7 @@ DEPLOY_TOOLS := docker-registry:docker-registry skopeo:skopeo promtool:prometheu
 oci: build docker-up
 	@VERSION="$(IDEMGATE_VERSION)" OCI_IMAGE="$(OCI_IMAGE)" deploy/oci/build.sh
 
-dist: build edge docker-up
+dist: build edge-pack docker-up
 	@VERSION="$(IDEMGATE_VERSION)" OCI_IMAGE="$(OCI_IMAGE)" scripts/dist.sh
 
 deploy-deps:

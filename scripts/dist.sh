@@ -7,8 +7,9 @@
 #                                            Istio's `sha256:` and Envoy's remote `sha256`)
 #   dist/idemgate-wasm-<version>.docker.tar  the module image ($OCI_IMAGE; `docker load -i`, or
 #                                            `skopeo copy docker-archive:… docker://…` to push)
-#   dist/idemgate-edge-<version>.tar.gz      the edge worker: worker/, dist/{module,web}/,
-#                                            wrangler.toml, unpacked = ready for `wrangler deploy`
+#   dist/idemgate-edge-<version>.tgz         the edge package idemgate-edge (`make edge-pack`:
+#                                            npm pack of edge/), for `npm install` into a worker
+#                                            made from edge/template, or for Deno
 #   dist/SHA256SUMS                          sha256 of all four
 #
 # Env: VERSION (required), OCI_IMAGE (default idemgate/idemgate-wasm:$VERSION), OCI_SOURCE.
@@ -25,12 +26,10 @@ OCI_IMAGE="${OCI_IMAGE:-idemgate/idemgate-wasm:$VERSION}"
 
 wasm="idemgate-$VERSION.wasm"
 image_tar="idemgate-wasm-$VERSION.docker.tar"
-edge_tgz="idemgate-edge-$VERSION.tar.gz"
+edge_tgz="idemgate-edge-$VERSION.tgz"
 
 [[ -f dist/idemgate.wasm ]] || die "dist/idemgate.wasm missing (run: make build)"
-for f in edge/dist/module/idemgate_edge_bg.wasm edge/dist/web/idemgate_edge_bg.wasm edge/wrangler.toml; do
-  [[ -f "$f" ]] || die "$f missing (run: make edge)"
-done
+[[ -f "dist/$edge_tgz" ]] || die "dist/$edge_tgz missing (run: make edge-pack; the package's version must be $VERSION)"
 
 cp dist/idemgate.wasm "dist/$wasm.tmp" && mv "dist/$wasm.tmp" "dist/$wasm"
 (cd dist && sha256sum "$wasm" >"$wasm.sha256")
@@ -38,32 +37,7 @@ log "dist/$wasm ($(stat -c %s "dist/$wasm") bytes, sha256 $(cut -c1-12 "dist/$wa
 
 VERSION="$VERSION" OCI_IMAGE="$OCI_IMAGE" WASM="dist/$wasm" OUT="dist/$image_tar" deploy/oci/build.sh
 
-# The edge bundle keeps edge/'s layout (the worker imports ../dist/module/), so the unpacked
-# directory deploys as it is. Sorted, owner-less and dated at the commit: the same sources
-# give the same tarball.
-mtime="$(git log -1 --format=%ct 2>/dev/null || date +%s)"
-stage="$(mktemp -d "${TMPDIR:-/tmp}/idemgate-dist.XXXXXX")"
-trap 'rm -rf "$stage"' EXIT
-top="$stage/idemgate-edge-$VERSION"
-mkdir -p "$top/dist"
-cp -r edge/worker "$top/worker"
-cp -r edge/dist/module edge/dist/web "$top/dist/"
-cp edge/wrangler.toml "$top/wrangler.toml"
-cat >"$top/README.md" <<TXT
-# idemgate $VERSION for edge workers
-
-- \`worker/\`: the ES-module worker (\`index.js\`) and its Durable Object (\`store.js\`);
-  \`workerd.capnp\` runs it under plain \`workerd serve\`.
-- \`dist/module/\`: the core for workerd and Cloudflare Workers (wasm-bindgen \`--target module\`);
-  \`dist/web/\`: the same for other Web-standard runtimes (\`--target web\`).
-- \`wrangler.toml\`: set \`ORIGIN_URL\` (or an \`ORIGIN\` service binding) and \`IDEMGATE_CONFIG\`
-  (the same JSON as the Envoy filter's), then \`npx wrangler deploy\` from this directory.
-TXT
-find "$top" -type d -exec chmod 0755 {} + ; find "$top" -type f -exec chmod 0644 {} +
-tar --sort=name --owner=0 --group=0 --numeric-owner --mtime="@$mtime" -C "$stage" \
-  -cf - "idemgate-edge-$VERSION" | gzip -9 -n >"dist/$edge_tgz.tmp"
-mv "dist/$edge_tgz.tmp" "dist/$edge_tgz"
-log "dist/$edge_tgz ($(stat -c %s "dist/$edge_tgz") bytes)"
+log "dist/$edge_tgz ($(stat -c %s "dist/$edge_tgz") bytes, from make edge-pack)"
 
 (cd dist && sha256sum "$wasm" "$image_tar" "$edge_tgz" "$wasm.sha256" >SHA256SUMS.tmp && mv SHA256SUMS.tmp SHA256SUMS)
 log "dist/SHA256SUMS:"; sed 's/^/[dist]   /' dist/SHA256SUMS >&2
