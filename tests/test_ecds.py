@@ -404,3 +404,18 @@ def test_bad_configuration_update_is_rejected_and_the_old_one_keeps_serving(envo
     while send(envoy.port("main"), "POST", fresh("/restored"), b"x").status != 200:
         assert time.monotonic() < deadline
         time.sleep(0.2)
+
+
+def test_every_configuration_in_deploy_is_accepted_by_the_filter():
+    """The idemgate configuration of every manifest in deploy/ (fleet examples included,
+    which no Envoy above runs: they need an etcd cluster by the name they give it) passes
+    `envoy --mode validate`, which runs the filter's own configuration check."""
+    from harness import validate_config
+    from test_deploy_manifests import idemgate_configs
+
+    configs = idemgate_configs()
+    assert len(configs) >= 5
+    for where, cfg in configs:
+        rc, out = validate_config([listener("deploy", 10999, cfg)])
+        assert rc == 0, f"{where}: {out[-2000:]}"
+        assert "invalid configuration" not in out, where
