@@ -26,7 +26,7 @@ docker_engine_up
 envoy/build-image.sh
 
 log "starting origin on 127.0.0.1:8080 (control 127.0.0.1:8081)"
-start_bg origin "$PYTHON" -u tests/origin.py --port 8080 --control-port 8081 --verbose
+start_bg origin "$PYTHON" -u tests/origin.py --port 8080 --control-port 8081 --created /orders --verbose
 origin_pid=$LAST_PID
 
 log "starting Envoy ($ENVOY_IMAGE) on :10000, admin 127.0.0.1:9901"
@@ -48,9 +48,11 @@ cat <<'TXT'
 
 idemgate demo is up: Envoy :10000 -> origin 127.0.0.1:8080.  Try:
 
-  # first call executes at the origin (see x-origin-execution)
+  # first call executes at the origin: 201 (see x-origin-execution); over HTTP/2 too
   curl -si -X POST http://127.0.0.1:10000/orders -H 'Idempotency-Key: demo-1' \
        -H 'content-type: application/json' -d '{"amount":42}'
+  curl -si --http2-prior-knowledge http://127.0.0.1:10000/orders -H 'Idempotency-Key: h2-demo-1' \
+       -H 'content-type: application/json' --data-binary '{"amount":42}'
   # same key + same body again: replayed by idemgate (same x-origin-execution,
   # plus "idempotent-replayed: true"), the origin is not called again
   curl -si -X POST http://127.0.0.1:10000/orders -H 'Idempotency-Key: demo-1' \
