@@ -49,8 +49,9 @@ PYTEST_CMD = $(VENV)/bin/python -m pytest -p no:cacheprovider $(PYTEST_ARGS) $(P
 
 deps: deps-rust deps-py deps-sys
 
-# Debian packages the tests use (wrk drives the key-churn test).
-SYS_TOOLS := wrk
+# Debian packages the tests use (wrk drives the key-churn and circuit-breaker tests; curl
+# sends the README's HTTP/2 request, --http2-prior-knowledge).
+SYS_TOOLS := wrk curl
 deps-sys:
 	@missing=""; for t in $(SYS_TOOLS); do command -v "$$t" >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \

