@@ -175,29 +175,42 @@ def slow_origin_config(listen_port: int, admin_port: int, delay_ms: int) -> dict
 
 
 def test_circuit_breakers_take_two_thousand_concurrent_connections(tmp_path: Path) -> None:
-    """2 000 connections at once, each request held 0.5 s by the origin: with the shipped
-    thresholds every answer is the origin's; with Envoy's defaults (the same configuration
-    without circuit_breakers) some are 503 overflow."""
+    """2 000 connections at once, each request held 0.5 s by the origin: the shipped
+    thresholds are never reached (no request queued for a connection, none refused with 503
+    overflow); Envoy's defaults (the same configuration without circuit_breakers) are: its
+    1024 connections run out, requests queue, and once more than 1024 wait, the rest are
+    refused 503 overflow (in some runs here, in many under real load). The only refusals left with the
+    shipped thresholds are idemgate's own, counted 503 store-unavailable answers (a bucket
+    whose 8 ways are all in flight: a few in ten thousand with 2 000 keys in flight in the
+    default 10 000 slots; see the README on sizing store.capacity)."""
     slow_port, slow_admin = free_port(), free_port()
+    results = {}
     with Envoy(config=slow_origin_config(slow_port, slow_admin, 500), admin_port=slow_admin, concurrency=2):
         as_shipped = shipped(slow_port)
         defaults = shipped(slow_port)
         for c in defaults["static_resources"]["clusters"]:
             c.pop("circuit_breakers", None)
-        results = {}
         for name, cfg in (("shipped", as_shipped), ("defaults", defaults)):
             envoy = run(cfg)
             try:
-                total, non2xx, out = harness.wrk_unique_keys(envoy.port(), f"{name}-{uuid.uuid4().hex[:8]}",
-                                                             "/orders", 3, 2000, 2, tmp_path)
-                stats = envoy.stats(r"^cluster\.origin\.upstream_(rq_pending_overflow|cx_overflow)$")
-                results[name] = (total, non2xx, sum(int(v) for v in stats.values()), out)
+                total, _, out = harness.wrk_unique_keys(envoy.port(), f"{name}-{uuid.uuid4().hex[:8]}",
+                                                        "/orders", 4, 2000, 2, tmp_path)
+                envoy.settle_metrics()
+                stats = envoy.stats(r"^(cluster\.origin\.upstream_(rq_pending_overflow|cx_overflow|cx_total)"
+                                    r"|http\.main\.downstream_rq_5xx"
+                                    r"|wasmcustom\.idemgate\.idemgate\.store_unavailable)$")
+                results[name] = (total, stats, out)
             finally:
                 envoy.stop()
-    total, non2xx, overflow, out = results["shipped"]
-    assert total >= 2000 and non2xx == 0 and overflow == 0, out
-    total, non2xx, overflow, out = results["defaults"]
-    assert non2xx > 0 and overflow > 0, out
+    total, stats, out = results["shipped"]
+    # more connections to the origin than Envoy's default limit, all without overflow
+    assert stats["cluster.origin.upstream_cx_total"] > 1024, (stats, out)
+    assert stats["cluster.origin.upstream_cx_overflow"] == 0, (stats, out)
+    assert stats["cluster.origin.upstream_rq_pending_overflow"] == 0, (stats, out)
+    refused = stats["wasmcustom.idemgate.idemgate.store_unavailable"]
+    assert stats["http.main.downstream_rq_5xx"] == refused and refused * 100 <= total, (stats, out)
+    total, stats, out = results["defaults"]
+    assert stats["cluster.origin.upstream_cx_overflow"] > 0, (stats, out)
 
 
 # ------------------------------------------------------------------------ make check-config
