@@ -6,6 +6,7 @@
 #   make docker-up    make sure a Docker engine answers (starts dockerd if needed, PID file in the cache)
 #   make docker-down  stop the dockerd that docker-up started (never one started by someone else)
 #   make run          demo in the foreground: origin :8080/:8081, Envoy :10000, admin :9901
+#                     (PROFILE=stripe etc.: envoy.yaml with that profile of envoy/profiles/)
 #   make check-config how an Envoy configuration loads idemgate (ENVOY_CONFIG=file...; default:
 #                     the shipped ones): errors for setups that forward before deciding or fail open
 #   make unit         cargo test --workspace
@@ -147,8 +148,9 @@ docker-up:
 docker-down:
 	@scripts/docker-engine.sh down
 
+PROFILE ?=
 run: build
-	@scripts/run-demo.sh
+	@PROFILE="$(PROFILE)" scripts/run-demo.sh
 
 unit:
 	@echo "[unit] $(UNIT_CMD)"

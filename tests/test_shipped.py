@@ -295,3 +295,32 @@ def test_check_config_two_filter_mode_and_a_shared_vm(tmp_path: Path) -> None:
                                          listener("b", 10001, {}, vm_id="one")], 8080, 9901)
     r = check_config_of(shared, tmp_path)
     assert r.returncode == 1 and "has an idemgate_gate filter in another chain" in r.stdout, r.stdout
+
+
+def test_every_profile_renders_into_the_shipped_configuration(tmp_path: Path) -> None:
+    """envoy/with-profile.py (make run PROFILE=...): the shipped configuration with each
+    profile in place of its own passes the check; Envoy loads one of them (selwise, routes and
+    all), and its idemgate configuration is the profile's."""
+    import yaml
+
+    profiles = sorted((REPO_ROOT / "envoy" / "profiles").glob("*.json"))
+    assert len(profiles) == 7
+    rendered = []
+    for p in profiles:
+        r = subprocess.run([sys.executable, str(REPO_ROOT / "envoy" / "with-profile.py"), p.stem],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r
+        out = tmp_path / f"envoy-{p.stem}.yaml"
+        out.write_text(r.stdout)
+        doc = yaml.safe_load(r.stdout)
+        hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        value = hcm["http_filters"][0]["typed_config"]["config"]["configuration"]["value"]
+        assert json.loads(value) == json.loads(p.read_text()), p.stem
+        rendered.append(out)
+    r = check_config(*rendered)
+    assert r.returncode == 0 and r.stdout.count("idemgate in single-filter mode") == 7, r.stdout
+    rc, out = harness.validate_config(raw_config=(tmp_path / "envoy-selwise.yaml").read_text(), filename="envoy.yaml")
+    assert rc == 0 and "idemgate: configured" in out and "Selwise" in out, out[-3000:]
+    bad = subprocess.run([sys.executable, str(REPO_ROOT / "envoy" / "with-profile.py"), "nosuch"],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode != 0 and "no profile 'nosuch'" in bad.stderr and "stripe" in bad.stderr, bad
