@@ -133,6 +133,7 @@ def _send_h2c(
     timeout: float, frames: str,
 ) -> Resp:
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames go out as sent
     deadline = time.monotonic() + timeout
     try:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))

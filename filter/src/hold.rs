@@ -32,7 +32,6 @@
 //! ```
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::time::Duration;
 
 use idemgate_core::problem::{self, AnswerContext};
 use idemgate_core::Rejection;
@@ -176,8 +175,8 @@ impl Hold {
     /// Two-filter mode, decided in the body callback that brought the whole body in one
     /// piece (HTTP/2: one DATA frame with END_STREAM): Envoy has not buffered that body yet,
     /// and a gate resumed now would send the headers on as a complete request without it.
-    /// The reader then returns `Pause` (Envoy buffers the body) and the root context's next
-    /// tick, 1 ms later, releases the gate and the reader.
+    /// The reader then returns `Pause` (Envoy buffers the body) and a root context releases
+    /// the reader and the gate right after this callback ([`crate::wake_soon`]).
     pub(crate) fn release(self, reader: u32, from: From) -> Result<Action, String> {
         match (self, from) {
             (Hold::Own, From::Callback { .. }) => Ok(Action::Continue),
@@ -187,12 +186,14 @@ impl Hold {
             }
             (Hold::Gate, From::Callback { buffered: false }) => {
                 DEFERRED.with(|d| d.borrow_mut().push(reader));
-                let _ = hostcalls::set_tick_period(Duration::from_millis(crate::FAST_TICK_MS));
+                crate::wake_soon();
                 Ok(Action::Pause)
             }
             (Hold::Gate, From::Elsewhere) => {
-                release_gate(reader)?;
-                resume(reader).map(|()| Action::Continue)
+                // The reader first: its body reaches the gate, still holding, which then
+                // sends headers and body on together.
+                resume(reader)?;
+                release_gate(reader).map(|()| Action::Continue)
             }
         }
     }
@@ -245,9 +246,8 @@ pub(crate) fn missing_flag() -> Rejection {
     }
 }
 
-/// From the root context's tick: releases deferred gates, and finds requests held at their
-/// headers whose body Envoy received but never delivered (the flag is missing).
-pub(crate) fn on_tick() {
+/// From a root context: releases the gates [`Hold::release`] deferred.
+pub(crate) fn release_deferred() {
     let deferred = DEFERRED.with(|d| std::mem::take(&mut *d.borrow_mut()));
     for reader in deferred {
         if let Err(e) = Hold::Gate.release(reader, From::Elsewhere) {
@@ -255,6 +255,11 @@ pub(crate) fn on_tick() {
             GATES.with(|g| g.borrow_mut().remove(&reader));
         }
     }
+}
+
+/// From the root context's tick: finds requests held at their headers whose body Envoy
+/// received but never delivered (the flag is missing).
+pub(crate) fn on_tick() {
     if AWAITING.with(|a| a.borrow().is_empty()) {
         return;
     }
@@ -287,11 +292,6 @@ pub(crate) fn on_tick() {
         still.push(w);
     }
     AWAITING.with(|a| a.borrow_mut().extend(still));
-}
-
-/// Whether the root context must tick fast (gate releases are waiting).
-pub(crate) fn wants_fast_tick() -> bool {
-    DEFERRED.with(|d| !d.borrow().is_empty())
 }
 
 /// A gate plugin was configured in this VM (`up`) or removed.

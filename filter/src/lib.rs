@@ -257,6 +257,8 @@ impl Context for Root {
         if let Some(s) = &self.shared {
             s.metrics.flush();
         }
+        let id = self.id;
+        WAKE_QUEUES.with(|q| q.borrow_mut().retain(|(root, _)| *root != id));
         if self.role == Role::Gate {
             hold::gate_root(false);
             self.role = Role::Reader;
@@ -322,6 +324,11 @@ impl RootContext for Root {
                     METRICS_FLUSH_MS
                 };
                 self.tick_ms = u64::from(tick_ms);
+                let queue = format!("idemgate-wake-{:x}-{}", fresh_token(), self.id);
+                match hostcalls::register_shared_queue(&queue) {
+                    Ok(q) => WAKE_QUEUES.with(|w| w.borrow_mut().push((self.id, q))),
+                    Err(e) => log::warn!("idemgate: no wake-up queue ({e:?}); the tick stands in"),
+                }
                 let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(self.tick_ms));
                 log::info!(
                     "idemgate: configured (root_id {root_id:?}, {} route rule(s), namespace {}, capacity {}){}",
@@ -347,16 +354,17 @@ impl RootContext for Root {
         }
     }
 
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
+        wake_up();
+    }
+
     fn on_tick(&mut self) {
+        wake_up();
         hold::on_tick();
         let now = now_ms();
-        WAKE.with(|w| w.set(false));
-        let _ = poll_waiters();
-        if self.tick_ms > 0
-            && !hold::wants_fast_tick()
-            && now.saturating_sub(self.ticked_at) < self.tick_ms / 2
-        {
-            // Woken waiters or gate releases shortened this root's tick; they are done.
+        if self.tick_ms > 0 && now.saturating_sub(self.ticked_at) < self.tick_ms / 2 {
+            // wake_soon() shortened this root's tick (no wake-up queue); the work is done.
             let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(self.tick_ms));
         }
         self.ticked_at = now;
@@ -509,18 +517,39 @@ fn with_rate(mut answer: LocalAnswer, rate: Option<&RateHeaders>) -> LocalAnswer
 
 thread_local! {
     static WAITERS: RefCell<Vec<Waiter>> = const { RefCell::new(Vec::new()) };
-    /// The root context is to look at the waiters at its next (fast) tick.
+    /// A wake-up is on its way to a root context of this VM.
     static WAKE: Cell<bool> = const { Cell::new(false) };
+    /// Shared queues of this VM's root contexts (root id, queue id): a message to one makes
+    /// Envoy call that root's `on_queue_ready` once the current callback has returned.
+    static WAKE_QUEUES: RefCell<Vec<(u32, u32)>> = const { RefCell::new(Vec::new()) };
 }
 
-/// How soon a root context ticks when work waits for it (woken waiters, gate releases).
+/// The tick period of a root context without a wake-up queue while work waits for it.
 const FAST_TICK_MS: u64 = 1;
 
-/// Makes the current context's root tick in [`FAST_TICK_MS`] to look at the waiters.
+/// Makes a root context of this VM run [`wake_up`] as soon as the current callback has
+/// returned, for work that must not run inside it: answering another stream (proxy-wasm
+/// stops the calling stream after any local reply), releasing a gate before Envoy buffered
+/// the body ([`hold`]). Through a shared queue (Envoy posts `on_queue_ready` to the worker's
+/// event loop); without one, the current context's root ticks in [`FAST_TICK_MS`].
 fn wake_soon() {
-    if !WAKE.with(|w| w.replace(true)) {
+    if WAKE.with(|w| w.replace(true)) {
+        return;
+    }
+    let queued = WAKE_QUEUES
+        .with(|q| q.borrow().first().map(|(_, q)| *q))
+        .map(|q| hostcalls::enqueue_shared_queue(q, Some(b"w")));
+    if !matches!(queued, Some(Ok(()))) {
         let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(FAST_TICK_MS));
     }
+}
+
+/// What [`wake_soon`] asked for: gate releases that waited for Envoy to buffer a body, and
+/// the waiters (whose key a response may have settled).
+fn wake_up() {
+    WAKE.with(|w| w.set(false));
+    hold::release_deferred();
+    let _ = poll_waiters();
 }
 
 /// Looks at the store for every waiting request of this worker; answers or forwards those
