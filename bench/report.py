@@ -720,7 +720,7 @@ def main() -> int:
         return facts[a] / facts[b] if a in facts and b in facts and facts[b] else None
 
     targets_at = len(out)
-    out += ["### Targets (issue 5), with the origin outside Envoy (issue 20)", "", "| target | measured: ratio of medians (per-round ratios: median, min–max, rounds at target) | met |",
+    out += ["### Targets (issues 5 and 14), with the origin outside Envoy (issue 20)", "", "| target | measured: ratio of medians (per-round ratios: median, min–max, rounds at target) | met |",
             "|---|---|---|"]
     for label, a, b, goal in [
         ("first requests ≥ 0.97× floor req/s", "first", "floor", 0.97),
