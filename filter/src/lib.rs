@@ -231,6 +231,8 @@ struct Root {
     tick_ms: u64,
     /// When the last tick came.
     ticked_at: u64,
+    /// This gate is counted in [`hold`]'s gates of the VM (once, however often configured).
+    gate_counted: bool,
 }
 
 /// How often waiting requests look at the store again.
@@ -259,9 +261,8 @@ impl Context for Root {
         }
         let id = self.id;
         WAKE_QUEUES.with(|q| q.borrow_mut().retain(|(root, _)| *root != id));
-        if self.role == Role::Gate {
+        if std::mem::take(&mut self.gate_counted) {
             hold::gate_root(false);
-            self.role = Role::Reader;
         }
         true
     }
@@ -295,7 +296,9 @@ impl RootContext for Root {
                 return false;
             }
             log::info!("idemgate: gate ready (root_id {root_id}): two-filter mode for the idemgate filters of this VM");
-            hold::gate_root(true);
+            if !std::mem::replace(&mut self.gate_counted, true) {
+                hold::gate_root(true);
+            }
             return true;
         }
         // The SHA-256 of fingerprints runs in wasm SIMD here: refuse to start rather than
