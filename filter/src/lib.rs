@@ -7,7 +7,7 @@
 //! request until it has decided: on Envoy ≥ 1.35 with `allow_on_headers_stop_iteration` it
 //! pauses the request headers itself and reads the body (single-filter mode); where a host
 //! cannot set that flag, a **gate** (`root_id: idemgate_gate`, same `vm_config`) after it
-//! holds the headers instead (two-filter mode). See [`hold`]. Only a request that is to be
+//! holds the headers instead (two-filter mode). See `hold.rs`. Only a request that is to be
 //! forwarded is let go; a replayed or rejected request never reaches the origin, neither
 //! its headers nor any of its body.
 //!
@@ -939,8 +939,8 @@ impl Reader {
 
     fn finish_response(&mut self) {
         self.settle_response();
-        // Waiters on this worker learn the outcome at the next tick, 1 ms from now. Not
-        // from here: a local answer sent to another stream from this stream's callback
+        // Waiters on this worker learn the outcome right after this callback (wake_soon).
+        // Not from here: a local answer sent to another stream from this stream's callback
         // would make Envoy stop this stream too (proxy-wasm stops the calling stream's
         // iteration after any send_local_response), cutting its response off.
         if WAITERS.with(|w| !w.borrow().is_empty()) {
