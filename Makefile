@@ -1,11 +1,14 @@
 # idemgate: build the proxy-wasm filter, an offline Envoy image, and run the tests.
 #
-#   make deps         rustup wasm targets + Python venv (pytest, requests) in $(IDEMGATE_CACHE)/venv
+#   make deps         rustup wasm targets + Python venv (pytest, requests, h2, PyYAML) in $(IDEMGATE_CACHE)/venv
 #   make build        dist/idemgate.wasm (release, wasm32-wasip1)
 #   make image        Envoy image $(ENVOY_IMAGE) (built offline unless ENVOY_IMAGE is not idemgate/*)
 #   make docker-up    make sure a Docker engine answers (starts dockerd if needed, PID file in the cache)
 #   make docker-down  stop the dockerd that docker-up started (never one started by someone else)
 #   make run          demo in the foreground: origin :8080/:8081, Envoy :10000, admin :9901
+#                     (PROFILE=stripe etc.: envoy.yaml with that profile of envoy/profiles/)
+#   make check-config how an Envoy configuration loads idemgate (ENVOY_CONFIG=file...; default:
+#                     the shipped ones): errors for setups that forward before deciding or fail open
 #   make unit         cargo test --workspace
 #   make integration  pytest tests/ against a real Envoy in Docker
 #   make test         unit + integration, then stop the engine if this run started it
@@ -15,6 +18,8 @@
 #   make run-fleet    fleet mode demo: 3 etcd members + 2 Envoys (--concurrency 2) + origin; see the fleet section
 #   make lint         rustfmt check + clippy (host and wasm32-wasip1)
 #   make sizes        sizes of the filter and edge wasm, and where their bytes go (scripts/sizes.sh)
+#   make oci          the module image $(OCI_IMAGE): FROM scratch, /plugin.wasm (deploy/oci/)
+#   make dist         release artifacts in dist/: versioned .wasm + sha256, image tarball, edge bundle
 #   make clean        cargo clean + dist/
 #
 # Variables (make VAR=... or environment): IDEMGATE_CACHE, ENVOY_VERSION, ENVOY_IMAGE,
@@ -35,7 +40,7 @@ PYTEST_ARGS ?= -q
 PYTEST_PATHS ?= tests/
 WASM_TARGET := wasm32-wasip1
 WASM_OUT := target/$(WASM_TARGET)/release/idemgate_filter.wasm
-PY_DEPS := pytest>=8,<10 requests>=2.31,<3 jsonschema>=4.18,<5
+PY_DEPS := pytest>=8,<10 requests>=2.31,<3 jsonschema>=4.18,<5 h2>=4.1,<5 pyyaml>=6,<7 cel-python>=0.5,<0.6 python-jsonpath>=2,<3
 
 export IDEMGATE_CACHE ENVOY_VERSION ENVOY_IMAGE PYTHON
 
@@ -47,8 +52,9 @@ PYTEST_CMD = $(VENV)/bin/python -m pytest -p no:cacheprovider $(PYTEST_ARGS) $(P
 
 deps: deps-rust deps-py deps-sys
 
-# Debian packages the tests use (wrk drives the key-churn test).
-SYS_TOOLS := wrk
+# Debian packages the tests use (wrk drives the key-churn and circuit-breaker tests; curl
+# sends the README's HTTP/2 request, --http2-prior-knowledge).
+SYS_TOOLS := wrk curl
 deps-sys:
 	@missing=""; for t in $(SYS_TOOLS); do command -v "$$t" >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
@@ -72,8 +78,8 @@ deps-py:
 	  rm -rf "$(VENV)"; mkdir -p "$(IDEMGATE_CACHE)"; \
 	  "$(PYTHON)" -m venv "$(VENV)"; \
 	fi; \
-	if ! "$(VENV)/bin/python" -c 'import pytest, requests, jsonschema' >/dev/null 2>&1; then \
-	  echo "[deps] installing pytest and requests into the venv"; \
+	if ! "$(VENV)/bin/python" -c 'import pytest, requests, jsonschema, h2, yaml, celpy, jsonpath' >/dev/null 2>&1; then \
+	  echo "[deps] installing $(PY_DEPS) into the venv"; \
 	  "$(VENV)/bin/python" -m pip install --quiet --disable-pip-version-check $(foreach d,$(PY_DEPS),'$(d)'); \
 	fi
 
@@ -130,20 +136,29 @@ build: deps-rust wasm-opt-deps
 image: docker-up
 	@envoy/build-image.sh
 
+# The shipped configurations unless ENVOY_CONFIG names others (YAML or JSON bootstraps, or
+# fragments with http_filters); exit status 1 on errors. See envoy/check-config.py.
+SHIPPED_ENVOY_CONFIGS := envoy/envoy.yaml envoy/fleet/envoy.yaml
+ENVOY_CONFIG ?=
+.PHONY: check-config
+check-config: deps-py
+	@"$(VENV)/bin/python" envoy/check-config.py $(or $(ENVOY_CONFIG),$(SHIPPED_ENVOY_CONFIGS))
+
 docker-up:
 	@scripts/docker-engine.sh up
 
 docker-down:
 	@scripts/docker-engine.sh down
 
+PROFILE ?=
 run: build
-	@scripts/run-demo.sh
+	@PROFILE="$(PROFILE)" scripts/run-demo.sh
 
 unit:
 	@echo "[unit] $(UNIT_CMD)"
 	@$(UNIT_CMD)
 
-integration-setup: deps-py deps-sys fleet-setup build docker-up image
+integration-setup: deps-py deps-sys fleet-setup deploy-deps build docker-up image dist
 
 integration: integration-setup
 	@echo "[integration] pytest $(PYTEST_PATHS) (Envoy image $(ENVOY_IMAGE))"
@@ -184,7 +199,7 @@ lint: deps-rust
 
 clean:
 	cargo clean
-	rm -rf dist/*.wasm tests/__pycache__ edge/dist
+	rm -rf dist/*.wasm dist/*.sha256 dist/*.tar dist/*.tgz dist/SHA256SUMS tests/__pycache__ edge/dist
 
 # ------------------------------------------------------------------------------------ bench
 # make bench       idemgate's cost as a user would measure it (not part of `make test`): criterion
@@ -266,7 +281,7 @@ edge-npm:
 edge-deps: deps-rust edge-npm
 	@v="$(WASM_BINDGEN_VERSION)"; \
 	[[ -n "$$v" ]] || { echo "[edge] no wasm-bindgen in Cargo.lock"; exit 1; }; \
-	if ! "$(WASM_BINDGEN)" --version 2>/dev/null | grep -qx "wasm-bindgen $$v"; then \
+	if [[ "$$("$(WASM_BINDGEN)" --version 2>/dev/null)" != "wasm-bindgen $$v" ]]; then \
 	  echo "[edge] cargo install wasm-bindgen-cli $$v into $(IDEMGATE_CACHE)/wasm-bindgen-$$v (once, ~3 min)"; \
 	  cargo install wasm-bindgen-cli --version "$$v" --root "$(IDEMGATE_CACHE)/wasm-bindgen-$$v" --quiet; \
 	fi
@@ -327,3 +342,39 @@ fleet-setup:
 
 run-fleet: fleet-setup build
 	@envoy/fleet/run.sh
+
+# ----------------------------------------------------------------------------------- deploy
+# make oci          the module image $(OCI_IMAGE) built offline (deploy/oci/build.sh):
+#                   FROM scratch, one layer with /plugin.wasm (Istio's "compat" variant, what
+#                   Envoy Gateway's Image source expects), OCI labels with the version, the git
+#                   revision and OCI_SOURCE (default: the git remote). Push it with docker push,
+#                   or skopeo from the tarball `make dist` writes.
+# make dist         dist/idemgate-<version>.wasm + .sha256, dist/idemgate-wasm-<version>.docker.tar,
+#                   dist/idemgate-edge-<version>.tgz (make edge-pack), dist/SHA256SUMS (scripts/dist.sh); part
+#                   of integration-setup, so `make test` checks them (tests/test_oci.py)
+# make deploy-deps  Debian's docker-registry, skopeo and prometheus (promtool) for the tests of
+#                   deploy/ (registry round trip, Prometheus rules against a real Prometheus)
+#
+# Variables: IDEMGATE_VERSION (default: [workspace.package] version in Cargo.toml),
+# OCI_IMAGE (default idemgate/idemgate-wasm:$(IDEMGATE_VERSION)), OCI_SOURCE.
+IDEMGATE_VERSION ?= $(shell awk '/^\[workspace.package\]/{p=1; next} /^\[/{p=0} p && /^version *=/{gsub(/[" ]/, ""); sub(/^version=/, ""); print; exit}' Cargo.toml)
+OCI_IMAGE ?= idemgate/idemgate-wasm:$(IDEMGATE_VERSION)
+export IDEMGATE_VERSION OCI_IMAGE
+# command:Debian package
+DEPLOY_TOOLS := docker-registry:docker-registry skopeo:skopeo promtool:prometheus prometheus:prometheus
+
+.PHONY: oci dist deploy-deps
+oci: build docker-up
+	@VERSION="$(IDEMGATE_VERSION)" OCI_IMAGE="$(OCI_IMAGE)" deploy/oci/build.sh
+
+dist: build edge-pack docker-up
+	@VERSION="$(IDEMGATE_VERSION)" OCI_IMAGE="$(OCI_IMAGE)" scripts/dist.sh
+
+deploy-deps:
+	@missing=""; for tp in $(DEPLOY_TOOLS); do \
+	  command -v "$${tp%%:*}" >/dev/null || case " $$missing " in *" $${tp##*:} "*) ;; *) missing="$$missing $${tp##*:}";; esac; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "[deps] apt-get install$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi

@@ -20,13 +20,16 @@ origin), `fill` (warm up longer: first requests fill the slot table), `fleet`, `
 
     pass      no HTTP filter but the router (the limit)
     floor     bench/floor: one Wasm filter that reads one header and continues
-    floor2    diagnostic: two floor filters sharing one VM (idemgate is loaded as two)
+    floor2    diagnostic: two floor filters sharing one VM (idemgate in two-filter mode is two)
     bare      diagnostic (with --bare-wasm): bench/bare, the floor without the proxy-wasm SDK
               and without std (its own ABI declarations, no_std)
     first     idemgate, a new key per request (first requests)
     first_p1  idemgate with store.probes 1, a new key per request
     first_b3, replay_b3  idemgate with the opt-in fingerprint.algorithm blake3
     replay    idemgate, one key (after one priming request: replays)
+    first_2f, replay_2f  idemgate in two-filter mode (reader + gate, no
+              allow_on_headers_stop_iteration: hosts that cannot set it), beside `first` and
+              `replay` (one filter, as shipped)
     alt_first, alt_replay  the alternative: idempotent-proxy-server (cargo install) with Redis, both
               pinned to Envoy's CPU, in front of the same origin, the same requests (wrk to its
               `/URL_ORIGIN`); CPU per request = the proxy's + Redis's (/proc), every run
@@ -34,8 +37,9 @@ origin), `fill` (warm up longer: first requests fill the slot table), `fleet`, `
     body, hash, hash_b3  diagnostic, 64 KiB only: bench/probe buffers the body and copies it
               into the VM; plus SHA-256 / BLAKE3 of it
     answer    diagnostic: bench/probe answering every request itself after buffering and
-              copying its body, with a gate holding the headers, both in one VM: the floor
-              of a replay in idemgate's design (before any lookup)
+              copying its body, holding the headers meanwhile (one filter with
+              allow_on_headers_stop_iteration, as idemgate ships): the floor of a replay in
+              idemgate's design (before any lookup)
     answer_hash  diagnostic: `answer` plus SHA-256 of the body (a replay's fingerprint)
     lookup    diagnostic: `answer_hash` plus idemgate's other hostcalls for a replay
     claim     diagnostic: bench/probe making idemgate's hostcalls for a first request with
@@ -117,10 +121,19 @@ def _probe(mode: str) -> Any:
     return lambda: [_wasm(f"probe_{mode}", f"probe_{mode}", f"probe-{mode}", PROBE, mode)]
 
 
-def _probe_gated(mode: str) -> Any:
-    """As idemgate is loaded: the probe filter, then a gate, in one VM."""
-    return lambda: [_wasm(f"probe_{mode}", f"probe_{mode}", f"probe-{mode}", PROBE, mode),
-                    _wasm(f"probe_{mode}_gate", f"probe_{mode}_gate", f"probe-{mode}", PROBE, "gate")]
+def _probe_held(mode: str) -> Any:
+    """As idemgate ships: the probe filter alone, holding the request headers itself
+    (allow_on_headers_stop_iteration) until it has the body."""
+    def filters() -> list[dict[str, Any]]:
+        f = _wasm(f"probe_{mode}", f"probe_{mode}", f"probe-{mode}", PROBE, mode)
+        f["typed_config"]["config"]["allow_on_headers_stop_iteration"] = True
+        return [f]
+    return filters
+
+
+def _two_filter(sid: str, cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """idemgate in two-filter mode: reader + gate in one VM, without the flag."""
+    return harness.idemgate_filters({"name": sid, "idemgate_config": cfg, "vm_id": f"idemgate-{sid}", "mode": "two"})
 
 
 # The scenarios, in run and report order (see the module docstring for the keys).
@@ -139,6 +152,10 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "first_b3": {"title": "3c idemgate first requests, fingerprint.algorithm blake3", "mode": "unique",
                  "idemgate": {"fingerprint": {"algorithm": "blake3"}}, "fill": True},
     "replay": {"title": "4 idemgate replays (one key)", "mode": "fixed", "idemgate": {}},
+    "first_2f": {"title": "3t idemgate first requests, two-filter mode (reader + gate)", "mode": "unique",
+                 "idemgate": {}, "fill": True, "chain": _two_filter},
+    "replay_2f": {"title": "4t idemgate replays, two-filter mode (reader + gate)", "mode": "fixed",
+                  "idemgate": {}, "chain": _two_filter},
     "alt_replay": {"title": "idempotent-proxy-server + Redis, replays (one key)", "mode": "fixed", "alt": "ORIGIN"},
     "wait": {"title": "5 concurrent duplicates, wait policy", "mode": "wait", "sizes": [], "cluster": "slow",
              "idemgate": {"onConcurrent": {"action": "wait", "waitMillis": 5000}}},
@@ -154,15 +171,15 @@ SCENARIOS: dict[str, dict[str, Any]] = {
              "filters": _probe("hash")},
     "hash_b3": {"title": "floor + buffer + copy + BLAKE3 (opt-in algorithm) [diag]", "mode": "unique",
                 "sizes": ["64KiB"], "filters": _probe("hash_b3")},
-    "claim": {"title": "floor of a first request: 2 filters in 1 VM, body copied + SHA-256, claim (get + CAS set), "
-                       "gate released, answer read, completion (get + 2 sets) [diag]",
-              "mode": "unique", "filters": _probe_gated("claim")},
-    "answer": {"title": "floor of a replay: 2 filters in 1 VM, body buffered + copied, answered locally [diag]",
-               "mode": "unique", "local": True, "filters": _probe_gated("answer")},
+    "claim": {"title": "floor of a first request: 1 filter holding the headers, body copied + SHA-256, claim "
+                       "(get + CAS set), answer read, completion (get + 2 sets) [diag]",
+              "mode": "unique", "filters": _probe_held("claim")},
+    "answer": {"title": "floor of a replay: 1 filter holding the headers, body buffered + copied, answered locally [diag]",
+               "mode": "unique", "local": True, "filters": _probe_held("answer")},
     "answer_hash": {"title": "floor of a replay + SHA-256 of the body [diag]", "mode": "unique", "local": True,
-                    "filters": _probe_gated("answer_hash")},
+                    "filters": _probe_held("answer_hash")},
     "lookup": {"title": "floor of a replay + SHA-256 + idemgate's lookups (all headers, time, bucket and record gets) [diag]",
-               "mode": "unique", "local": True, "filters": _probe_gated("lookup")},
+               "mode": "unique", "local": True, "filters": _probe_held("lookup")},
     "pass_inenvoy": {"title": "passthrough to an upstream inside the same Envoy (the method before issue 20) [diag]",
                      "mode": "unique", "cluster": "inenvoy", "filters": lambda: []},
     "upstream": {"title": "in-Envoy upstream listener alone (direct_response) [diag]", "mode": "unique",

@@ -1,9 +1,10 @@
 // A minimal proxy-wasm host (ABI 0.2.1) in Node's V8, to see where idemgate's own wasm code
 // spends its time. Envoy's binary is stripped and V8 gives perf no names for wasm code, so
 // `make bench`'s profile can only say how much of Envoy's CPU is generated code; this runs
-// the same module through the same callbacks as Envoy does for one request (two root
-// contexts in one VM: the reader "idemgate" and the gate "idemgate_gate") with an in-memory
-// shared data, and V8's CPU profiler names every wasm function (use a build that keeps the
+// the same module through the same callbacks as Envoy does for one request (idemgate loaded
+// as shipped: one filter, "idemgate", with allow_on_headers_stop_iteration, so it holds the
+// request headers and gets the body) with an in-memory shared data, and V8's CPU profiler
+// names every wasm function (use a build that keeps the
 // name section, e.g. target/sizes/filter.named.wasm from `make sizes`).
 //
 //   node --no-liftoff bench/wasm_host.mjs WASM [--scenario replay|first] [--size 1024]
@@ -117,7 +118,7 @@ let effective = 0;
 const rootOf = new Map(); // context id -> root context id
 const rootIds = new Map(); // root context id -> plugin root_id
 const stream = new Map(); // http context id -> { reqHeaders, respHeaders, reqBody, respBody, local, continued }
-let plugin = { 1: enc.encode(pluginConfig), 2: enc.encode("") };
+let plugin = { 1: enc.encode(pluginConfig) };
 const logs = [];
 const counts = { hostcalls: 0 };
 let nowNs = BigInt(Date.now()) * 1_000_000n;
@@ -236,8 +237,11 @@ const env = {
   proxy_grpc_cancel() { return UNIMPLEMENTED; },
   proxy_grpc_close() { return UNIMPLEMENTED; },
   proxy_grpc_send() { return UNIMPLEMENTED; },
-  proxy_dequeue_shared_queue() { return UNIMPLEMENTED; },
-  proxy_register_shared_queue() { return UNIMPLEMENTED; },
+  // the filter registers a wake-up queue per root context; a single-filter request never
+  // posts to it (nothing to wake), so it stays empty here
+  proxy_register_shared_queue(_p, _n, ret) { counts.hostcalls++; view().setUint32(ret, 1, true); return OK; },
+  proxy_enqueue_shared_queue() { counts.hostcalls++; return OK; },
+  proxy_dequeue_shared_queue() { counts.hostcalls++; return 7; }, // Empty
   proxy_done() { return OK; },
 };
 const wasi = {
@@ -275,8 +279,8 @@ inst = new WebAssembly.Instance(module, { env, wasi_snapshot_preview1: wasi });
 const x = inst.exports;
 x._initialize?.();
 
-// Two root contexts in one VM, as Envoy creates them for the two filters.
-for (const [id, rootId] of [[1, "idemgate"], [2, "idemgate_gate"]]) {
+// One root context, as Envoy creates it for the filter.
+for (const [id, rootId] of [[1, "idemgate"]]) {
   rootIds.set(id, rootId);
   effective = id;
   x.proxy_on_context_create(id, 0);
@@ -296,7 +300,7 @@ function call(ctx, fn, ...a) {
   return x[fn](ctx, ...a);
 }
 
-// One request through both filters, in Envoy's order. Returns the local reply, if any.
+// One request through the filter, in Envoy's order. Returns the local reply, if any.
 const headersByKey = new Map();
 function requestHeaders(key) {
   let h = headersByKey.get(key);
@@ -313,44 +317,29 @@ function requestHeaders(key) {
 const upstreamHeaders = [[":status", "200"], ["content-type", "application/json"], ["content-length", "11"]];
 
 function request(key) {
-  const r = nextId++, g = nextId++;
-  const reqHeaders = requestHeaders(key);
-  for (const [id, root] of [[r, 1], [g, 2]]) {
-    rootOf.set(id, root);
-    stream.set(id, {
-      reqHeaders,
-      respHeaders: [], reqBody: body, respBody: new Uint8Array(), local: null, continued: false,
-    });
-    effective = id;
-    x.proxy_on_context_create(id, root);
-  }
-  if (call(r, "proxy_on_request_headers", 9, 0) !== 0) throw new Error("reader paused the headers");
-  if (call(g, "proxy_on_request_headers", 9, 0) !== 1) throw new Error("gate did not hold the headers");
-  call(r, "proxy_on_request_body", body.length, 1);
-  const local = stream.get(r).local;
-  const resp = local
-    ? { headers: [[":status", String(local.status)], ...local.headers], body: local.body }
-    : { headers: upstreamHeaders, body: respBody };
-  if (!local) {
-    if (!stream.get(g).continued) throw new Error("the gate was not released");
-    call(g, "proxy_on_request_body", body.length, 1);
-  }
-  // encoder filters run in reverse order: the gate, then the reader
-  for (const id of [g, r]) {
-    const s = stream.get(id);
-    s.respHeaders = resp.headers;
-    s.respBody = resp.body;
-    s.local = s.local || (local ? stream.get(r).local : null);
-    call(id, "proxy_on_response_headers", s.respHeaders.length, 0);
-    call(id, "proxy_on_response_body", s.respBody.length, 1);
-  }
-  for (const id of [r, g]) call(id, "proxy_on_log");
-  for (const id of [r, g]) call(id, "proxy_on_done");
-  for (const id of [r, g]) {
-    call(id, "proxy_on_delete");
-    stream.delete(id);
-    rootOf.delete(id);
-  }
+  const r = nextId++;
+  rootOf.set(r, 1);
+  stream.set(r, {
+    reqHeaders: requestHeaders(key),
+    respHeaders: [], reqBody: body, respBody: new Uint8Array(), local: null, continued: false,
+  });
+  effective = r;
+  x.proxy_on_context_create(r, 1);
+  // the filter holds the headers (Pause) until it has read the body and decided
+  if (call(r, "proxy_on_request_headers", 9, 0) !== 1) throw new Error("the filter did not hold the headers");
+  const action = call(r, "proxy_on_request_body", body.length, 1);
+  const s = stream.get(r);
+  const local = s.local;
+  if (!local && action !== 0) throw new Error("the filter neither answered nor let the request go on");
+  s.respHeaders = local ? [[":status", String(local.status)], ...local.headers] : upstreamHeaders;
+  s.respBody = local ? local.body : respBody;
+  call(r, "proxy_on_response_headers", s.respHeaders.length, 0);
+  call(r, "proxy_on_response_body", s.respBody.length, 1);
+  call(r, "proxy_on_log");
+  call(r, "proxy_on_done");
+  call(r, "proxy_on_delete");
+  stream.delete(r);
+  rootOf.delete(r);
   return local;
 }
 

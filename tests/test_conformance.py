@@ -2,7 +2,9 @@
 envoy/profiles/ in a real Envoy (Docker, --concurrency 4).
 
 Each profile is loaded as it is, and once more as the "short" variant (ttlSeconds and
-leaseSeconds set to 4) for the scenarios that need a key to expire within the test.
+leaseSeconds set to 4) for the scenarios that need a key to expire within the test, both
+as shipped (single-filter mode). Every vector runs over HTTP/1.1 and over h2c, each
+request's body framed the next way of its protocol's cycle (see httpclient.FRAMINGS).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import pytest
 
 from harness import REPO_ROOT, Envoy, Origin, free_port, listener
-from httpclient import Resp, send
+from httpclient import Resp, Wire, send
 
 PROFILES_DIR = REPO_ROOT / "envoy" / "profiles"
 VECTORS_DIR = REPO_ROOT / "tests" / "conformance"
@@ -68,6 +70,11 @@ def envoy(origin):
             specs.append(listener(f"{name}-short" if short else name, free_port(), variant_config(name, short)))
     with Envoy(specs, origin_port=origin.port, concurrency=4) as e:
         yield e
+
+
+@pytest.fixture(params=["h1", "h2c"])
+def wire(request: pytest.FixtureRequest) -> Wire:
+    return Wire(request.param)
 
 
 def test_every_profile_has_vectors_and_every_vector_a_profile():
@@ -176,7 +183,7 @@ def check(run: Run, step_no: int, r: Resp, expect: dict[str, Any], results: list
     VECTORS,
     ids=[f"{p}:{s['name']}" for p, s in VECTORS],
 )
-def test_conformance(envoy, origin, profile, scenario):
+def test_conformance(envoy, origin, profile, scenario, wire):
     run = Run(scenario)
     listener_name = f"{profile}-short" if scenario.get("variant") == "short" else profile
     port = envoy.port(listener_name)
@@ -189,10 +196,10 @@ def test_conformance(envoy, origin, profile, scenario):
         method, path, headers, body = build_request(run, step["send"])
         n = int(step.get("concurrent", 1))
         if n == 1:
-            resps = [send(port, method, path, body, headers)]
+            resps = [wire.send(port, method, path, body, headers)]
         else:
             with concurrent.futures.ThreadPoolExecutor(n) as ex:
-                resps = list(ex.map(lambda _: send(port, method, path, body, headers), range(n)))
+                resps = list(ex.map(lambda _: wire.send(port, method, path, body, headers), range(n)))
         expect = step.get("expect", {})
         for r in resps:
             check(run, i, r, expect, results)

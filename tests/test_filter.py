@@ -3,18 +3,24 @@
 Every test uses its own path (a fresh uuid), so the origin's request log can be read per
 test: the origin records each request the moment its headers arrive, before its body, so
 a request that the filter held back and never released cannot hide from it.
+
+Every scenario runs over HTTP/1.1 and over h2c (the `wire` fixture), each request's body
+framed the next way of its protocol's cycle (httpclient.FRAMINGS: one DATA frame with
+END_STREAM, several frames, an empty END_STREAM frame, trailers; content-length, chunked,
+chunked with a trailer), so a first request and its retries arrive framed differently.
+The listeners load idemgate as shipped (single-filter mode); "two" in two-filter mode
+(reader + gate), "twobuf" with Envoy's buffer filter between reader and gate, "h2up" with
+HTTP/2 to the origin.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import http.client
 import json
 import os
 import shutil
 import socket
-import subprocess
 import tempfile
 import time
 import uuid
@@ -24,8 +30,8 @@ from typing import Any
 
 import pytest
 
-from harness import Envoy, Origin, free_port, listener, validate_config
-from httpclient import Resp, send
+from harness import Envoy, Origin, free_port, listener, validate_config, wrk_unique_keys
+from httpclient import Resp, Wire
 
 CONCURRENCY = 4
 
@@ -64,6 +70,15 @@ LISTENERS = {
         "leaseSeconds": 2,
     },
     "blake3": {"store": {"namespace": "blake3"}, "fingerprint": {"algorithm": "blake3"}},
+    "two": {"store": {"namespace": "two"}},
+    "twobuf": {"store": {"namespace": "twobuf"}},
+    "h2up": {"store": {"namespace": "h2up"}},
+}
+# How the listeners other than single-filter ones load idemgate or reach the origin.
+LISTENER_OPTIONS: dict[str, dict[str, str]] = {
+    "two": {"mode": "two"},
+    "twobuf": {"mode": "two-buffer"},
+    "h2up": {"upstream": "h2"},
 }
 
 
@@ -76,7 +91,8 @@ def origin():
 @pytest.fixture(scope="module")
 def envoy(origin):
     specs = [
-        listener(name, free_port(), cfg, route_timeout_s=0 if name == "short" else 15)
+        listener(name, free_port(), cfg, route_timeout_s=0 if name == "short" else 15,
+                 **LISTENER_OPTIONS.get(name, {}))
         for name, cfg in LISTENERS.items()
     ]
     with Envoy(specs, origin_port=origin.port, concurrency=CONCURRENCY) as e:
@@ -87,19 +103,26 @@ def port(envoy: Envoy, name: str = "main") -> int:
     return envoy.port(name)
 
 
+@pytest.fixture(params=["h1", "h2c"])
+def wire(request: pytest.FixtureRequest) -> Wire:
+    """HTTP/1.1 or h2c with prior knowledge, framing bodies in turn every way it can."""
+    return Wire(request.param)
+
+
 # 1 ---------------------------------------------------------------------------------------
 
 
-def test_first_forwarded_retry_replayed_byte_identical(envoy, origin):
+@pytest.mark.parametrize("name", ["main", "two", "h2up"])
+def test_first_forwarded_retry_replayed_byte_identical(envoy, origin, wire, name):
     path = fresh()
     body = b'{"amount": 1000, "currency": "eur"}'
     h = {"Idempotency-Key": "order-" + uuid.uuid4().hex, "Content-Type": "application/json"}
-    first = send(port(envoy), "POST", path, body, h)
+    first = wire.send(port(envoy, name), "POST", path, body, h)
     assert first.status == 200, first
     assert first.header("idempotent-replayed") is None
     assert first.header("set-cookie") is not None  # the client gets the origin's cookie once
     for _ in range(3):
-        again = send(port(envoy), "POST", path, body, h)
+        again = wire.send(port(envoy, name), "POST", path, body, h)
         assert again.status == 200
         assert again.body == first.body
         assert again.header("idempotent-replayed") == "true"
@@ -109,94 +132,96 @@ def test_first_forwarded_retry_replayed_byte_identical(envoy, origin):
     assert executions(origin, path) == 1
     # the internal gate token never reaches the origin
     (rec,) = seen(origin, path)
+    assert rec["body_complete"], rec
     assert "x-idemgate-gate" not in rec["headers"]
     assert rec["body_sha256"] == hashlib.sha256(body).hexdigest()
 
 
-def test_large_response_streamed_and_replayed_byte_identical(envoy, origin):
+@pytest.mark.parametrize("name", ["main", "h2up"])
+def test_large_response_streamed_and_replayed_byte_identical(envoy, origin, wire, name):
     path = fresh() + "?size=300000"
     h = {"Idempotency-Key": uuid.uuid4().hex}
-    first = send(port(envoy), "POST", path, b"x", h)
+    first = wire.send(port(envoy, name), "POST", path, b"x", h)
     assert first.status == 200 and len(first.body) == 300000
-    again = send(port(envoy), "POST", path, b"x", h)
+    again = wire.send(port(envoy, name), "POST", path, b"x", h)
     assert again.header("idempotent-replayed") == "true"
     assert again.body == first.body
     assert executions(origin, path.split("?")[0]) == 1
 
 
-def test_sf_string_key_is_the_same_key(envoy, origin):
+def test_sf_string_key_is_the_same_key(envoy, origin, wire):
     path = fresh()
     k = uuid.uuid4().hex
-    assert send(port(envoy), "POST", path, b"a", {"Idempotency-Key": k}).status == 200
-    r = send(port(envoy), "POST", path, b"a", {"Idempotency-Key": f'"{k}"'})
+    assert wire.send(port(envoy), "POST", path, b"a", {"Idempotency-Key": k}).status == 200
+    r = wire.send(port(envoy), "POST", path, b"a", {"Idempotency-Key": f'"{k}"'})
     assert r.header("idempotent-replayed") == "true"
     assert executions(origin, path) == 1
 
 
-def test_callers_are_scoped_by_credentials(envoy, origin):
+def test_callers_are_scoped_by_credentials(envoy, origin, wire):
     path = fresh()
     k = uuid.uuid4().hex
-    a = send(port(envoy), "POST", path, b"a", {"Idempotency-Key": k, "Authorization": "Bearer alice"})
-    b = send(port(envoy), "POST", path, b"a", {"Idempotency-Key": k, "Authorization": "Bearer bob"})
+    a = wire.send(port(envoy), "POST", path, b"a", {"Idempotency-Key": k, "Authorization": "Bearer alice"})
+    b = wire.send(port(envoy), "POST", path, b"a", {"Idempotency-Key": k, "Authorization": "Bearer bob"})
     assert a.status == b.status == 200
     assert a.body != b.body  # bob never sees alice's stored response
     assert executions(origin, path) == 2
-    a2 = send(port(envoy), "POST", path, b"a", {"Idempotency-Key": k, "Authorization": "Bearer alice"})
+    a2 = wire.send(port(envoy), "POST", path, b"a", {"Idempotency-Key": k, "Authorization": "Bearer alice"})
     assert a2.body == a.body and a2.header("idempotent-replayed") == "true"
 
 
-def test_large_request_body_over_one_mib_is_fingerprinted_and_forwarded_intact(envoy, origin):
+def test_large_request_body_over_one_mib_is_fingerprinted_and_forwarded_intact(envoy, origin, wire):
     path = fresh()
     body = os.urandom(3 << 20)
     h = {"Idempotency-Key": uuid.uuid4().hex}
-    assert send(port(envoy, "small"), "POST", path, body, h).status == 200
+    assert wire.send(port(envoy, "small"), "POST", path, body, h).status == 200
     (rec,) = seen(origin, path)
     assert rec["body_complete"] and rec["body_sha256"] == hashlib.sha256(body).hexdigest()
     # the same body sent chunked is the same request: replayed (the origin's JSON answer
     # fits in the 1 KiB maxResponseBytes of "small")
-    assert send(port(envoy, "small"), "POST", path, body, h, chunked=True).header("idempotent-replayed") == "true"
+    assert wire.send(port(envoy, "small"), "POST", path, body, h, chunked=True).header("idempotent-replayed") == "true"
     assert executions(origin, path) == 1
 
 
 # 2 ---------------------------------------------------------------------------------------
 
 
-def test_blake3_fingerprints_replay_identical_and_refuse_changed_bodies(envoy, origin):
+def test_blake3_fingerprints_replay_identical_and_refuse_changed_bodies(envoy, origin, wire):
     """fingerprint.algorithm blake3 (wasm SIMD inside Envoy): a large body replays, one
     changed byte at the end is a mismatch that never reaches the origin."""
     path = fresh()
     body = b'{"pad":"' + b"x" * 70_000 + b'"}'
     h = {"Idempotency-Key": "b3-" + uuid.uuid4().hex, "Content-Type": "application/json"}
-    first = send(port(envoy, "blake3"), "POST", path, body, h)
+    first = wire.send(port(envoy, "blake3"), "POST", path, body, h)
     assert first.status == 200 and first.header("idempotent-replayed") is None, first
-    again = send(port(envoy, "blake3"), "POST", path, body, h)
+    again = wire.send(port(envoy, "blake3"), "POST", path, body, h)
     assert again.status == 200 and again.header("idempotent-replayed") == "true", again
     assert again.body == first.body
     changed = body[:-3] + b'y"}'
-    is_problem(send(port(envoy, "blake3"), "POST", path, changed, h), 422)
+    is_problem(wire.send(port(envoy, "blake3"), "POST", path, changed, h), 422)
     assert executions(origin, path) == 1
 
 
-def test_same_key_different_body_is_422_and_never_reaches_origin(envoy, origin):
+def test_same_key_different_body_is_422_and_never_reaches_origin(envoy, origin, wire):
     path = fresh()
     h = {"Idempotency-Key": uuid.uuid4().hex}
-    assert send(port(envoy), "POST", path, b'{"a":1}', h).status == 200
-    r = send(port(envoy), "POST", path, b'{"a":2}', h)
+    assert wire.send(port(envoy), "POST", path, b'{"a":1}', h).status == 200
+    r = wire.send(port(envoy), "POST", path, b'{"a":2}', h)
     doc = is_problem(r, 422)
     assert "different request" in doc["detail"]
     # also with a different query string, and chunked
-    is_problem(send(port(envoy), "POST", path + "?x=1", b'{"a":1}', h), 422)
-    is_problem(send(port(envoy), "POST", path, b'{"a":3}', h, chunked=True), 422)
+    is_problem(wire.send(port(envoy), "POST", path + "?x=1", b'{"a":1}', h), 422)
+    is_problem(wire.send(port(envoy), "POST", path, b'{"a":3}', h, chunked=True), 422)
     assert len(seen(origin, path)) == 1
 
 
 # 3 ---------------------------------------------------------------------------------------
 
 
-def storm(envoy_port: int, jobs: list[tuple[str, str, bytes]], workers: int = 200) -> list[tuple[str, Resp]]:
+def storm(wire: Wire, envoy_port: int, jobs: list[tuple[str, str, bytes]], workers: int = 200) -> list[tuple[str, Resp]]:
     def one(job: tuple[str, str, bytes]) -> tuple[str, Resp]:
         path, key, body = job
-        return key, send(envoy_port, "POST", path, body, {"Idempotency-Key": key}, timeout=60)
+        return key, wire.send(envoy_port, "POST", path, body, {"Idempotency-Key": key}, timeout=60)
 
     with concurrent.futures.ThreadPoolExecutor(workers) as ex:
         return list(ex.map(one, jobs))
@@ -226,48 +251,90 @@ def check_storm(results: list[tuple[str, Resp]]) -> Counter:
     return kinds
 
 
-def test_storm_one_key_executes_once(envoy, origin):
+def no_truncated_requests(origin: Origin, path_prefix: str) -> list[dict[str, Any]]:
+    """The origin's log for the prefix, once every request in it has its body complete (a
+    request let go before the decision, or cut off by one, would stay incomplete)."""
+    deadline = time.monotonic() + 5
+    while True:
+        reqs = seen(origin, path_prefix)
+        incomplete = [r for r in reqs if not r.get("body_complete")]
+        if not incomplete:
+            return reqs
+        assert time.monotonic() < deadline, f"requests the origin never got whole: {incomplete}"
+        time.sleep(0.1)
+
+
+# single-filter (as shipped) and two-filter mode
+STORM_LISTENERS = ["main", "two"]
+
+
+@pytest.mark.parametrize("name", STORM_LISTENERS)
+def test_storm_one_key_executes_once(envoy, origin, wire, name):
     path = fresh()
     key = uuid.uuid4().hex
-    results = storm(port(envoy), [(path + "?delay=0.3", key, b'{"n":1}')] * 200)
+    results = storm(wire, port(envoy, name), [(path + "?delay=0.3", key, b'{"n":1}')] * 200)
     kinds = check_storm(results)
     assert kinds["first"] == 1, kinds
     assert executions(origin, path) == 1
-    assert len(seen(origin, path)) == 1
+    assert len(no_truncated_requests(origin, path)) == 1
 
 
-def test_storm_fifty_keys_twenty_each(envoy, origin):
+@pytest.mark.parametrize("name", STORM_LISTENERS)
+def test_storm_fifty_keys_twenty_each(envoy, origin, wire, name):
     base = fresh()
     jobs = []
     for i in range(50):
         jobs += [(f"{base}/{i}?delay=0.1", f"{uuid.uuid4().hex}-{i}", b"b%d" % i)] * 20
     # interleave keys so every key races on every worker
     jobs = [jobs[j * 20 + i] for i in range(20) for j in range(50)]
-    kinds = check_storm(storm(port(envoy), jobs))
+    kinds = check_storm(storm(wire, port(envoy, name), jobs))
     assert kinds["first"] == 50, kinds
-    reqs = seen(origin, base)
+    reqs = no_truncated_requests(origin, base)
     per_path = Counter(r["path"].split("?")[0] for r in reqs)
     assert len(per_path) == 50 and set(per_path.values()) == {1}, per_path
+
+
+def test_two_filter_mode_with_a_pausing_filter_between_reader_and_gate(envoy, origin, wire):
+    """Envoy's buffer filter between reader and gate holds the headers until the body is
+    complete, so the reader decides before its gate has seen the request: 200 concurrent
+    requests over 20 keys still execute each key once, and the origin gets every forwarded
+    request whole (reader and gate find each other in the stream's own filter state)."""
+    base = fresh()
+    jobs = []
+    for i in range(20):
+        jobs += [(f"{base}/{i}?delay=0.1", f"{uuid.uuid4().hex}-{i}", b'{"k":%d}' % i)] * 10
+    jobs = [jobs[j * 10 + i] for i in range(10) for j in range(20)]
+    kinds = check_storm(storm(wire, port(envoy, "twobuf"), jobs))
+    assert kinds["first"] == 20, kinds
+    reqs = no_truncated_requests(origin, base)
+    per_path = Counter(r["path"].split("?")[0] for r in reqs)
+    assert len(per_path) == 20 and set(per_path.values()) == {1}, per_path
+    # a replay and a mismatch through the same chain never reach the origin
+    path, key, body = jobs[0]
+    again = wire.send(port(envoy, "twobuf"), "POST", path, body, {"Idempotency-Key": key})
+    assert again.header("idempotent-replayed") == "true", again
+    is_problem(wire.send(port(envoy, "twobuf"), "POST", path, body + b" ", {"Idempotency-Key": key}), 422)
+    assert len(seen(origin, path.split("?")[0])) == 1
 
 
 # 4 ---------------------------------------------------------------------------------------
 
 
-def test_slow_origin_duplicate_gets_409_and_never_reaches_origin(envoy, origin):
+def test_slow_origin_duplicate_gets_409_and_never_reaches_origin(envoy, origin, wire):
     path = fresh()
     h = {"Idempotency-Key": uuid.uuid4().hex}
     with concurrent.futures.ThreadPoolExecutor(1) as ex:
-        first = ex.submit(send, port(envoy), "POST", path + "?delay=2", b"slow", h)
+        first = ex.submit(wire.send, port(envoy), "POST", path + "?delay=2", b"slow", h)
         deadline = time.monotonic() + 5
         while not seen(origin, path) and time.monotonic() < deadline:
             time.sleep(0.05)
-        dup = send(port(envoy), "POST", path + "?delay=2", b"slow", h)
+        dup = wire.send(port(envoy), "POST", path + "?delay=2", b"slow", h)
         doc = is_problem(dup, 409)
         assert dup.header("retry-after") == "1"
         assert "still being processed" in doc["detail"]
         assert len(seen(origin, path)) == 1  # the duplicate left no trace, not even headers
         assert first.result().status == 200
-    replay = send(port(envoy), "POST", path + "?delay=2", b"slow", h)
+    replay = wire.send(port(envoy), "POST", path + "?delay=2", b"slow", h)
     assert replay.header("idempotent-replayed") == "true"
     assert replay.body == first.result().body
     assert len(seen(origin, path)) == 1
@@ -276,73 +343,73 @@ def test_slow_origin_duplicate_gets_409_and_never_reaches_origin(envoy, origin):
 # 5 ---------------------------------------------------------------------------------------
 
 
-def test_ttl_expiry_executes_again(envoy, origin):
+def test_ttl_expiry_executes_again(envoy, origin, wire):
     path = fresh()
     h = {"Idempotency-Key": uuid.uuid4().hex}
-    a = send(port(envoy, "short"), "POST", path, b"x", h)
-    assert send(port(envoy, "short"), "POST", path, b"x", h).header("idempotent-replayed") == "true"
+    a = wire.send(port(envoy, "short"), "POST", path, b"x", h)
+    assert wire.send(port(envoy, "short"), "POST", path, b"x", h).header("idempotent-replayed") == "true"
     time.sleep(2.3)
-    b = send(port(envoy, "short"), "POST", path, b"x", h)
+    b = wire.send(port(envoy, "short"), "POST", path, b"x", h)
     assert b.status == 200 and b.header("idempotent-replayed") is None
     assert a.body != b.body
     assert executions(origin, path) == 2
 
 
-def test_origin_that_never_answers_frees_the_key_after_the_lease(envoy, origin):
+def test_origin_that_never_answers_frees_the_key_after_the_lease(envoy, origin, wire):
     path = fresh()
     h = {"Idempotency-Key": uuid.uuid4().hex}
     started = time.monotonic()
     with pytest.raises((socket.timeout, TimeoutError)):
-        send(port(envoy, "short"), "POST", path + "?hang=1", b"x", h, timeout=0.7)
-    is_problem(send(port(envoy, "short"), "POST", path + "?hang=1", b"x", h), 409)
+        wire.send(port(envoy, "short"), "POST", path + "?hang=1", b"x", h, timeout=0.7)
+    is_problem(wire.send(port(envoy, "short"), "POST", path + "?hang=1", b"x", h), 409)
     assert len(seen(origin, path)) == 1
     time.sleep(max(0.0, 2.2 - (time.monotonic() - started)))
-    r = send(port(envoy, "short"), "POST", path, b"x", h)
+    r = wire.send(port(envoy, "short"), "POST", path, b"x", h)
     assert r.status == 200 and r.header("idempotent-replayed") is None
     assert len(seen(origin, path)) == 2
 
 
-def test_origin_reset_frees_the_key_after_the_lease(envoy, origin):
+def test_origin_reset_frees_the_key_after_the_lease(envoy, origin, wire):
     path = fresh()
     h = {"Idempotency-Key": uuid.uuid4().hex}
     started = time.monotonic()
-    r = send(port(envoy, "short"), "POST", path + "?reset=1", b"x", h)
+    r = wire.send(port(envoy, "short"), "POST", path + "?reset=1", b"x", h)
     assert r.status == 503  # Envoy's own answer: upstream reset
     # The outcome is unknown (the origin may have acted): the key stays held until the lease.
-    is_problem(send(port(envoy, "short"), "POST", path, b"x", h), 409)
+    is_problem(wire.send(port(envoy, "short"), "POST", path, b"x", h), 409)
     assert len(seen(origin, path)) == 1
     time.sleep(max(0.0, 2.2 - (time.monotonic() - started)))
-    r = send(port(envoy, "short"), "POST", path, b"x", h)
+    r = wire.send(port(envoy, "short"), "POST", path, b"x", h)
     assert r.status == 200 and r.header("idempotent-replayed") is None
     assert len(seen(origin, path)) == 2
 
 
-def test_unstored_status_frees_the_key_at_once(envoy, origin):
+def test_unstored_status_frees_the_key_at_once(envoy, origin, wire):
     path = fresh()
     h = {"Idempotency-Key": uuid.uuid4().hex}
-    assert send(port(envoy), "POST", path + "?status=500", b"x", h).status == 500
-    assert send(port(envoy), "POST", path + "?status=429", b"x", h).status == 429
-    r = send(port(envoy), "POST", path + "?status=201", b"x", h)
+    assert wire.send(port(envoy), "POST", path + "?status=500", b"x", h).status == 500
+    assert wire.send(port(envoy), "POST", path + "?status=429", b"x", h).status == 429
+    r = wire.send(port(envoy), "POST", path + "?status=201", b"x", h)
     assert r.status == 201 and r.header("idempotent-replayed") is None
-    assert send(port(envoy), "POST", path + "?status=201", b"x", h).header("idempotent-replayed") == "true"
+    assert wire.send(port(envoy), "POST", path + "?status=201", b"x", h).header("idempotent-replayed") == "true"
     assert executions(origin, path) == 3
 
 
-def test_stored_4xx_is_replayed(envoy, origin):
+def test_stored_4xx_is_replayed(envoy, origin, wire):
     path = fresh() + "?status=404"
     h = {"Idempotency-Key": uuid.uuid4().hex}
-    a = send(port(envoy), "POST", path, b"x", h)
-    b = send(port(envoy), "POST", path, b"x", h)
+    a = wire.send(port(envoy), "POST", path, b"x", h)
+    b = wire.send(port(envoy), "POST", path, b"x", h)
     assert a.status == b.status == 404 and b.header("idempotent-replayed") == "true" and a.body == b.body
 
 
-def test_response_over_store_limit_is_delivered_but_not_stored(envoy, origin):
+def test_response_over_store_limit_is_delivered_but_not_stored(envoy, origin, wire):
     path = fresh() + "?size=5000"
     h = {"Idempotency-Key": uuid.uuid4().hex}
-    a = send(port(envoy, "small"), "POST", path, b"x", h)
+    a = wire.send(port(envoy, "small"), "POST", path, b"x", h)
     assert a.status == 200 and len(a.body) == 5000
     # not replayable and the origin acted: the key stays held until its lease lapses
-    is_problem(send(port(envoy, "small"), "POST", path, b"x", h), 409)
+    is_problem(wire.send(port(envoy, "small"), "POST", path, b"x", h), 409)
 
 
 # 6 ---------------------------------------------------------------------------------------
@@ -402,39 +469,8 @@ def fast_origin_config(listen_port: int, admin_port: int) -> dict[str, Any]:
     }
 
 
-WRK_SCRIPT = """
--- unique key per request: run prefix, wrk thread id (set as a global by setup), counter
-local counter = 0
-local prefix = "%s"
-local threads = 0
-function setup(thread)
-  threads = threads + 1
-  thread:set("tid", threads)
-end
-request = function()
-  counter = counter + 1
-  local headers = { ["Idempotency-Key"] = prefix .. "-" .. tostring(tid) .. "-" .. counter, ["Content-Type"] = "application/json" }
-  return wrk.format("POST", "/churn", headers, '{"n":' .. counter .. '}')
-end
-"""
-
-
 def run_wrk(port_: int, prefix: str, seconds: int, tmp: Path) -> tuple[int, int]:
-    script = tmp / f"{prefix}.lua"
-    script.write_text(WRK_SCRIPT % prefix)
-    out = subprocess.run(
-        ["wrk", "-t", "1", "-c", "16", "-d", f"{seconds}s", "--timeout", "5s", "-s", str(script), f"http://127.0.0.1:{port_}"],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 30,
-    ).stdout
-    total = non2xx = 0
-    for line in out.splitlines():
-        line = line.strip()
-        if " requests in " in line:
-            total = int(line.split()[0])
-        if line.startswith("Non-2xx or 3xx responses:"):
-            non2xx = int(line.split(":")[1])
+    total, non2xx, out = wrk_unique_keys(port_, prefix, "/churn", seconds, 16, 1, tmp)
     assert total > 0, out
     return total, non2xx
 
@@ -485,9 +521,9 @@ def test_key_churn_store_stays_bounded_and_memory_flat():
 # 7 ---------------------------------------------------------------------------------------
 
 
-def test_missing_key_where_required_is_400(envoy, origin):
+def test_missing_key_where_required_is_400(envoy, origin, wire):
     path = fresh()
-    doc = is_problem(send(port(envoy, "required"), "POST", path, b"x"), 400)
+    doc = is_problem(wire.send(port(envoy, "required"), "POST", path, b"x"), 400)
     assert "idempotency-key" in doc["detail"]
     assert doc["type"].endswith("missing-key")
     assert seen(origin, path) == []
@@ -504,39 +540,33 @@ def test_missing_key_where_required_is_400(envoy, origin):
         ('"a"b', "structured-field string"),
     ],
 )
-def test_malformed_key_is_400(envoy, origin, value, needle):
+def test_malformed_key_is_400(envoy, origin, wire, value, needle):
     path = fresh()
-    conn = http.client.HTTPConnection("127.0.0.1", port(envoy, "required"), timeout=10)
-    conn.putrequest("POST", path, skip_accept_encoding=True)
-    conn.putheader("Idempotency-Key", value.encode("latin-1") if not value.isascii() else value)
-    conn.putheader("Content-Length", "1")
-    conn.endheaders(b"x")
-    raw = conn.getresponse()
-    r = Resp(raw.status, raw.getheaders(), raw.read())
-    conn.close()
+    r = wire.send(port(envoy, "required"), "POST", path, b"x", [("Idempotency-Key", value.encode("latin-1"))],
+                  timeout=10)
     doc = is_problem(r, 400)
     assert needle in doc["detail"], doc
     assert doc["type"].endswith("malformed-key")
     assert seen(origin, path) == []
 
 
-def test_repeated_key_header_is_400(envoy, origin):
+def test_repeated_key_header_is_400(envoy, origin, wire):
     path = fresh()
-    r = send(port(envoy), "POST", path, b"x", [("Idempotency-Key", "a"), ("Idempotency-Key", "b")])
+    r = wire.send(port(envoy), "POST", path, b"x", [("Idempotency-Key", "a"), ("Idempotency-Key", "b")])
     assert "more than once" in is_problem(r, 400)["detail"]
     assert seen(origin, path) == []
 
 
-def test_body_over_limit_is_413_declared_or_chunked(envoy, origin):
+def test_body_over_limit_is_413_declared_or_chunked(envoy, origin, wire):
     path = fresh()
     big = b"x" * ((1 << 20) + 1)
     h = {"Idempotency-Key": uuid.uuid4().hex}
-    doc = is_problem(send(port(envoy), "POST", path, big, h), 413)
+    doc = is_problem(wire.send(port(envoy), "POST", path, big, h), 413)
     assert "1048576 bytes" in doc["detail"]
-    is_problem(send(port(envoy), "POST", path, big, h, chunked=True), 413)
+    is_problem(wire.send(port(envoy), "POST", path, big, h, chunked=True), 413)
     assert seen(origin, path) == []
     # exactly at the limit is fine
-    assert send(port(envoy), "POST", path, big[:-1], h).status == 200
+    assert wire.send(port(envoy), "POST", path, big[:-1], h).status == 200
 
 
 @pytest.mark.parametrize(
@@ -567,7 +597,7 @@ def test_good_config_passes_envoy_validate():
 
 
 def test_gate_refuses_a_configuration():
-    rc, out = validate_config([listener("bad", 10999, {}, gate_config={"ttlSeconds": 1})])
+    rc, out = validate_config([listener("bad", 10999, {}, mode="two", gate_config={"ttlSeconds": 1})])
     assert rc != 0
     assert "the gate (idemgate_gate) takes no configuration" in out
 
@@ -575,11 +605,11 @@ def test_gate_refuses_a_configuration():
 # 8 ---------------------------------------------------------------------------------------
 
 
-def test_get_and_unlisted_methods_pass_untouched(envoy, origin):
+def test_get_and_unlisted_methods_pass_untouched(envoy, origin, wire):
     path = fresh()
     h = {"Idempotency-Key": "same", "X-Idemgate-Gate": "12345", "X-Custom": "kept"}
     for method in ["GET", "PUT", "DELETE", "GET"]:
-        r = send(port(envoy), method, path, b"body" if method == "PUT" else None, h)
+        r = wire.send(port(envoy), method, path, b"body" if method == "PUT" else None, h)
         assert r.status == 200 and r.header("idempotent-replayed") is None
     reqs = seen(origin, path)
     assert [r["method"] for r in reqs] == ["GET", "PUT", "DELETE", "GET"]
@@ -589,10 +619,10 @@ def test_get_and_unlisted_methods_pass_untouched(envoy, origin):
         assert "x-idemgate-gate" not in rec["headers"]  # a client cannot forge the gate token
 
 
-def test_post_without_key_passes_when_not_required(envoy, origin):
+def test_post_without_key_passes_when_not_required(envoy, origin, wire):
     path = fresh()
     for _ in range(2):
-        assert send(port(envoy), "POST", path, b"x").status == 200
+        assert wire.send(port(envoy), "POST", path, b"x").status == 200
     assert executions(origin, path) == 2
 
 

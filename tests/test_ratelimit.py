@@ -1,4 +1,5 @@
-"""Rate limiting and metrics in a real Envoy (Docker, --concurrency 4)."""
+"""Rate limiting and metrics in a real Envoy (Docker, --concurrency 4). The scenarios run over
+HTTP/1.1 and h2c (the `wire` fixture); the load test and the exact-counter script over HTTP/1.1."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import uuid
 import pytest
 
 from harness import Envoy, Origin, free_port, listener
-from httpclient import send
+from httpclient import Wire, send
 
 LISTENERS = {
     # 2 requests/s, burst 5, per x-api-key
@@ -80,13 +81,19 @@ def caller() -> str:
     return "caller-" + uuid.uuid4().hex[:8]
 
 
-def test_burst_then_429_with_headers_then_refill(envoy, origin):
+@pytest.fixture(params=["h1", "h2c"])
+def wire(request: pytest.FixtureRequest) -> Wire:
+    """HTTP/1.1 or h2c, framing bodies in turn every way it can (see tests/httpclient.py)."""
+    return Wire(request.param)
+
+
+def test_burst_then_429_with_headers_then_refill(envoy, origin, wire):
     port = envoy.port("rl")
     me = caller()
     path = f"/r/{uuid.uuid4().hex}"
     remaining = []
     for _ in range(5):
-        r = send(port, "GET", path, headers={"x-api-key": me})
+        r = wire.send(port, "GET", path, headers={"x-api-key": me})
         assert r.status == 200
         assert r.header("x-ratelimit-limit") == "5"
         remaining.append(int(r.header("x-ratelimit-remaining")))
@@ -94,7 +101,7 @@ def test_burst_then_429_with_headers_then_refill(envoy, origin):
     assert remaining == [4, 3, 2, 1, 0] or remaining[-1] <= 1, remaining  # refill may add one
     limited = None
     for _ in range(3):
-        r = send(port, "GET", path, headers={"x-api-key": me})
+        r = wire.send(port, "GET", path, headers={"x-api-key": me})
         if r.status == 429:
             limited = r
             break
@@ -108,58 +115,58 @@ def test_burst_then_429_with_headers_then_refill(envoy, origin):
     seen_before = len([x for x in origin.requests() if x["path"] == path])
     assert seen_before <= 6  # the 429s never reached the origin
     time.sleep(1.1)  # 2/s: at least two tokens back
-    assert send(port, "GET", path, headers={"x-api-key": me}).status == 200
-    assert send(port, "GET", path, headers={"x-api-key": me}).status == 200
+    assert wire.send(port, "GET", path, headers={"x-api-key": me}).status == 200
+    assert wire.send(port, "GET", path, headers={"x-api-key": me}).status == 200
 
 
-def test_two_callers_do_not_share_a_bucket(envoy):
+def test_two_callers_do_not_share_a_bucket(envoy, wire):
     port = envoy.port("rlslow")
     a, b = caller(), caller()
     for _ in range(4):
-        assert send(port, "GET", "/x", headers={"x-api-key": a}).status == 200
-    assert send(port, "GET", "/x", headers={"x-api-key": a}).status == 429
-    r = send(port, "GET", "/x", headers={"x-api-key": b})
+        assert wire.send(port, "GET", "/x", headers={"x-api-key": a}).status == 200
+    assert wire.send(port, "GET", "/x", headers={"x-api-key": a}).status == 429
+    r = wire.send(port, "GET", "/x", headers={"x-api-key": b})
     assert r.status == 200 and r.header("x-ratelimit-remaining") == "3"
 
 
-def test_reset_as_epoch_seconds(envoy):
-    r = send(envoy.port("rlslow"), "GET", "/x", headers={"x-api-key": caller()})
+def test_reset_as_epoch_seconds(envoy, wire):
+    r = wire.send(envoy.port("rlslow"), "GET", "/x", headers={"x-api-key": caller()})
     reset = int(r.header("x-ratelimit-reset"))
     assert abs(reset - (time.time() + 3600)) < 120, reset
 
 
-def test_replays_do_not_spend_quota(envoy):
+def test_replays_do_not_spend_quota(envoy, wire):
     port = envoy.port("rlslow")
     me = caller()
     h = {"x-api-key": me, "Idempotency-Key": uuid.uuid4().hex}
-    first = send(port, "POST", "/pay", b'{"a":1}', h)
+    first = wire.send(port, "POST", "/pay", b'{"a":1}', h)
     assert first.status == 200 and first.header("x-ratelimit-remaining") == "3"
     for _ in range(5):
-        r = send(port, "POST", "/pay", b'{"a":1}', h)
+        r = wire.send(port, "POST", "/pay", b'{"a":1}', h)
         assert r.header("idempotent-replayed") == "true"
         assert r.header("x-ratelimit-remaining") == "3"  # a correct retry is never punished
-    r = send(port, "POST", "/pay", b'{"a":2}', {"x-api-key": me, "Idempotency-Key": uuid.uuid4().hex})
+    r = wire.send(port, "POST", "/pay", b'{"a":2}', {"x-api-key": me, "Idempotency-Key": uuid.uuid4().hex})
     assert r.status == 200 and r.header("x-ratelimit-remaining") == "2"
 
 
-def test_limited_first_request_never_reaches_origin_and_frees_its_key(envoy, origin):
+def test_limited_first_request_never_reaches_origin_and_frees_its_key(envoy, origin, wire):
     port = envoy.port("rlenv")
     me = caller()
-    assert send(port, "GET", "/x", headers={"x-api-key": me}).status == 200
+    assert wire.send(port, "GET", "/x", headers={"x-api-key": me}).status == 200
     path = f"/p/{uuid.uuid4().hex}"
     key = uuid.uuid4().hex
-    r = send(port, "POST", path, b"{}", {"x-api-key": me, "Idempotency-Key": key})
+    r = wire.send(port, "POST", path, b"{}", {"x-api-key": me, "Idempotency-Key": key})
     assert r.status == 429
     doc = r.json()
     assert doc["error"]["code"] == "rate_limited"
     assert doc["error"]["retry_after_seconds"] == int(r.header("retry-after")) >= 1
     assert [x for x in origin.requests() if x["path"] == path] == []
     # the key was not left claimed: another caller with quota can use it at once
-    r = send(port, "POST", path, b"{}", {"x-api-key": caller(), "Idempotency-Key": key})
+    r = wire.send(port, "POST", path, b"{}", {"x-api-key": caller(), "Idempotency-Key": key})
     assert r.status == 200
 
 
-def test_requests_refused_at_body_time_spend_quota(envoy, origin):
+def test_requests_refused_at_body_time_spend_quota(envoy, origin, wire):
     """A body that is not JSON, a key missing from the body, a body over maxBodyBytes (no
     content-length, so only found while buffering) and a request without a key that passes
     untouched each spend quota once; past the burst every request gets the 429."""
@@ -168,31 +175,31 @@ def test_requests_refused_at_body_time_spend_quota(envoy, origin):
     h = {"x-api-key": me}
     path = f"/b/{uuid.uuid4().hex}"
     sent = [
-        (400, send(port, "POST", path, b"{not json", h)),
-        (400, send(port, "POST", path, b"{}", h)),
-        (413, send(port, "POST", path, b'{"id": "' + b"x" * 200 + b'"}', h, chunked=True)),
-        (200, send(port, "POST", "/opt" + path, b"{}", h)),
-        (400, send(port, "POST", path, b'{"id": {"nested": 1}}', h)),
+        (400, wire.send(port, "POST", path, b"{not json", h)),
+        (400, wire.send(port, "POST", path, b"{}", h)),
+        (413, wire.send(port, "POST", path, b'{"id": "' + b"x" * 200 + b'"}', h, chunked=True)),
+        (200, wire.send(port, "POST", "/opt" + path, b"{}", h)),
+        (400, wire.send(port, "POST", path, b'{"id": {"nested": 1}}', h)),
     ]
     assert [r.status for _, r in sent] == [want for want, _ in sent], [str(r) for _, r in sent]
     assert [r.header("x-ratelimit-remaining") for _, r in sent] == ["4", "3", "2", "1", "0"]
     assert {r.header("x-ratelimit-limit") for _, r in sent} == {"5"}
     # the burst is spent: bad and good requests alike are refused, each with the headers
     for body in (b"{not json", b'{"id": "fine"}', b"{}"):
-        r = send(port, "POST", path, body, h)
+        r = wire.send(port, "POST", path, body, h)
         assert r.status == 429, str(r)
         assert r.header("content-type") == "application/problem+json"
         assert int(r.header("retry-after")) >= 1
         assert r.header("x-ratelimit-remaining") == "0" and r.header("x-ratelimit-limit") == "5"
     # the 429s were not charged again: another caller is untouched, and the refused valid
     # request never reached the origin
-    r = send(port, "POST", path, b'{"id": "fine"}', {"x-api-key": caller()})
+    r = wire.send(port, "POST", path, b'{"id": "fine"}', {"x-api-key": caller()})
     assert r.status == 200 and r.header("x-ratelimit-remaining") == "4"
     assert len([x for x in origin.requests() if x["path"] == path]) == 1
     assert len([x for x in origin.requests() if x["path"] == "/opt" + path]) == 1
 
 
-def test_waiters_are_charged_as_what_their_wait_ends_as(envoy, origin):
+def test_waiters_are_charged_as_what_their_wait_ends_as(envoy, origin, wire):
     """A waiter answered with the first request's response is a replay (free); one whose
     wait runs out (409) is charged once; both answers carry the rate-limit headers."""
     port = envoy.port("rlwait")
@@ -208,23 +215,23 @@ def test_waiters_are_charged_as_what_their_wait_ends_as(envoy, origin):
         # replayed after waiting: free
         path = f"/p/{uuid.uuid4().hex}?delay=0.8"
         key = {"Idempotency-Key": uuid.uuid4().hex, **h}
-        first = ex.submit(send, port, "POST", path, b"{}", key)
+        first = ex.submit(wire.send, port, "POST", path, b"{}", key)
         in_flight(path)
-        waiter = send(port, "POST", path, b"{}", key)
+        waiter = wire.send(port, "POST", path, b"{}", key)
         assert first.result().status == 200 and first.result().header("x-ratelimit-remaining") == "4"
         assert waiter.status == 200 and waiter.header("idempotent-replayed") == "true"
         assert waiter.header("x-ratelimit-remaining") == "4" and waiter.header("x-ratelimit-limit") == "5"
         # the wait runs out (409): charged
         path = f"/brief/{uuid.uuid4().hex}?delay=1"
         key = {"Idempotency-Key": uuid.uuid4().hex, **h}
-        first = ex.submit(send, port, "POST", path, b"{}", key)
+        first = ex.submit(wire.send, port, "POST", path, b"{}", key)
         in_flight(path)
-        waiter = send(port, "POST", path, b"{}", key)
+        waiter = wire.send(port, "POST", path, b"{}", key)
         assert waiter.status == 409, str(waiter)
         assert waiter.header("x-ratelimit-remaining") == "2" and waiter.header("x-ratelimit-limit") == "5"
         assert first.result().status == 200 and first.result().header("x-ratelimit-remaining") == "3"
     # 4 charged so far (two first requests, the 409, this one): one left
-    r = send(port, "POST", f"/p/{uuid.uuid4().hex}", b"{}", {"Idempotency-Key": uuid.uuid4().hex, **h})
+    r = wire.send(port, "POST", f"/p/{uuid.uuid4().hex}", b"{}", {"Idempotency-Key": uuid.uuid4().hex, **h})
     assert r.status == 200 and r.header("x-ratelimit-remaining") == "1"
 
 

@@ -3,16 +3,13 @@
 //! The Envoy proxy-wasm adapter. This file alone calls the host ABI; every decision is made
 //! by `idemgate-core`.
 //!
-//! The filter is loaded twice in the same VM (same `vm_config`): a **reader**
-//! (`root_id: idemgate`, carrying the configuration) and a **gate** (`root_id:
-//! idemgate_gate`) placed after it. Envoy turns a proxy-wasm `Pause` from request headers
-//! into stop-all, so a single filter cannot read the body while holding the headers back.
-//! Instead the reader lets the headers pass to the gate, which holds them (and everything
-//! after them), while the reader buffers and fingerprints the body and decides. Only a
-//! request that is to be forwarded is released through the gate; a replayed or rejected
-//! request never reaches the origin, neither its headers nor any of its body. Requests
-//! decided at header time (no body, bad key, methods outside the list) never involve the
-//! gate.
+//! The **reader** (`root_id: idemgate`, carrying the configuration) holds every covered
+//! request until it has decided: on Envoy ≥ 1.35 with `allow_on_headers_stop_iteration` it
+//! pauses the request headers itself and reads the body (single-filter mode); where a host
+//! cannot set that flag, a **gate** (`root_id: idemgate_gate`, same `vm_config`) after it
+//! holds the headers instead (two-filter mode). See `hold.rs`. Only a request that is to be
+//! forwarded is let go; a replayed or rejected request never reaches the origin, neither
+//! its headers nor any of its body.
 //!
 //! Claims are made atomic across worker threads by [`idemgate_core::store::SlotTable`] over
 //! Envoy's shared data. Shared data has no atomic insert-if-absent (`set` on an absent key
@@ -22,9 +19,11 @@
 #![forbid(unsafe_code)]
 
 mod fleet;
+mod hold;
 pub mod metrics;
 mod vecmap;
 
+use hold::{From, Hold, StopIteration};
 use std::cell::{Cell, RefCell};
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
@@ -50,9 +49,9 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Metr
 /// Request or response headers as the host gives them.
 type Headers = Vec<(String, Vec<u8>)>;
 
-/// Request header that carried the reader→gate token in earlier versions. The token now
-/// goes through [`NEXT_GATE`]; a client-sent header of this name is still removed, so that
-/// no origin can be misled by one.
+/// Request header that carried the reader→gate token in earlier versions (they now meet
+/// through the stream's filter state, see [`hold`]); a client-sent header of this name is
+/// still removed, so that no origin can be misled by one.
 const GATE_HEADER: &str = "x-idemgate-gate";
 
 proxy_wasm::main! {{
@@ -66,15 +65,8 @@ proxy_wasm::main! {{
 }}
 
 thread_local! {
-    /// Gate contexts waiting for release, by token (this VM = this worker thread).
-    static GATES: RefCell<VecMap<u64, u32>> = RefCell::new(VecMap::new());
     static SEED: u64 = RandomState::new().build_hasher().finish();
     static COUNTER: Cell<u64> = const { Cell::new(0) };
-    /// The reader→gate token of the request whose headers are passing from the reader to
-    /// the gate. The gate's `on_http_request_headers` runs synchronously right after the
-    /// reader's returns `Continue`, on the same worker thread and VM, so a thread-local hands
-    /// the token over without a header (and its three hostcalls).
-    static NEXT_GATE: Cell<Option<u64>> = const { Cell::new(None) };
 }
 
 /// A fresh token, unique across workers with overwhelming probability.
@@ -210,6 +202,11 @@ struct Shared {
     metrics: Metrics,
     /// Fleet mode: in-flight leases this worker's forwarded claims hold.
     keepalives: RefCell<KeepAlives>,
+    /// Whether this plugin may hold request headers while reading the body (single-filter
+    /// mode, see [`hold`]).
+    stop_iteration: Cell<StopIteration>,
+    /// The hint that the flag may be missing was logged.
+    hinted: Cell<bool>,
 }
 
 impl Shared {
@@ -232,6 +229,12 @@ struct Root {
     shared: Option<Rc<Shared>>,
     /// Fleet mode: when leases were last granted ahead.
     granted_ahead_at: u64,
+    /// The tick period this root runs at (a gate release may shorten it for a moment).
+    tick_ms: u64,
+    /// When the last tick came.
+    ticked_at: u64,
+    /// This gate is counted in [`hold`]'s gates of the VM (once, however often configured).
+    gate_counted: bool,
 }
 
 /// How often waiting requests look at the store again.
@@ -250,6 +253,11 @@ impl Context for Root {
     fn on_done(&mut self) -> bool {
         if let Some(s) = &self.shared {
             s.metrics.flush();
+        }
+        let id = self.id;
+        WAKE_QUEUES.with(|q| q.borrow_mut().retain(|(root, _)| *root != id));
+        if std::mem::take(&mut self.gate_counted) {
+            hold::gate_root(false);
         }
         true
     }
@@ -282,7 +290,10 @@ impl RootContext for Root {
                 log::error!("idemgate: the gate ({root_id}) takes no configuration (put it on the reader, root_id \"idemgate\"); got {} bytes", raw.len());
                 return false;
             }
-            log::info!("idemgate: gate ready (root_id {root_id})");
+            log::info!("idemgate: gate ready (root_id {root_id}): two-filter mode for the idemgate filters of this VM");
+            if !std::mem::replace(&mut self.gate_counted, true) {
+                hold::gate_root(true);
+            }
             return true;
         }
         // The SHA-256 of fingerprints runs in wasm SIMD here: refuse to start rather than
@@ -310,9 +321,13 @@ impl RootContext for Root {
                 } else {
                     METRICS_FLUSH_MS
                 };
-                let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(u64::from(
-                    tick_ms,
-                )));
+                self.tick_ms = u64::from(tick_ms);
+                let queue = format!("idemgate-wake-{:x}-{}", fresh_token(), self.id);
+                match hostcalls::register_shared_queue(&queue) {
+                    Ok(q) => WAKE_QUEUES.with(|w| w.borrow_mut().push((self.id, q))),
+                    Err(e) => log::warn!("idemgate: no wake-up queue ({e:?}); the tick stands in"),
+                }
+                let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(self.tick_ms));
                 log::info!(
                     "idemgate: configured (root_id {root_id:?}, {} route rule(s), namespace {}, capacity {}){}",
                     config.routes.len(),
@@ -325,6 +340,8 @@ impl RootContext for Root {
                     store,
                     metrics,
                     keepalives: RefCell::new(KeepAlives::default()),
+                    stop_iteration: Cell::new(StopIteration::Unknown),
+                    hinted: Cell::new(false),
                 }));
                 true
             }
@@ -335,8 +352,20 @@ impl RootContext for Root {
         }
     }
 
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
+        wake_up();
+    }
+
     fn on_tick(&mut self) {
-        let _ = poll_waiters();
+        wake_up();
+        hold::on_tick();
+        let now = now_ms();
+        if self.tick_ms > 0 && now.saturating_sub(self.ticked_at) < self.tick_ms / 2 {
+            // wake_soon() shortened this root's tick (no wake-up queue); the work is done.
+            let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(self.tick_ms));
+        }
+        self.ticked_at = now;
         if let Some(s) = &self.shared {
             if s.config.store_etcd.is_some() {
                 fleet::tick(self.id, s, &mut self.granted_ahead_at);
@@ -351,9 +380,9 @@ impl RootContext for Root {
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         match (self.role, &self.shared) {
-            (Role::Gate, _) => Some(Box::new(Gate {
+            (Role::Gate, _) => Some(Box::new(hold::Gate {
                 id: context_id,
-                token: None,
+                reader: None,
             })),
             (Role::Reader, Some(shared)) => Some(Box::new(Reader {
                 id: context_id,
@@ -363,7 +392,7 @@ impl RootContext for Root {
                 add_correlation: false,
                 rate: None,
                 deferred_charge: None,
-                hold: fleet::ResponseHold::default(),
+                response_hold: fleet::ResponseHold::default(),
             })),
             (Role::Reader, None) => None,
         }
@@ -371,34 +400,6 @@ impl RootContext for Root {
 
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
-    }
-}
-
-/// Holds a request's headers (and so everything after them) until the reader releases it.
-struct Gate {
-    id: u32,
-    token: Option<u64>,
-}
-
-impl Context for Gate {
-    fn on_done(&mut self) -> bool {
-        if let Some(t) = self.token.take() {
-            GATES.with(|g| g.borrow_mut().remove(&t));
-        }
-        true
-    }
-}
-
-impl HttpContext for Gate {
-    fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        match NEXT_GATE.with(Cell::take) {
-            Some(t) => {
-                GATES.with(|g| g.borrow_mut().insert(t, self.id));
-                self.token = Some(t);
-                Action::Pause
-            }
-            None => Action::Continue,
-        }
     }
 }
 
@@ -417,7 +418,7 @@ enum Settled {
 /// A request parked by the `wait` concurrency policy.
 struct Waiter {
     reader: u32,
-    gate: Option<u64>,
+    hold: Hold,
     shared: Rc<Shared>,
     rule: usize,
     key_id: idemgate_core::KeyId,
@@ -505,6 +506,40 @@ fn with_rate(mut answer: LocalAnswer, rate: Option<&RateHeaders>) -> LocalAnswer
 
 thread_local! {
     static WAITERS: RefCell<Vec<Waiter>> = const { RefCell::new(Vec::new()) };
+    /// A wake-up is on its way to a root context of this VM.
+    static WAKE: Cell<bool> = const { Cell::new(false) };
+    /// Shared queues of this VM's root contexts (root id, queue id): a message to one makes
+    /// Envoy call that root's `on_queue_ready` once the current callback has returned.
+    static WAKE_QUEUES: RefCell<Vec<(u32, u32)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The tick period of a root context without a wake-up queue while work waits for it.
+const FAST_TICK_MS: u64 = 1;
+
+/// Makes a root context of this VM run [`wake_up`] as soon as the current callback has
+/// returned, for work that must not run inside it: answering another stream (proxy-wasm
+/// stops the calling stream after any local reply), releasing a gate before Envoy buffered
+/// the body ([`hold`]). Through a shared queue (Envoy posts `on_queue_ready` to the worker's
+/// event loop); without one, the current context's root ticks in [`FAST_TICK_MS`].
+fn wake_soon() {
+    if WAKE.with(|w| w.replace(true)) {
+        return;
+    }
+    let queued = WAKE_QUEUES
+        .with(|q| q.borrow().first().map(|(_, q)| *q))
+        .map(|q| hostcalls::enqueue_shared_queue(q, Some(b"w")));
+    if !matches!(queued, Some(Ok(()))) {
+        let _ = hostcalls::set_tick_period(std::time::Duration::from_millis(FAST_TICK_MS));
+    }
+}
+
+/// What [`wake_soon`] asked for: gate releases that waited for Envoy to buffer a body, and
+/// the waiters (whose key a response may have settled).
+fn wake_up() {
+    WAKE.with(|w| w.set(false));
+    hold::release_deferred();
+    let _ = poll_waiters();
+    fleet::answer_completed();
 }
 
 /// Looks at the store for every waiting request of this worker; answers or forwards those
@@ -542,9 +577,7 @@ fn poll_waiters() -> bool {
                     let _ = table.release(handle);
                 }
             }
-            if let Some(t) = w.gate {
-                GATES.with(|g| g.borrow_mut().remove(&t));
-            }
+            w.hold.abandon(w.reader);
             w.shared.metrics.rejection(&r);
             let answer = problem::render(shared.config.rule_at(limit_rule), &r, &w.ctx);
             send(with_rate(answer, rate.as_ref()));
@@ -575,20 +608,14 @@ fn poll_waiters() -> bool {
             Ok((Begun::Forward(handle), ev)) => {
                 w.shared.metrics.events(&ev);
                 // The first request gave the key back (or its lease lapsed): this one goes.
-                let released = match w.gate {
-                    Some(t) => release_gate(w.reader, t),
-                    None => Ok(()),
-                };
-                let _ = hostcalls::set_effective_context(w.reader);
-                match released
-                    .and_then(|()| hostcalls::resume_http_request().map_err(|e| format!("{e:?}")))
-                {
-                    Ok(()) => {
+                match w.hold.release(w.reader, From::Elsewhere) {
+                    Ok(_) => {
                         w.shared.metrics.inc("forwarded");
                         *w.settled.borrow_mut() = Settled::Forwarded(w.rule, handle, rate);
                     }
                     Err(detail) => {
                         let _ = table.release(&handle);
+                        let _ = hostcalls::set_effective_context(w.reader);
                         let r = Rejection::Misconfigured { detail };
                         w.shared.metrics.rejection(&r);
                         send(with_rate(problem::render(rule, &r, &w.ctx), rate.as_ref()));
@@ -625,31 +652,20 @@ fn send(answer: LocalAnswer) {
     }
 }
 
-/// Releases the gate holding request `token`, then makes `reader` the effective context
-/// again.
-fn release_gate(reader: u32, token: u64) -> Result<(), String> {
-    let gate = GATES.with(|g| g.borrow_mut().remove(&token)).ok_or_else(|| {
-        "the idemgate_gate filter did not hold this request; configure it right after the idemgate filter with the same vm_config".to_string()
-    })?;
-    hostcalls::set_effective_context(gate)
-        .map_err(|e| format!("gate context {gate} is gone: {e:?}"))?;
-    let resumed = hostcalls::resume_http_request();
-    let _ = hostcalls::set_effective_context(reader);
-    resumed.map_err(|e| format!("could not release the gate: {e:?}"))
-}
-
 enum Phase {
     Idle,
-    /// Buffering the body of a covered request; the gate holds its headers.
+    /// Buffering the body of a covered request, held as `hold` says; `buffered`: an
+    /// earlier body callback returned `Pause` (Envoy holds that part of the body).
     Buffering {
         pending: Pending,
-        token: u64,
+        hold: Hold,
+        buffered: bool,
     },
     /// Parked by the wait policy; the root's tick settles it.
     Waiting(Rc<RefCell<Settled>>),
     /// Forwarded with a claim; waiting for the response.
     Forwarded(usize, ClaimHandle),
-    /// Fleet mode: waiting for etcd to decide the claim (the gate holds the request).
+    /// Fleet mode: waiting for etcd to decide the claim (the request is held).
     FleetClaim(Box<FleetClaim>),
     /// Fleet mode: forwarded with a claim in etcd; waiting for the response.
     FleetForwarded(usize, Box<FleetHandle>),
@@ -675,7 +691,7 @@ struct Reader {
     /// covered request's charge waits for its decision.
     deferred_charge: Option<(usize, Headers)>,
     /// Fleet mode: which response bytes are held until the claim is settled in etcd.
-    hold: fleet::ResponseHold,
+    response_hold: fleet::ResponseHold,
 }
 
 impl Context for Reader {
@@ -686,6 +702,7 @@ impl Context for Reader {
 
     fn on_done(&mut self) -> bool {
         self.settle();
+        hold::forget(self.id);
         match std::mem::replace(&mut self.phase, Phase::Done) {
             Phase::Forwarded(_, h) | Phase::Capturing(Held::Local(h), _) => {
                 // No complete response: the outcome is unknown (reset, timeout, client gone).
@@ -705,9 +722,6 @@ impl Context for Reader {
                     "idemgate: key {} left in flight in etcd until its lease lapses",
                     h.key_id.to_hex()
                 );
-            }
-            Phase::Buffering { token, .. } => {
-                GATES.with(|g| g.borrow_mut().remove(&token));
             }
             Phase::Waiting(_) => {
                 let id = self.id;
@@ -796,8 +810,9 @@ impl Reader {
         self.respond(problem::render(rule, &rejection, &self.ctx))
     }
 
-    /// Claims, replays or rejects once key and fingerprint are known.
-    fn conclude(&mut self, rule_idx: usize, resolved: Resolved, token: Option<u64>) -> Action {
+    /// Claims, replays or rejects once key and fingerprint are known; the request is held
+    /// as `hold` says, and `from` is where this runs.
+    fn conclude(&mut self, rule_idx: usize, resolved: Resolved, hold: Hold, from: From) -> Action {
         let s = self.shared.clone();
         let rule = s.config.rule_at(rule_idx);
         self.ctx.idempotency_key = Some(resolved.key.clone());
@@ -807,7 +822,7 @@ impl Reader {
             expires_in_ms: resolved.expires_in_ms,
         };
         if s.config.store_etcd.is_some() {
-            return self.conclude_fleet(rule_idx, &resolved, request, token);
+            return self.conclude_fleet(rule_idx, &resolved, request, hold, from);
         }
         let table = s.table();
         let (begun, events) = match table.begin(rule, resolved.key_id, &request, now_ms()) {
@@ -835,24 +850,26 @@ impl Reader {
             if let Begun::Forward(handle) = &begun {
                 let _ = table.release(handle);
             }
-            if let Some(t) = token {
-                GATES.with(|g| g.borrow_mut().remove(&t));
-            }
+            hold.abandon(self.id);
             return self.reject(s.config.rule_at(limit_rule), limited);
         }
         match begun {
             Begun::Replay(stored) => {
+                hold.abandon(self.id);
                 s.metrics.inc("replayed");
                 log::debug!("idemgate: replaying key {}", resolved.key_id.to_hex());
                 self.respond(problem::replay(rule, &stored, &self.ctx))
             }
-            Begun::Reject(r) => self.reject(rule, r),
+            Begun::Reject(r) => {
+                hold.abandon(self.id);
+                self.reject(rule, r)
+            }
             Begun::Wait { deadline } => {
                 let settled = Rc::new(RefCell::new(Settled::Pending));
                 WAITERS.with(|w| {
                     w.borrow_mut().push(Waiter {
                         reader: self.id,
-                        gate: token,
+                        hold,
                         shared: s.clone(),
                         rule: rule_idx,
                         key_id: resolved.key_id,
@@ -866,48 +883,48 @@ impl Reader {
                 self.phase = Phase::Waiting(settled);
                 Action::Pause
             }
-            Begun::Forward(handle) => {
-                if let Some(t) = token {
-                    if let Err(detail) = release_gate(self.id, t) {
-                        let _ = table.release(&handle);
-                        log::error!("idemgate: {detail}");
-                        return self.reject(rule, Rejection::Misconfigured { detail });
-                    }
+            Begun::Forward(handle) => match hold.release(self.id, from) {
+                Ok(action) => {
+                    s.metrics.inc("forwarded");
+                    self.phase = Phase::Forwarded(rule_idx, handle);
+                    action
                 }
-                s.metrics.inc("forwarded");
-                self.phase = Phase::Forwarded(rule_idx, handle);
-                Action::Continue
-            }
+                Err(detail) => {
+                    let _ = table.release(&handle);
+                    hold.abandon(self.id);
+                    log::error!("idemgate: {detail}");
+                    self.reject(rule, Rejection::Misconfigured { detail })
+                }
+            },
         }
     }
 
     /// The whole body is in (or there is none): resolve the key, then conclude.
-    fn body_complete(&mut self, pending: Pending, token: Option<u64>, body: &[u8]) -> Action {
+    fn body_complete(&mut self, pending: Pending, hold: Hold, from: From, body: &[u8]) -> Action {
         let s = self.shared.clone();
         let rule = s.config.rule_at(pending.rule);
         match resolve(&s.config, &pending, body) {
-            Resolution::Ready(resolved) => self.conclude(pending.rule, resolved, token),
+            Resolution::Ready(resolved) => self.conclude(pending.rule, resolved, hold, from),
             Resolution::Reject(r) => {
-                if let Some(t) = token {
-                    GATES.with(|g| g.borrow_mut().remove(&t));
-                }
+                hold.abandon(self.id);
                 self.reject_charged(pending.rule, r)
             }
             Resolution::Pass => {
                 if let Some((limit_rule, limited)) = self.settle_charge(Settlement::Other) {
-                    if let Some(t) = token {
-                        GATES.with(|g| g.borrow_mut().remove(&t));
-                    }
+                    hold.abandon(self.id);
                     return self.reject(s.config.rule_at(limit_rule), limited);
                 }
                 s.metrics.inc("passed");
-                if let Some(t) = token {
-                    if let Err(detail) = release_gate(self.id, t) {
-                        return self.reject(rule, Rejection::Misconfigured { detail });
+                match hold.release(self.id, from) {
+                    Ok(action) => {
+                        self.phase = Phase::Done;
+                        action
+                    }
+                    Err(detail) => {
+                        hold.abandon(self.id);
+                        self.reject(rule, Rejection::Misconfigured { detail })
                     }
                 }
-                self.phase = Phase::Done;
-                Action::Continue
             }
         }
     }
@@ -918,9 +935,12 @@ impl Reader {
         if self.settle_response() {
             return Action::Pause;
         }
-        // Waiters on this worker learn the outcome now rather than at the next tick.
-        if poll_waiters() {
-            let _ = hostcalls::set_effective_context(self.id);
+        // Waiters on this worker learn the outcome right after this callback (wake_soon).
+        // Not from here: a local answer sent to another stream from this stream's callback
+        // would make Envoy stop this stream too (proxy-wasm stops the calling stream's
+        // iteration after any send_local_response), cutting its response off.
+        if WAITERS.with(|w| !w.borrow().is_empty()) {
+            wake_soon();
         }
         Action::Continue
     }
@@ -1000,9 +1020,6 @@ impl Reader {
 impl HttpContext for Reader {
     fn on_http_request_headers(&mut self, _n: usize, eos: bool) -> Action {
         let s = self.shared.clone();
-        // A token left by a request whose reader passed its headers on but whose gate never
-        // took them is stale: never hand it to this request's gate.
-        NEXT_GATE.with(Cell::take);
         let mut headers = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default();
         if headers.iter().any(|(n, _)| n == GATE_HEADER) {
             // The gate no longer reads it, but an origin must never see a forged one.
@@ -1052,36 +1069,52 @@ impl HttpContext for Reader {
                     self.ctx.idempotency_key = Some(k.to_string());
                 }
                 if eos {
-                    return self.body_complete(pending, None, &[]);
+                    let from = From::Callback { buffered: false };
+                    return self.body_complete(pending, Hold::Own, from, &[]);
                 }
-                let token = fresh_token();
-                NEXT_GATE.with(|g| g.set(Some(token)));
-                self.phase = Phase::Buffering { pending, token };
-                Action::Continue
+                match Hold::begin(&s, self.id, pending.rule, &self.ctx, &headers) {
+                    Ok((hold, action)) => {
+                        self.phase = Phase::Buffering {
+                            pending,
+                            hold,
+                            buffered: false,
+                        };
+                        action
+                    }
+                    Err(r) => self.reject(rule, r),
+                }
             }
         }
     }
 
     fn on_http_request_body(&mut self, body_size: usize, eos: bool) -> Action {
-        let limit = match &self.phase {
-            Phase::Buffering { pending, .. } => {
+        let limit = match &mut self.phase {
+            Phase::Buffering {
+                pending,
+                hold,
+                buffered,
+            } => {
+                hold.body_arrived(&self.shared, self.id);
+                if !eos
+                    && body_size as u64 <= self.shared.config.rule_at(pending.rule).max_body_bytes
+                {
+                    *buffered = true;
+                    return Action::Pause;
+                }
                 self.shared.config.rule_at(pending.rule).max_body_bytes
             }
             Phase::Waiting(_) => return Action::Pause,
             _ => return Action::Continue,
         };
         if body_size as u64 > limit {
-            if let Phase::Buffering { pending, token } =
+            if let Phase::Buffering { pending, hold, .. } =
                 std::mem::replace(&mut self.phase, Phase::Done)
             {
-                GATES.with(|g| g.borrow_mut().remove(&token));
+                hold.abandon(self.id);
                 return self.reject_charged(pending.rule, Rejection::BodyTooLarge { limit });
             }
         }
-        if !eos {
-            return Action::Pause;
-        }
-        self.take_body(body_size)
+        self.take_body(body_size, false)
     }
 
     fn on_http_request_trailers(&mut self, _n: usize) -> Action {
@@ -1090,7 +1123,7 @@ impl HttpContext for Reader {
                 .ok()
                 .flatten()
                 .map_or(0, |b| b.len());
-            return self.take_body(size);
+            return self.take_body(size, true);
         }
         Action::Continue
     }
@@ -1152,7 +1185,7 @@ impl HttpContext for Reader {
         let rule = self.shared.config.rule_at(rule_idx);
         let capture = ResponseCapture::new(rule, status, &headers);
         if matches!(handle, Held::Fleet(_)) {
-            self.hold = fleet::ResponseHold::of(&headers);
+            self.response_hold = fleet::ResponseHold::of(&headers);
         }
         self.phase = Phase::Capturing(handle, capture);
         if eos {
@@ -1164,7 +1197,7 @@ impl HttpContext for Reader {
     fn on_http_response_body(&mut self, body_size: usize, eos: bool) -> Action {
         if let Phase::Capturing(_, capture) = &mut self.phase {
             // Bytes held back earlier (fleet mode) are still in the buffer: only the rest is new.
-            let (from, new) = self.hold.fresh(body_size);
+            let (from, new) = self.response_hold.fresh(body_size);
             if capture.wants_body() && new > 0 {
                 if let Ok(Some(chunk)) =
                     hostcalls::get_buffer(BufferType::HttpResponseBody, from, new)
@@ -1175,7 +1208,7 @@ impl HttpContext for Reader {
             if eos {
                 return self.finish_response();
             }
-            return self.hold.after(body_size, new);
+            return self.response_hold.after(body_size, new);
         }
         Action::Continue
     }
@@ -1186,8 +1219,14 @@ impl HttpContext for Reader {
 }
 
 impl Reader {
-    fn take_body(&mut self, body_size: usize) -> Action {
-        let Phase::Buffering { pending, token } = std::mem::replace(&mut self.phase, Phase::Done)
+    /// The whole body is in: the last body callback (`trailers` false) or the trailers
+    /// callback brought it.
+    fn take_body(&mut self, body_size: usize, trailers: bool) -> Action {
+        let Phase::Buffering {
+            pending,
+            hold,
+            buffered,
+        } = std::mem::replace(&mut self.phase, Phase::Done)
         else {
             return Action::Continue;
         };
@@ -1196,7 +1235,7 @@ impl Reader {
                 Ok(b) => b.unwrap_or_default(),
                 Err(e) => {
                     log::error!("idemgate: could not read the request body: {e:?}");
-                    GATES.with(|g| g.borrow_mut().remove(&token));
+                    hold.abandon(self.id);
                     let s = self.shared.clone();
                     return self.reject(
                         s.config.rule_at(pending.rule),
@@ -1209,7 +1248,11 @@ impl Reader {
         } else {
             Vec::new()
         };
-        self.body_complete(pending, Some(token), &body)
+        // With trailers, whatever Envoy forwards next is not the end of the request.
+        let from = From::Callback {
+            buffered: buffered || trailers,
+        };
+        self.body_complete(pending, hold, from, &body)
     }
 }
 

@@ -29,6 +29,12 @@
 //! The `answer` rows are the floor of any replay with idemgate's design: what a replay costs
 //! before looking anything up; `lookup` with its lookups; `claim` the same for first requests.
 //!
+//! `answer`, `answer_hash`, `lookup` and `claim` follow idemgate's two modes: loaded alone
+//! (single-filter mode, as idemgate ships: Envoy ≥ 1.35 with `allow_on_headers_stop_iteration`)
+//! the probe holds the request headers itself (`Pause`) and lets them go with the body; loaded
+//! with a `gate` in its VM (two-filter mode) it lets the headers pass to the gate and
+//! releases the gate instead.
+//!
 //! `make bench` runs `body` and `hash` at 64 KiB; the difference in Envoy CPU per request
 //! between the two is the hash alone, inside Envoy's V8, so 64 KiB / that difference is the
 //! in-Envoy hash throughput.
@@ -79,6 +85,8 @@ thread_local! {
     /// Gate context ids by token.
     static GATES: RefCell<BTreeMap<u64, u32>> = const { RefCell::new(BTreeMap::new()) };
     static TOKENS: Cell<u64> = const { Cell::new(0) };
+    /// A `gate` is configured in this VM: two-filter mode.
+    static GATE_IN_VM: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Buckets of the claim table, as idemgate's `store.capacity / store.probes`.
@@ -118,7 +126,10 @@ impl RootContext for ProbeRoot {
             "hash_b3" => self.hash = Hash::Blake3,
             "answer" => self.then = Then::Answer,
             "answer_hash" => (self.hash, self.then) = (Hash::Sha256, Then::Answer),
-            "gate" => self.then = Then::Hold,
+            "gate" => {
+                self.then = Then::Hold;
+                GATE_IN_VM.with(|g| g.set(true));
+            }
             "claim" => (self.hash, self.then) = (Hash::Sha256, Then::Claim),
             "lookup" => {
                 (self.hash, self.then) = (Hash::Sha256, Then::Lookup);
@@ -197,6 +208,12 @@ impl HttpContext for Probe {
             }
             return Action::Pause;
         }
+        // Single-filter mode: the reader holds its own headers until the body is in.
+        let held = if GATE_IN_VM.with(Cell::get) {
+            Action::Continue
+        } else {
+            Action::Pause
+        };
         if let Then::Claim = self.then {
             // as idemgate's reader: every request header, then a token for the gate
             let headers = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default();
@@ -206,22 +223,27 @@ impl HttpContext for Probe {
                 .map(|(_, v)| v.as_slice())
                 .unwrap_or_default();
             self.bucket = bucket_of(key);
-            let token = TOKENS.with(|t| {
-                t.set(t.get() + 1);
-                t.get()
-            });
-            NEXT_GATE.with(|g| g.set(Some(token)));
-            self.token = Some(token);
-            return Action::Continue;
+            if held == Action::Continue {
+                let token = TOKENS.with(|t| {
+                    t.set(t.get() + 1);
+                    t.get()
+                });
+                NEXT_GATE.with(|g| g.set(Some(token)));
+                self.token = Some(token);
+            }
+            return held;
         }
         if let Then::Lookup = self.then {
             let headers = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default();
             std::hint::black_box(&headers);
-            return Action::Continue;
+            return held;
         }
         let value = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "idempotency-key");
         std::hint::black_box(&value);
-        Action::Continue
+        match self.then {
+            Then::Answer => held,
+            _ => Action::Continue,
+        }
     }
 
     fn on_http_request_body(&mut self, body_size: usize, eos: bool) -> Action {

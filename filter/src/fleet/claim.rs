@@ -6,7 +6,7 @@ use idemgate_core::fleet::cache_lookup;
 /// A claim waiting for etcd.
 pub(crate) struct FleetClaim {
     pub(super) rule: usize,
-    pub(super) gate: Option<u64>,
+    pub(super) hold: Hold,
     pub(super) flow: ClaimFlow,
     /// Token of the call in flight.
     pub(super) call: u32,
@@ -103,7 +103,8 @@ impl Reader {
         rule_idx: usize,
         resolved: &Resolved,
         request: Request,
-        token: Option<u64>,
+        hold: Hold,
+        from: From,
     ) -> Action {
         let s = self.shared.clone();
         let Some(f) = Fleet::new(&s.config) else {
@@ -116,11 +117,11 @@ impl Reader {
                 match idemgate_core::decide(rule, &request, Some(&rec), now) {
                     Decision::Replay(stored) => {
                         s.metrics.inc("fleet_cache_hits");
-                        return self.fleet_answer(rule_idx, token, Some(stored), None);
+                        return self.fleet_answer(rule_idx, hold, Some(stored), None);
                     }
                     Decision::Reject(r) => {
                         s.metrics.inc("fleet_cache_hits");
-                        return self.fleet_answer(rule_idx, token, None, Some(r));
+                        return self.fleet_answer(rule_idx, hold, None, Some(r));
                     }
                     // Expired or otherwise claimable: only etcd may grant a claim.
                     _ => {}
@@ -131,7 +132,7 @@ impl Reader {
         let flow = ClaimFlow::start(&f, rule, resolved.key_id, request, now);
         let mut claim = Box::new(FleetClaim {
             rule: rule_idx,
-            gate: token,
+            hold,
             flow,
             call: 0,
             granting: None,
@@ -141,7 +142,7 @@ impl Reader {
             grant_failures: 0,
             ctx: self.ctx.clone(),
         });
-        match self.fleet_next(&mut claim) {
+        match self.fleet_next(&mut claim, from) {
             Some(action) => action,
             None => {
                 self.phase = Phase::FleetClaim(claim);
@@ -152,11 +153,11 @@ impl Reader {
 
     /// Sends the claim's next call (a lease grant, or the claim txn). `Some(action)` when
     /// it ended.
-    fn fleet_next(&mut self, claim: &mut FleetClaim) -> Option<Action> {
+    fn fleet_next(&mut self, claim: &mut FleetClaim, from: From) -> Option<Action> {
         let s = self.shared.clone();
         match claim.send_next(&s) {
             Ok(()) => None,
-            Err(e) => Some(self.fleet_unavailable(claim, e, false)),
+            Err(e) => Some(self.fleet_unavailable(claim, e, false, from)),
         }
     }
 
@@ -196,7 +197,7 @@ impl Reader {
                     self.phase = Phase::FleetClaim(claim);
                     return;
                 }
-                Some(Err(e)) => self.fleet_unavailable(&claim, e, true),
+                Some(Err(e)) => self.fleet_unavailable(&claim, e, true, From::Elsewhere),
                 None => return,
             },
             Step::NeedLeases { fresh } => {
@@ -204,7 +205,7 @@ impl Reader {
                     claim.got.clear();
                     claim.fresh = true;
                 }
-                match self.fleet_next(&mut claim) {
+                match self.fleet_next(&mut claim, From::Elsewhere) {
                     None => {
                         self.phase = Phase::FleetClaim(claim);
                         return;
@@ -232,7 +233,7 @@ impl Reader {
                 self.phase = Phase::Waiting(settled);
                 return;
             }
-            Step::Forward(handle) => self.fleet_forward(claim.rule, claim.gate, handle),
+            Step::Forward(handle) => self.fleet_forward(claim.rule, claim.hold, handle),
             Step::Answer {
                 decision,
                 completed,
@@ -245,17 +246,17 @@ impl Reader {
                         if claim.waited {
                             s.metrics.inc("waited");
                         }
-                        self.fleet_answer(claim.rule, claim.gate, Some(stored), None)
+                        self.fleet_answer(claim.rule, claim.hold, Some(stored), None)
                     }
                     Decision::Reject(r) => {
                         if claim.waited && matches!(r, Rejection::Conflict { .. }) {
                             s.metrics.inc("wait_timeouts");
                         }
-                        self.fleet_answer(claim.rule, claim.gate, None, Some(r))
+                        self.fleet_answer(claim.rule, claim.hold, None, Some(r))
                     }
                     _ => self.fleet_answer(
                         claim.rule,
-                        claim.gate,
+                        claim.hold,
                         None,
                         Some(Rejection::Conflict {
                             retry_after_s: rule.on_concurrent.retry_after_s,
@@ -266,26 +267,23 @@ impl Reader {
             Step::Unavailable {
                 reason,
                 maybe_claimed,
-            } => self.fleet_unavailable(&claim, reason, maybe_claimed),
+            } => self.fleet_unavailable(&claim, reason, maybe_claimed, From::Elsewhere),
         };
-        if action == Action::Continue {
-            let _ = hostcalls::resume_http_request();
-        }
+        // A forwarded request was resumed by its release; an answered one ends here.
+        let _ = action;
     }
 
     /// Replays or rejects (fleet mode), charging the rate limit as local mode does.
     fn fleet_answer(
         &mut self,
         rule_idx: usize,
-        gate: Option<u64>,
+        hold: Hold,
         stored: Option<idemgate_core::StoredResponse>,
         rejection: Option<Rejection>,
     ) -> Action {
         let s = self.shared.clone();
         let rule = s.config.rule_at(rule_idx);
-        if let Some(t) = gate {
-            GATES.with(|g| g.borrow_mut().remove(&t));
-        }
+        hold.abandon(self.id);
         let cost = match &stored {
             Some(_) => u32::from(
                 s.config
@@ -315,7 +313,8 @@ impl Reader {
         }
     }
 
-    fn fleet_forward(&mut self, rule_idx: usize, gate: Option<u64>, handle: FleetHandle) -> Action {
+    /// etcd granted the claim (answered in the reader's context): the request goes on.
+    fn fleet_forward(&mut self, rule_idx: usize, hold: Hold, handle: FleetHandle) -> Action {
         let s = self.shared.clone();
         let rule = s.config.rule_at(rule_idx);
         // Kept alive from the root context until the claim settles.
@@ -324,17 +323,14 @@ impl Reader {
             .hold(handle.inflight_lease, handle.inflight, now_ms());
         if let Some((limit_rule, limited)) = self.deferred(1) {
             queue_release(&s, handle);
-            if let Some(t) = gate {
-                GATES.with(|g| g.borrow_mut().remove(&t));
-            }
+            hold.abandon(self.id);
             return self.reject(s.config.rule_at(limit_rule), limited);
         }
-        if let Some(t) = gate {
-            if let Err(detail) = release_gate(self.id, t) {
-                queue_release(&s, handle);
-                log::error!("idemgate: {detail}");
-                return self.reject(rule, Rejection::Misconfigured { detail });
-            }
+        if let Err(detail) = hold.release(self.id, From::Elsewhere) {
+            queue_release(&s, handle);
+            hold.abandon(self.id);
+            log::error!("idemgate: {detail}");
+            return self.reject(rule, Rejection::Misconfigured { detail });
         }
         s.metrics.inc("forwarded");
         self.phase = Phase::FleetForwarded(rule_idx, Box::new(handle));
@@ -342,8 +338,14 @@ impl Reader {
     }
 
     /// etcd could not decide: the fail policy answers (a claim that may have committed is
-    /// withdrawn as soon as etcd answers again).
-    fn fleet_unavailable(&mut self, claim: &FleetClaim, reason: String, maybe: bool) -> Action {
+    /// withdrawn as soon as etcd answers again). `from`: where this runs.
+    fn fleet_unavailable(
+        &mut self,
+        claim: &FleetClaim,
+        reason: String,
+        maybe: bool,
+        from: From,
+    ) -> Action {
         let s = self.shared.clone();
         let rule = s.config.rule_at(claim.rule);
         log::warn!("idemgate: etcd could not decide a claim: {reason}");
@@ -353,19 +355,19 @@ impl Reader {
         let open = Fleet::new(&s.config).is_some_and(|f| f.fails_open());
         if open {
             s.metrics.inc("fleet_fail_open");
-            if let Some(t) = claim.gate {
-                if let Err(detail) = release_gate(self.id, t) {
+            let action = match claim.hold.release(self.id, from) {
+                Ok(action) => action,
+                Err(detail) => {
+                    claim.hold.abandon(self.id);
                     return self.reject(rule, Rejection::Misconfigured { detail });
                 }
-            }
+            };
             let _ = self.deferred(1);
             self.phase = Phase::Done;
-            return Action::Continue;
+            return action;
         }
         s.metrics.inc("fleet_fail_closed");
-        if let Some(t) = claim.gate {
-            GATES.with(|g| g.borrow_mut().remove(&t));
-        }
+        claim.hold.abandon(self.id);
         self.reject(
             rule,
             Rejection::StoreUnavailable {

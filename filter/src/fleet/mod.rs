@@ -23,7 +23,7 @@ mod waiters;
 
 pub(crate) use claim::FleetClaim;
 pub(crate) use settle::{root_answered, ResponseHold, Settling};
-pub(crate) use waiters::forget_waiter;
+pub(crate) use waiters::{answer_completed, forget_waiter};
 
 use settle::*;
 use waiters::*;

@@ -220,7 +220,7 @@ pub(super) fn write_answered(
                 w.write.kind(),
                 w.write.key_id().to_hex()
             );
-            settled(s, w, written, back_to)
+            settled(s, w, written)
         }
         WriteStep::GiveUp(e) => gave_up(s, w, &e),
     }
@@ -233,14 +233,14 @@ pub(super) fn write_answered(
     None
 }
 
-pub(super) fn settled(s: &Shared, w: &WriteOp, written: Written, back_to: u32) {
+pub(super) fn settled(s: &Shared, w: &WriteOp, written: Written) {
     let key = w.write.key_id();
     match (w.write.kind(), written) {
         (WriteKind::Complete, Written::Stored) => {
             s.metrics.inc("stored");
             if let Some(record) = &w.record {
                 cache_completed(s, &key, record);
-                wake_waiters(s, key, record, back_to);
+                wake_waiters(s, key, record);
             }
         }
         (WriteKind::Complete, _) => {

@@ -109,37 +109,59 @@ pub(super) fn waiter_answered(root: u32, mut w: FleetWaiter, reply: &Reply<'_>) 
     }
 }
 
-/// A completion stored by this worker: requests parked on its key here are answered at
-/// once, without asking etcd (from context `back_to`).
-pub(super) fn wake_waiters(s: &Shared, key: idemgate_core::KeyId, record: &Record, back_to: u32) {
-    let parked: Vec<FleetWaiter> = FLEET_WAITERS.with(|q| {
-        let mut q = q.borrow_mut();
-        let (same, rest) = std::mem::take(&mut *q)
-            .into_iter()
-            .partition(|x| x.claim.flow.key_id() == key && std::ptr::eq(&*x.shared, s));
-        *q = rest;
-        same
+thread_local! {
+    /// Completions this worker just stored, for the requests parked on their keys.
+    static COMPLETED: RefCell<Vec<(idemgate_core::KeyId, Record)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A completion stored by this worker: requests parked on its key here are answered right
+/// after the current callback (not from it: a local reply to another stream would stop the
+/// calling one), without asking etcd.
+pub(super) fn wake_waiters(s: &Shared, key: idemgate_core::KeyId, record: &Record) {
+    let parked = FLEET_WAITERS.with(|q| {
+        q.borrow()
+            .iter()
+            .any(|x| x.claim.flow.key_id() == key && std::ptr::eq(&*x.shared, s))
     });
-    if parked.is_empty() {
+    if parked {
+        COMPLETED.with(|c| c.borrow_mut().push((key, record.clone())));
+        crate::wake_soon();
+    }
+}
+
+/// Answers the requests parked on the keys of [`wake_waiters`]' completions (from a root
+/// context, after the callback that stored them).
+pub(crate) fn answer_completed() {
+    let done = COMPLETED.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    if done.is_empty() {
         return;
     }
     let now = now_ms();
-    let kv = Kv {
-        mod_revision: 0,
-        value: record.encode(),
-        lease: 0,
-    };
-    for mut w in parked {
-        let rule = w.shared.config.rule_at(w.claim.rule);
-        match w.claim.flow.on_found(rule, &kv, now) {
-            step @ Step::Answer { .. } => answer_waiter(w, step),
-            _ => {
-                w.due = now;
-                FLEET_WAITERS.with(|q| q.borrow_mut().push(w));
+    for (key, record) in done {
+        let parked: Vec<FleetWaiter> = FLEET_WAITERS.with(|q| {
+            let mut q = q.borrow_mut();
+            let (same, rest) = std::mem::take(&mut *q)
+                .into_iter()
+                .partition(|x| x.claim.flow.key_id() == key);
+            *q = rest;
+            same
+        });
+        let kv = Kv {
+            mod_revision: 0,
+            value: record.encode(),
+            lease: 0,
+        };
+        for mut w in parked {
+            let rule = w.shared.config.rule_at(w.claim.rule);
+            match w.claim.flow.on_found(rule, &kv, now) {
+                step @ Step::Answer { .. } => answer_waiter(w, step),
+                _ => {
+                    w.due = now;
+                    FLEET_WAITERS.with(|q| q.borrow_mut().push(w));
+                }
             }
         }
     }
-    let _ = hostcalls::set_effective_context(back_to);
 }
 
 /// Carries a parked request on by one step, from the root context.
@@ -176,14 +198,8 @@ pub(super) fn waiter_step(root: u32, mut w: FleetWaiter, step: Step) {
             s.keepalives
                 .borrow_mut()
                 .hold(handle.inflight_lease, handle.inflight, now_ms());
-            let released = match w.claim.gate {
-                Some(t) => release_gate(w.reader, t),
-                None => hostcalls::set_effective_context(w.reader).map_err(|e| format!("{e:?}")),
-            };
-            match released
-                .and_then(|()| hostcalls::resume_http_request().map_err(|e| format!("{e:?}")))
-            {
-                Ok(()) => {
+            match w.claim.hold.release(w.reader, From::Elsewhere) {
+                Ok(_) => {
                     s.metrics.inc("forwarded");
                     *w.settled.borrow_mut() =
                         Settled::FleetForwarded(w.claim.rule, Box::new(handle), w.rate.take());
@@ -224,16 +240,7 @@ pub(super) fn waiter_step(root: u32, mut w: FleetWaiter, step: Step) {
             }
             if Fleet::new(&s.config).is_some_and(|f| f.fails_open()) {
                 s.metrics.inc("fleet_fail_open");
-                let released = match w.claim.gate {
-                    Some(t) => release_gate(w.reader, t),
-                    None => {
-                        hostcalls::set_effective_context(w.reader).map_err(|e| format!("{e:?}"))
-                    }
-                };
-                if released
-                    .and_then(|()| hostcalls::resume_http_request().map_err(|e| format!("{e:?}")))
-                    .is_ok()
-                {
+                if w.claim.hold.release(w.reader, From::Elsewhere).is_ok() {
                     *w.settled.borrow_mut() = Settled::Done;
                 }
             } else {
@@ -333,8 +340,6 @@ pub(super) fn waiter_settle(w: &mut FleetWaiter, settled: Settlement) -> bool {
 }
 
 pub(super) fn waiter_done(w: &FleetWaiter) {
-    if let Some(t) = w.claim.gate {
-        GATES.with(|g| g.borrow_mut().remove(&t));
-    }
+    w.claim.hold.abandon(w.reader);
     *w.settled.borrow_mut() = Settled::Done;
 }
