@@ -36,8 +36,10 @@
 //! assert_eq!(lease_deadline(61_000, 60_000), 120_000);
 //! assert!(fleet.key(&idemgate_core::KeyId([0; 16])).starts_with("/idemgate/idemgate/"));
 //! ```
-use crate::json;
-use crate::json::Value;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
+use base64::engine::DecodePaddingMode;
+use base64::Engine;
+use serde_json::{json, Value};
 
 use crate::clock::Millis;
 use crate::config::{Config, EtcdSpec, FailPolicy, Rule};
@@ -94,59 +96,18 @@ impl std::fmt::Display for EtcdError {
 
 // ------------------------------------------------------------------------------ base64
 
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/// Standard base64 with padding.
+/// Standard base64 with padding (etcd's gateway writes keys and values so).
 pub fn b64_encode(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk.first().copied().unwrap_or(0),
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                let idx = usize::try_from((n >> (18 - 6 * i)) & 63).unwrap_or(0);
-                out.push(char::from(*B64.get(idx).unwrap_or(&b'A')));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    STANDARD.encode(bytes)
 }
 
-/// Decodes standard base64 (padding optional); `None` on any invalid input.
+/// Standard base64, padding optional; `None` on any invalid input.
 pub fn b64_decode(text: &str) -> Option<Vec<u8>> {
-    let trimmed = text.trim_end_matches('=');
-    if text.len() - trimmed.len() > 2 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(trimmed.len() * 3 / 4);
-    let mut acc: u32 = 0;
-    let mut bits = 0u32;
-    for c in trimmed.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push(u8::try_from((acc >> bits) & 0xff).unwrap_or(0));
-        }
-    }
-    if bits >= 6 {
-        return None; // a lone sextet cannot encode a byte
-    }
-    Some(out)
+    const LENIENT: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    LENIENT.decode(text).ok()
 }
 
 // ------------------------------------------------------------------------------ leases
@@ -454,7 +415,7 @@ fn answer(status: Option<u16>, body: &[u8]) -> Result<Value, EtcdError> {
             "no answer (timeout, reset or no healthy member)".into(),
         ));
     };
-    let parsed: Option<Value> = json::parse(body).ok();
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
     let message = parsed
         .as_ref()
         .and_then(|v| v.get("message").or_else(|| v.get("error")))
@@ -1151,7 +1112,7 @@ mod tests {
     }
 
     fn body_of(call: &Call) -> Value {
-        json::parse(&call.body).unwrap()
+        serde_json::from_slice(&call.body).unwrap()
     }
 
     fn succeeded(rev: i64) -> Vec<u8> {

@@ -7,7 +7,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use idemgate_core::json::Value;
+use serde_json::Value;
 use idemgate_core::Config;
 
 fn repo_root() -> PathBuf {
@@ -22,7 +22,7 @@ fn examples() -> Result<Value, String> {
     let path = repo_root().join("tests/config-examples.json");
     let text =
         fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    idemgate_core::json::parse_str(&text)
+    serde_json::from_str::<Value>(&text)
         .map_err(|e| format!("{} is not JSON: {e}", path.display()))
 }
 
