@@ -18,7 +18,6 @@
 //!     other => unreachable!("{other:?}"),
 //! }
 //! ```
-use serde_json::Value;
 
 use crate::sha256::Sha256;
 
@@ -31,7 +30,7 @@ use crate::fingerprint::Fingerprint;
 use crate::headers::HeaderLookup;
 use crate::key::{parse_key, put, validate_text, Absorb, KeyError, KeyId};
 use crate::record::{Record, StoredResponse};
-use crate::request::body::{self, BodyError};
+use crate::request::body::{self, BodyError, Json};
 use crate::request::canonical::{canonical_bytes, key_text};
 use crate::request::path::normalize;
 
@@ -334,7 +333,7 @@ fn resolve_body(
             limit: rule.max_body_bytes,
         });
     }
-    let (json, error): (Option<Value>, Option<BodyError>) =
+    let (json, error): (Option<Json>, Option<BodyError>) =
         match (rule.needs_json() && !body.is_empty()).then(|| body::parse(body)) {
             Some(Ok(v)) => (Some(v), None),
             Some(Err(e)) => (None, Some(e)),
@@ -373,7 +372,7 @@ fn resolve_body(
         }
         Ok(None) if rule.derive_from_body => {
             let canonical = json.as_ref().map_or_else(|| body.to_vec(), canonical_bytes);
-            format!("derived:{}", hex::encode(&Sha256::digest(&canonical)))
+            format!("derived:{}", hex::encode(Sha256::digest(&canonical)))
         }
         Ok(None) if rule.key_required => {
             return Resolution::Reject(Rejection::MissingKey {
@@ -398,7 +397,7 @@ fn resolve_body(
     let cred_refs: Vec<&[u8]> = creds.iter().map(Vec::as_slice).collect();
     let key_material = if rule.on_mismatch.action == MismatchAction::NewRequest {
         // key + fingerprint identify the request: a changed payload is a new request
-        format!("{key}\u{0}{}", hex::encode(&fingerprint.0))
+        format!("{key}\u{0}{}", hex::encode(fingerprint.0))
     } else {
         key.clone()
     };
@@ -445,7 +444,7 @@ fn first_key(
     rule: &Rule,
     route: &str,
     headers: &[(String, Vec<u8>)],
-    json: Option<&Value>,
+    json: Option<&Json>,
 ) -> Result<Option<String>, Rejection> {
     for source in &rule.key_sources {
         if let Some(k) = source_key(rule, source, route, headers, json)? {
@@ -460,7 +459,7 @@ fn source_key(
     source: &KeySource,
     route: &str,
     headers: &[(String, Vec<u8>)],
-    json: Option<&Value>,
+    json: Option<&Json>,
 ) -> Result<Option<String>, Rejection> {
     let malformed = |reason| Rejection::MalformedKey {
         source: source.describe(),
@@ -475,7 +474,7 @@ fn source_key(
             _ => Err(malformed(KeyError::Repeated)),
         },
         KeySource::JsonPointer(p) => match json.and_then(|j| j.pointer(p)) {
-            None | Some(Value::Null) => Ok(None),
+            None | Some(Json::Null) => Ok(None),
             Some(v) => match key_text(v) {
                 Some(text) => validate_text(&text, rule.key_max_length)
                     .map(Some)
@@ -489,7 +488,7 @@ fn source_key(
             for c in credentials(rule, headers) {
                 put(&mut h, &c);
             }
-            Ok(Some(hex::encode(&h.finalize())))
+            Ok(Some(hex::encode(h.finalize())))
         }
         KeySource::Composite(parts) => {
             // Length-prefixed join: ("ab","c") and ("a","bc") never meet.
@@ -630,7 +629,7 @@ pub fn fingerprint(
     path_with_query: &str,
     headers: &[(String, Vec<u8>)],
     body: &[u8],
-    json: Option<Value>,
+    json: Option<Json>,
 ) -> Fingerprint {
     let spec = &rule.fingerprint;
     let mut h = FpHash::new(spec.algorithm);
@@ -834,7 +833,7 @@ mod tests {
             None,
         );
         assert_eq!(
-            hex::encode(&f.0),
+            hex::encode(f.0),
             "d4daaa67360293d005fe74625b2cfb7594b9c18afbacf7c9c9fda4245ff5e0b3"
         );
     }

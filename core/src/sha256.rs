@@ -244,7 +244,7 @@ pub fn self_test() -> Result<(), String> {
         let mut h = Sha256::new();
         h.update(a);
         h.update(b);
-        let got = hex::encode(&h.finalize());
+        let got = hex::encode(h.finalize());
         if got != want {
             return Err(format!(
                 "SHA-256 self-test failed for a {}-byte input: got {got}, want {want}",
@@ -504,7 +504,7 @@ mod tests {
         assert_eq!(self_test(), Ok(()));
         let million_a = vec![b'a'; 1_000_000];
         assert_eq!(
-            hex::encode(&Simd::digest(&million_a)),
+            hex::encode(Simd::digest(&million_a)),
             "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0"
         );
     }

@@ -407,7 +407,6 @@ impl Default for Config {
     }
 }
 
-
 impl Config {
     /// The rule for a request, or `None` when idemgate does not apply (the request passes
     /// untouched): the first route whose match fits, else the default rule, provided the
@@ -456,7 +455,6 @@ impl Config {
         std::iter::once(&self.default_rule).chain(self.routes.iter())
     }
 }
-
 
 /// The path of a path with query.
 pub(crate) fn route_of(path_with_query: &str) -> &str {

@@ -384,7 +384,9 @@ impl<'de> Deserialize<'de> for StatusItem {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         match crate::request::body::strict_value(d)? {
             Value::String(s) => Ok(StatusItem::Text(s)),
-            Value::Number(n) if n.as_i64().is_some() => Ok(StatusItem::Code(n.as_i64().unwrap_or(0))),
+            Value::Number(n) if n.as_i64().is_some() => {
+                Ok(StatusItem::Code(n.as_i64().unwrap_or(0)))
+            }
             other => Err(de::Error::invalid_type(
                 unexpected(&other),
                 &"a status code or a string",

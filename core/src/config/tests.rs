@@ -1,7 +1,6 @@
 //! Configuration reading: defaults, errors naming path and value, routes.
 use super::*;
 
-
 fn err(json: &str) -> String {
     match Config::from_json(json) {
         Ok(c) => panic!("accepted {json}: {c:?}"),
@@ -71,8 +70,9 @@ fn errors_name_path_and_value() {
     assert!(err(r#"{"ttlSeconds":"x"}"#).starts_with("ttlSeconds: invalid type"));
     assert!(err(r#"{"store":{"capacity":0}}"#)
         .starts_with("store.capacity: must be 1..=10000000, got 0"));
-    assert!(err(r#"{"store":{"capacity":4,"probes":8}}"#)
-        .starts_with("store.probes: must not exceed"));
+    assert!(
+        err(r#"{"store":{"capacity":4,"probes":8}}"#).starts_with("store.probes: must not exceed")
+    );
     assert!(err(r#"{"store":{"capasity":4}}"#).starts_with("store.capasity: unknown field"));
     assert_eq!(
         err(r#"{"fingerprint":{"algorithm":"md5"}}"#),
@@ -161,24 +161,63 @@ fn duplicate_fields_are_refused_naming_the_path() {
 #[test]
 fn type_errors_name_what_was_found() {
     for (json, want) in [
-        (r#"{"ttlSeconds": "x"}"#, "ttlSeconds: invalid type: string \"x\", expected u64"),
-        (r#"{"ttlSeconds": -1}"#, "ttlSeconds: invalid value: integer `-1`, expected u64"),
-        (r#"{"ttlSeconds": 1.5}"#, "ttlSeconds: invalid type: floating point `1.5`, expected u64"),
-        (r#"{"ttlSeconds": 18446744073709551616}"#, "ttlSeconds: invalid type: floating point `1.8446744073709552e+19`, expected u64"),
-        (r#"{"methods": "POST"}"#, "methods: invalid type: string \"POST\", expected a sequence"),
-        (r#"{"methods": [null]}"#, "methods[0]: invalid type: null, expected a string"),
-        (r#"{"key": []}"#, "key: invalid type: sequence, expected a JSON object"),
-        (r#"{"key": {"required": "yes"}}"#, "key.required: invalid type: string \"yes\", expected a boolean"),
-        (r#"{"key": {"sources": [{"composite": [{"header": 5}]}]}}"#, "key.sources[0].composite[0].header: invalid type: integer `5`, expected a string"),
-        (r#"{"errors": {"codes": {"conflict": true}}}"#, "errors.codes.conflict: invalid type: boolean `true`, expected a string"),
-        (r#"{"response": {"storeStatuses": [{}]}}"#, "response.storeStatuses[0]: invalid type: map, expected a status code or a string"),
-        (r#"{"routes": [{"match": []}]}"#, "routes[0].match: invalid type: sequence, expected a JSON object"),
+        (
+            r#"{"ttlSeconds": "x"}"#,
+            "ttlSeconds: invalid type: string \"x\", expected u64",
+        ),
+        (
+            r#"{"ttlSeconds": -1}"#,
+            "ttlSeconds: invalid value: integer `-1`, expected u64",
+        ),
+        (
+            r#"{"ttlSeconds": 1.5}"#,
+            "ttlSeconds: invalid type: floating point `1.5`, expected u64",
+        ),
+        (
+            r#"{"ttlSeconds": 18446744073709551616}"#,
+            "ttlSeconds: invalid type: floating point `1.8446744073709552e+19`, expected u64",
+        ),
+        (
+            r#"{"methods": "POST"}"#,
+            "methods: invalid type: string \"POST\", expected a sequence",
+        ),
+        (
+            r#"{"methods": [null]}"#,
+            "methods[0]: invalid type: null, expected a string",
+        ),
+        (
+            r#"{"key": []}"#,
+            "key: invalid type: sequence, expected a JSON object",
+        ),
+        (
+            r#"{"key": {"required": "yes"}}"#,
+            "key.required: invalid type: string \"yes\", expected a boolean",
+        ),
+        (
+            r#"{"key": {"sources": [{"composite": [{"header": 5}]}]}}"#,
+            "key.sources[0].composite[0].header: invalid type: integer `5`, expected a string",
+        ),
+        (
+            r#"{"errors": {"codes": {"conflict": true}}}"#,
+            "errors.codes.conflict: invalid type: boolean `true`, expected a string",
+        ),
+        (
+            r#"{"response": {"storeStatuses": [{}]}}"#,
+            "response.storeStatuses[0]: invalid type: map, expected a status code or a string",
+        ),
+        (
+            r#"{"routes": [{"match": []}]}"#,
+            "routes[0].match: invalid type: sequence, expected a JSON object",
+        ),
     ] {
         assert_eq!(err(json), want, "{json}");
     }
     assert!(err(r#"{"bogus": 1}"#)
         .starts_with("bogus: unknown field `bogus`, expected one of `methods`, `key`,"));
-    assert_eq!(err(r#"{"ttlSeconds": 1,}"#), "$: trailing comma at line 1 column 18");
+    assert_eq!(
+        err(r#"{"ttlSeconds": 1,}"#),
+        "$: trailing comma at line 1 column 18"
+    );
 }
 
 #[test]
@@ -325,12 +364,15 @@ fn lease_defaults_within_ttl_and_route_names_are_unique() {
 
 #[test]
 fn status_specs() {
-    let r = Config::from_json(r#"{"response":{"storeStatuses":["2xx", 404, "500-503"], "neverStoreStatuses":["all"]}}"#).unwrap().default_rule;
+    let r = Config::from_json(
+        r#"{"response":{"storeStatuses":["2xx", 404, "500-503"], "neverStoreStatuses":["all"]}}"#,
+    )
+    .unwrap()
+    .default_rule;
     assert!(!r.stores_status(200));
-    let r =
-        Config::from_json(r#"{"response":{"storeStatuses":["all"], "neverStoreStatuses":[]}}"#)
-            .unwrap()
-            .default_rule;
+    let r = Config::from_json(r#"{"response":{"storeStatuses":["all"], "neverStoreStatuses":[]}}"#)
+        .unwrap()
+        .default_rule;
     assert!(r.stores_status(500) && r.stores_status(429));
     let r = Config::from_json(r#"{"response":{"storeStatuses":["2xx", 404, "500-503"]}}"#)
         .unwrap()

@@ -14,13 +14,11 @@
 //! ```
 use serde_json::Value;
 
-use super::fields::{
-    bounded, check_template, header_name, methods, pointer, statuses,
-};
+use super::fields::{bounded, check_template, header_name, methods, pointer, statuses};
 use super::model::*;
 use super::raw::{
-    RawCorrelation, RawDocument, RawEtcd, RawErrors, RawKey, RawFingerprint, RawMatch,
-    RawPolicy, RawRateLimit, RawResponse, RawRule, RawSource, RawStore,
+    RawCorrelation, RawDocument, RawErrors, RawEtcd, RawFingerprint, RawKey, RawMatch, RawPolicy,
+    RawRateLimit, RawResponse, RawRule, RawSource, RawStore,
 };
 use crate::error::ConfigError;
 use crate::headers::never_stored;
@@ -36,8 +34,7 @@ impl Config {
         let mut de = serde_json::Deserializer::from_str(text);
         let doc: RawDocument =
             serde_path_to_error::deserialize(&mut de).map_err(|e| parse_error(&e))?;
-        de.end()
-            .map_err(|e| ConfigError::new("$", e.to_string()))?;
+        de.end().map_err(|e| ConfigError::new("$", e.to_string()))?;
         Config::try_from(doc)
     }
 
@@ -58,7 +55,11 @@ fn parse_error(e: &serde_path_to_error::Error<serde_json::Error>) -> ConfigError
     let full = inner.to_string();
     let message = match inner.classify() {
         serde_json::error::Category::Data => full
-            .strip_suffix(&format!(" at line {} column {}", inner.line(), inner.column()))
+            .strip_suffix(&format!(
+                " at line {} column {}",
+                inner.line(),
+                inner.column()
+            ))
             .unwrap_or(&full)
             .to_string(),
         _ => full,
@@ -74,11 +75,22 @@ fn parse_error(e: &serde_path_to_error::Error<serde_json::Error>) -> ConfigError
         {
             let last = path.rsplit('.').next().unwrap_or_default();
             if last != name {
-                path = if path.is_empty() { name.to_string() } else { format!("{path}.{name}") };
+                path = if path.is_empty() {
+                    name.to_string()
+                } else {
+                    format!("{path}.{name}")
+                };
             }
         }
     }
-    ConfigError::new(if path.is_empty() { "$".to_string() } else { path }, message)
+    ConfigError::new(
+        if path.is_empty() {
+            "$".to_string()
+        } else {
+            path
+        },
+        message,
+    )
 }
 
 impl TryFrom<RawDocument> for Config {
@@ -113,7 +125,13 @@ impl TryFrom<RawDocument> for Config {
             let merged = merge(&base, route.rule());
             rules.push(validate_rule(&prefix, name, Some(matcher), merged)?);
         }
-        validate_process(doc.description, doc.store.unwrap_or_default(), doc.correlation, default_rule, rules)
+        validate_process(
+            doc.description,
+            doc.store.unwrap_or_default(),
+            doc.correlation,
+            default_rule,
+            rules,
+        )
     }
 }
 
@@ -125,69 +143,69 @@ fn validate_process(
     default_rule: Rule,
     rules: Vec<Rule>,
 ) -> Result<Config, ConfigError> {
-        let shared_tables: Vec<(usize, &RateLimitSpec)> = std::iter::once(&default_rule)
-            .chain(rules.iter())
-            .enumerate()
-            .filter_map(|(i, r)| {
-                r.rate_limit
-                    .as_ref()
-                    .filter(|s| !s.per_route)
-                    .map(|s| (i, s))
-            })
-            .collect();
-        if let Some((_, first)) = shared_tables.first() {
-            if let Some((i, other)) = shared_tables
-                .iter()
-                .find(|(_, s)| s.capacity != first.capacity || s.probes != first.probes)
-            {
-                return Err(ConfigError::new(
+    let shared_tables: Vec<(usize, &RateLimitSpec)> = std::iter::once(&default_rule)
+        .chain(rules.iter())
+        .enumerate()
+        .filter_map(|(i, r)| {
+            r.rate_limit
+                .as_ref()
+                .filter(|s| !s.per_route)
+                .map(|s| (i, s))
+        })
+        .collect();
+    if let Some((_, first)) = shared_tables.first() {
+        if let Some((i, other)) = shared_tables
+            .iter()
+            .find(|(_, s)| s.capacity != first.capacity || s.probes != first.probes)
+        {
+            return Err(ConfigError::new(
                     format!("routes[{}].rateLimit", i.saturating_sub(1)),
                     format!(
                         "capacity and probes must match the other shared (perRoute false) rate limits ({}/{}), got {}/{}; set perRoute true for a table of its own",
                         first.capacity, first.probes, other.capacity, other.probes
                     ),
                 ));
-            }
         }
-        let store_capacity = bounded(
-            "store.capacity",
-            store.capacity.unwrap_or(10_000),
-            1,
-            10_000_000,
-        )?;
-        let store_probes = bounded("store.probes", store.probes.unwrap_or(8), 1, 64)?;
-        if store_probes > store_capacity {
-            return Err(ConfigError::new(
-                "store.probes",
-                format!("must not exceed store.capacity ({store_capacity}), got {store_probes}"),
-            ));
-        }
-        let store_namespace = store.namespace.unwrap_or_else(|| "idemgate".to_string());
-        if store_namespace.is_empty()
-            || store_namespace.len() > 64
-            || !store_namespace
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
-        {
-            return Err(ConfigError::new(
-                "store.namespace",
-                format!("must be 1..=64 characters of [A-Za-z0-9_-], got {store_namespace:?}"),
-            ));
-        }
-        let store_etcd = match store.etcd {
-            None => None,
-            Some(e) => Some(validate_etcd(e)?),
-        };
-        let correlation = match correlation {
-            None => None,
-            Some(c) => Some(Correlation {
-                header: header_name(
-                    "correlation.header",
-                    c.header.as_deref().unwrap_or("x-correlation-id"),
-                )?,
-                generate: c.generate.unwrap_or(true),
-            }),
-        };
+    }
+    let store_capacity = bounded(
+        "store.capacity",
+        store.capacity.unwrap_or(10_000),
+        1,
+        10_000_000,
+    )?;
+    let store_probes = bounded("store.probes", store.probes.unwrap_or(8), 1, 64)?;
+    if store_probes > store_capacity {
+        return Err(ConfigError::new(
+            "store.probes",
+            format!("must not exceed store.capacity ({store_capacity}), got {store_probes}"),
+        ));
+    }
+    let store_namespace = store.namespace.unwrap_or_else(|| "idemgate".to_string());
+    if store_namespace.is_empty()
+        || store_namespace.len() > 64
+        || !store_namespace
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
+    {
+        return Err(ConfigError::new(
+            "store.namespace",
+            format!("must be 1..=64 characters of [A-Za-z0-9_-], got {store_namespace:?}"),
+        ));
+    }
+    let store_etcd = match store.etcd {
+        None => None,
+        Some(e) => Some(validate_etcd(e)?),
+    };
+    let correlation = match correlation {
+        None => None,
+        Some(c) => Some(Correlation {
+            header: header_name(
+                "correlation.header",
+                c.header.as_deref().unwrap_or("x-correlation-id"),
+            )?,
+            generate: c.generate.unwrap_or(true),
+        }),
+    };
     Ok(Config {
         description,
         store_capacity: u32::try_from(store_capacity).unwrap_or(u32::MAX),
@@ -880,7 +898,6 @@ fn validate_errors(path: &str, raw: RawErrors) -> Result<ErrorSpec, ConfigError>
         messages: raw.messages.unwrap_or_default().0,
     })
 }
-
 
 /// What a JSON value is, for messages.
 fn kind(v: &Value) -> &'static str {

@@ -58,7 +58,9 @@ fn is_unreserved(b: u8) -> bool {
 }
 
 fn hex_value(b: u8) -> Option<u8> {
-    char::from(b).to_digit(16).and_then(|d| u8::try_from(d).ok())
+    char::from(b)
+        .to_digit(16)
+        .and_then(|d| u8::try_from(d).ok())
 }
 
 /// Decodes `%XX` of unreserved characters and upper-cases the hex of the others.
