@@ -24,4 +24,6 @@ pub mod validate;
 pub use model::*;
 
 #[cfg(test)]
+mod schema_check;
+#[cfg(test)]
 mod tests;
