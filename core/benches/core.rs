@@ -489,7 +489,29 @@ criterion_group! {
     targets = fingerprint, decisions, records, store, adversarial
 }
 
+/// `IDEMGATE_ADVERSARIAL=<case>:<n>`: resolve that case's body `n` times and exit, for a
+/// CPU-time count outside criterion (`perf stat -e task-clock`, BENCHMARKS.md).
+fn adversarial_only(spec: &str) {
+    let (name, n) = spec.split_once(':').unwrap_or((spec, "10"));
+    let n: usize = n.parse().unwrap();
+    let (_, cfg, body) = adversarial_cases()
+        .into_iter()
+        .find(|c| c.0 == name)
+        .unwrap_or_else(|| panic!("no case {name}"));
+    let config = Config::from_json(&cfg).unwrap();
+    let decision::Admission::Inspect(pending) = decision::admit(&config, "POST", "/orders", &[])
+    else {
+        panic!("{name}: not inspected")
+    };
+    for _ in 0..n {
+        black_box(decision::resolve(&config, &pending, black_box(&body)));
+    }
+}
+
 fn main() {
+    if let Ok(spec) = std::env::var("IDEMGATE_ADVERSARIAL") {
+        return adversarial_only(&spec);
+    }
     // `cargo test --benches` runs this binary without `--bench`: skip the report there.
     if std::env::args().any(|a| a == "--bench") {
         report_store_calls();

@@ -17,7 +17,10 @@ use super::{Config, DEFAULT_STORE_HEADERS, ERROR_KINDS, PLACEHOLDERS};
 use crate::headers::NEVER_STORED;
 
 fn schema() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../schema/idemgate.schema.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../schema/idemgate.schema.json"
+    );
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
     serde_json::from_str(&text).unwrap()
 }
@@ -61,7 +64,11 @@ fn hand_resolve(root: &Value, node: &Value) -> Value {
         Some(r) if node.get("properties").is_none() => {
             let mut merged = def(root, r).clone();
             if let (Value::Object(m), Value::Object(n)) = (&mut merged, node) {
-                m.extend(n.iter().filter(|(k, _)| *k != "$ref").map(|(k, v)| (k.clone(), v.clone())));
+                m.extend(
+                    n.iter()
+                        .filter(|(k, _)| *k != "$ref")
+                        .map(|(k, v)| (k.clone(), v.clone())),
+                );
             }
             merged
         }
@@ -84,7 +91,11 @@ fn walk(
     let (g, name, hand) = match (g.get("items"), name) {
         (Some(items), None) => {
             let (gi, n) = gen_resolve(gen_root, items);
-            (gi, n, hand_resolve(hand_root, &hand_resolve(hand_root, hand)["items"]))
+            (
+                gi,
+                n,
+                hand_resolve(hand_root, &hand_resolve(hand_root, hand)["items"]),
+            )
         }
         (_, n) => (g, n, hand_resolve(hand_root, hand)),
     };
@@ -100,7 +111,14 @@ fn walk(
         let gsub = gprops
             .get(field)
             .unwrap_or_else(|| panic!("{at}.{field}: in the schema, not a field of {name}"));
-        walk(gen_root, gsub, hand_root, hsub, &format!("{at}.{field}"), seen);
+        walk(
+            gen_root,
+            gsub,
+            hand_root,
+            hsub,
+            &format!("{at}.{field}"),
+            seen,
+        );
     }
 }
 
@@ -112,10 +130,32 @@ fn schema_matches_the_dtos() {
     walk(&gen, &gen, &hand, &hand, "RawDocument", &mut seen);
     for (dto, (fields, shown)) in &seen {
         // `$schema` is the schema's own reference; the DTO ignores it by name
-        assert_eq!(fields, shown, "{dto}: DTO fields (left) vs schema properties (right)");
+        assert_eq!(
+            fields, shown,
+            "{dto}: DTO fields (left) vs schema properties (right)"
+        );
     }
-    for dto in ["RawDocument", "RawRoute", "RawKey", "RawSource", "RawFingerprint", "RawExpiry", "RawPolicy", "RawResponse", "RawScope", "RawErrors", "RawStore", "RawEtcd", "RawCorrelation", "RawMatch", "RawRateLimit"] {
-        assert!(seen.contains_key(dto), "{dto} is not reached from the schema");
+    for dto in [
+        "RawDocument",
+        "RawRoute",
+        "RawKey",
+        "RawSource",
+        "RawFingerprint",
+        "RawExpiry",
+        "RawPolicy",
+        "RawResponse",
+        "RawScope",
+        "RawErrors",
+        "RawStore",
+        "RawEtcd",
+        "RawCorrelation",
+        "RawMatch",
+        "RawRateLimit",
+    ] {
+        assert!(
+            seen.contains_key(dto),
+            "{dto} is not reached from the schema"
+        );
     }
 }
 
@@ -126,7 +166,11 @@ fn integer_fields(root: &Value, node: &Value, at: &str, out: &mut Vec<(String, V
         if at.is_empty() && name == "routes" {
             continue;
         }
-        let path = if at.is_empty() { name } else { format!("{at}.{name}") };
+        let path = if at.is_empty() {
+            name
+        } else {
+            format!("{at}.{name}")
+        };
         let sub = hand_resolve(root, &sub);
         if sub.get("type") == Some(&json!("integer")) {
             out.push((path, sub));
@@ -166,26 +210,58 @@ fn schema_bounds_and_defaults_are_the_validators() {
     let hand = schema();
     let mut fields = Vec::new();
     integer_fields(&hand, &hand, "", &mut fields);
-    assert!(fields.len() >= 25, "only {} integer fields found", fields.len());
+    assert!(
+        fields.len() >= 25,
+        "only {} integer fields found",
+        fields.len()
+    );
     let mut checked = 0;
     for (path, node) in &fields {
         if let Some(max) = node.get("maximum").and_then(Value::as_u64) {
-            assert_eq!(refusal(&document(path, json!(max + 1))).as_deref(), Some(path.as_str()), "{path} above {max}");
-            assert_ne!(refusal(&document(path, json!(max))).as_deref(), Some(path.as_str()), "{path} at {max}");
+            assert_eq!(
+                refusal(&document(path, json!(max + 1))).as_deref(),
+                Some(path.as_str()),
+                "{path} above {max}"
+            );
+            assert_ne!(
+                refusal(&document(path, json!(max))).as_deref(),
+                Some(path.as_str()),
+                "{path} at {max}"
+            );
             checked += 1;
         }
         if let Some(min) = node.get("minimum").and_then(Value::as_u64) {
             if min > 0 {
-                assert_eq!(refusal(&document(path, json!(min - 1))).as_deref(), Some(path.as_str()), "{path} below {min}");
+                assert_eq!(
+                    refusal(&document(path, json!(min - 1))).as_deref(),
+                    Some(path.as_str()),
+                    "{path} below {min}"
+                );
             }
-            assert_ne!(refusal(&document(path, json!(min))).as_deref(), Some(path.as_str()), "{path} at {min}");
+            assert_ne!(
+                refusal(&document(path, json!(min))).as_deref(),
+                Some(path.as_str()),
+                "{path} at {min}"
+            );
             checked += 1;
         }
         if let Some(default) = node.get("default") {
             let parent = path.rsplit_once('.').map_or("", |(p, _)| p);
-            let without = if parent.is_empty() { "{}".to_string() } else { document(parent, json!({})) };
-            let without = if path.starts_with("rateLimit.") { document("rateLimit.rate", json!(1)) } else { without };
-            let with = if path == "rateLimit.rate" { without.clone() } else { document(path, default.clone()) };
+            let without = if parent.is_empty() {
+                "{}".to_string()
+            } else {
+                document(parent, json!({}))
+            };
+            let without = if path.starts_with("rateLimit.") {
+                document("rateLimit.rate", json!(1))
+            } else {
+                without
+            };
+            let with = if path == "rateLimit.rate" {
+                without.clone()
+            } else {
+                document(path, default.clone())
+            };
             let with = if path.starts_with("rateLimit.") && path != "rateLimit.rate" {
                 let mut v: Value = serde_json::from_str(&with).unwrap();
                 v["rateLimit"]["rate"] = json!(1);
@@ -193,7 +269,11 @@ fn schema_bounds_and_defaults_are_the_validators() {
             } else {
                 with
             };
-            assert_eq!(Config::from_json(&with), Config::from_json(&without), "{path}: default {default}");
+            assert_eq!(
+                Config::from_json(&with),
+                Config::from_json(&without),
+                "{path}: default {default}"
+            );
             checked += 1;
         }
     }
@@ -205,17 +285,32 @@ fn schema_lists_are_the_cores() {
     let hand = schema();
     let errors = &hand["$defs"]["errors"]["properties"];
     for list in ["codes", "messages"] {
-        let names: Vec<&str> = errors[list]["properties"].as_object().unwrap().keys().map(String::as_str).collect();
+        let names: Vec<&str> = errors[list]["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
         assert_eq!(names, ERROR_KINDS, "errors.{list}");
     }
     let pattern = hand["$defs"]["template"]["pattern"].as_str().unwrap();
-    let names = pattern.split("(?:").find_map(|p| p.split_once(')').map(|(a, _)| a).filter(|a| a.contains("status|"))).unwrap();
+    let names = pattern
+        .split("(?:")
+        .find_map(|p| {
+            p.split_once(')')
+                .map(|(a, _)| a)
+                .filter(|a| a.contains("status|"))
+        })
+        .unwrap();
     assert_eq!(names.split('|').collect::<Vec<_>>(), PLACEHOLDERS);
     let store = &hand["$defs"]["response"]["properties"]["storeHeaders"];
     assert_eq!(store["default"], json!(DEFAULT_STORE_HEADERS));
     let never = regex::Regex::new(store["items"]["not"]["pattern"].as_str().unwrap()).unwrap();
     for h in NEVER_STORED {
-        assert!(never.is_match(h) && never.is_match(&h.to_uppercase()), "{h}");
+        assert!(
+            never.is_match(h) && never.is_match(&h.to_uppercase()),
+            "{h}"
+        );
     }
     assert!(!never.is_match("etag") && !never.is_match("content-type"));
 }

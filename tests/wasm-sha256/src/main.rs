@@ -77,7 +77,12 @@ fn bench() -> ExitCode {
     let rounds: u32 = 400;
     let simd: fn(&[u8]) -> [u8; 32] = |d| Simd::digest(d);
     let sha2: fn(&[u8]) -> [u8; 32] = |d| Portable::digest(d);
-    for (name, f) in [("simd", simd), ("sha2", sha2), ("simd", simd), ("sha2", sha2)] {
+    for (name, f) in [
+        ("simd", simd),
+        ("sha2", sha2),
+        ("simd", simd),
+        ("sha2", sha2),
+    ] {
         let start = Instant::now();
         let mut acc = 0u8;
         for _ in 0..rounds {
