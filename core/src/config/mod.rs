@@ -1,5 +1,6 @@
 //! Configuration: a JSON document read into `serde` DTOs ([`raw`]; unknown and repeated
-//! fields refused), then validated ([`validate`], [`fields`]) into [`Config`] ([`model`]).
+//! fields refused), then validated ([`validate`] the document, [`rule`] each rule,
+//! [`fields`] single values) into [`Config`] ([`model`]).
 //! Every error names the field path and the bad value.
 //!
 //! The document holds process-wide settings (`store`, `correlation`), a default [`Rule`]
@@ -19,6 +20,7 @@
 pub mod fields;
 pub mod model;
 pub mod raw;
+pub mod rule;
 pub mod validate;
 
 pub use model::*;
