@@ -3,7 +3,10 @@
 use std::fs;
 use std::path::Path;
 
-const TARGETS: &[(&str, fn(&[u8]))] = &[
+/// A fuzz target: panics when an invariant breaks.
+type Target = fn(&[u8]);
+
+const TARGETS: &[(&str, Target)] = &[
     ("config", idemgate_fuzz::config),
     ("key_header", idemgate_fuzz::key_header),
     ("body", idemgate_fuzz::body),
