@@ -979,6 +979,66 @@ mod tests {
     }
 
     #[test]
+    fn repeated_members_are_refused_naming_the_member() {
+        for json in [
+            r#"{"key": {"sources": [{"jsonPointer": "/id"}]}}"#,
+            r#"{"fingerprint": {"body": "canonicalJson"}}"#,
+            r#"{"key": {"deriveFromBody": true, "sources": []}}"#,
+        ] {
+            let c = cfg(json);
+            let p = pending(&c, "/o", &[("idempotency-key", "k")]);
+            match resolve(&c, &p, br#"{"id": "A", "n": {"x": 1, "x": 2}, "id": "B"}"#) {
+                Resolution::Reject(Rejection::InvalidBody { detail }) => {
+                    assert!(detail.contains("appears twice"), "{json}: {detail}");
+                    assert!(
+                        detail.contains("\"x\"") || detail.contains("\"id\""),
+                        "{detail}"
+                    );
+                }
+                other => panic!("{json}: {other:?}"),
+            }
+        }
+        // a raw fingerprint with the key in a header does not read the body
+        let c = cfg("{}");
+        let p = pending(&c, "/o", &[("idempotency-key", "k")]);
+        assert!(matches!(
+            resolve(&c, &p, br#"{"a":1,"a":2}"#),
+            Resolution::Ready(_)
+        ));
+    }
+
+    #[test]
+    fn spellings_of_a_path_share_route_scope_and_fingerprint() {
+        let c = cfg(
+            r#"{"routes": [{"name": "orders", "match": {"prefix": "/orders"}, "ttlSeconds": 5}]}"#,
+        );
+        let headers = [("idempotency-key", "k")];
+        let base = ready(&c, "POST", "/orders?x=1", &headers, b"b");
+        for spelling in [
+            "/%6Frders?x=1",
+            "//orders?x=1",
+            "/a/../orders?x=1",
+            "/./orders?x=1",
+        ] {
+            let p = pending(&c, spelling, &headers);
+            assert_eq!(c.rule_at(p.rule).name, "orders", "{spelling}");
+            assert_eq!(p.path, "/orders?x=1");
+            assert_eq!(
+                ready(&c, "POST", spelling, &headers, b"b"),
+                base,
+                "{spelling}"
+            );
+        }
+        assert_eq!(
+            c.rule_for("POST", "/orders-admin").map(|r| r.name.as_str()),
+            Some("default")
+        );
+        // the query is not normalized
+        let q = ready(&c, "POST", "/orders?x=%31", &headers, b"b");
+        assert_ne!(q.fingerprint, base.fingerprint);
+    }
+
+    #[test]
     fn json_pointer_and_composite_keys() {
         let c = cfg(r#"{"key": {"sources": [
             {"composite": [{"header": "x-tenant"}, {"jsonPointer": "/source"}, {"jsonPointer": "/externalEventId"}]},
