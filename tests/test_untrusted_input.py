@@ -1,5 +1,5 @@
 """What idemgate does with input built to confuse it, in a real Envoy 1.40, over HTTP/1.1
-and HTTP/2 (h2c, prior knowledge):
+and HTTP/2 (h2c):
 
 - paths: one normalized path for route matching, key scope and fingerprint (`/%6Frders`,
   `//orders`, `/x/../orders` are `/orders`), and prefix rules that match whole segments
@@ -12,17 +12,13 @@ and HTTP/2 (h2c, prior knowledge):
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import tempfile
 import uuid
-from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
-from harness import Envoy, Origin, build_envoy_config, free_port, listener
+from harness import Envoy, Origin, free_port, listener
 from httpclient import Resp, send
 
 LISTENERS = {
@@ -56,59 +52,12 @@ def envoy(origin):
         yield e
 
 
-def send_h2(port: int, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> Resp:
-    """One HTTP/2 request (h2c with prior knowledge) by curl, the path sent as it is."""
-    with tempfile.TemporaryDirectory() as d:
-        out, hdr = Path(d) / "body", Path(d) / "headers"
-        cmd = ["curl", "-sS", "--http2-prior-knowledge", "--path-as-is", "-X", method,
-               "-D", str(hdr), "-o", str(out), "--max-time", "30"]
-        for k, v in (headers or {}).items():
-            cmd += ["-H", f"{k}: {v}"]
-        if body is not None:
-            (Path(d) / "req").write_bytes(body)
-            cmd += ["--data-binary", f"@{Path(d) / 'req'}"]
-        cmd.append(f"http://127.0.0.1:{port}{path}")
-        done = subprocess.run(cmd, capture_output=True, timeout=60)
-        # 92: the stream was reset after the answer (Envoy answers before reading the whole
-        # request body, then resets the request stream); the answer itself is complete
-        if done.returncode not in (0, 92) or not hdr.is_file() or not hdr.read_text("latin-1").strip():
-            raise AssertionError(f"curl {done.returncode}: {done.stderr.decode(errors='replace')}")
-        lines = hdr.read_text("latin-1").splitlines()
-        status = int(lines[0].split()[1])
-        pairs = [tuple(x.strip() for x in ln.split(":", 1)) for ln in lines[1:] if ":" in ln]
-        return Resp(status, pairs, out.read_bytes())  # type: ignore[arg-type]
-
-
-Sender = Callable[..., Resp]
-PROTOCOLS: dict[str, Sender] = {"http1": send, "http2": send_h2}
-
-
-def _one_filter_request_path() -> bool:
-    """Whether the harness loads idemgate as one filter with Envoy's
-    allow_on_headers_stop_iteration: HTTP/2 requests with a body need it (with the
-    reader/gate pair, Envoy resets or times out such a stream whatever idemgate decides)."""
-    try:
-        cfg = build_envoy_config([listener("probe", 1, {})], 2, 3)
-    except Exception:  # pragma: no cover - a changed harness: run the tests as they are
-        return True
-    return "allow_on_headers_stop_iteration" in json.dumps(cfg)
-
-
-H2_MARKS = [
-    pytest.mark.xfail(
-        not _one_filter_request_path(),
-        reason="HTTP/2 requests with a body need the one-filter request path (allow_on_headers_stop_iteration)",
-        strict=False,
-    )
-]
-
-
-@pytest.fixture(params=[pytest.param("http1"), pytest.param("http2", marks=H2_MARKS)])
+@pytest.fixture(params=["h1", "h2c"])
 def post(request: Any, envoy: Envoy) -> Callable[..., Resp]:
-    sender = PROTOCOLS[request.param]
+    """POST over HTTP/1.1 and over HTTP/2 (h2c), the path sent as it is."""
 
     def do(listener_name: str, path: str, body: bytes, headers: dict[str, str]) -> Resp:
-        return sender(envoy.port(listener_name), "POST", path, body, headers)
+        return send(envoy.port(listener_name), "POST", path, body, headers, proto=request.param)
 
     return do
 

@@ -38,8 +38,8 @@ use idemgate_core::Rejection;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::Action;
 
-use std::collections::HashMap;
 use crate::{now_ms, send, Shared};
+use std::collections::HashMap;
 
 /// Filter-state property (per stream) through which a reader and its gate meet: the reader
 /// writes `<vm nonce>:<reader context id>`, or [`GO`] once it has decided to forward.
