@@ -15,11 +15,15 @@
 #   make edge         edge/dist/: the core for edge workers (wasm-bindgen + wasm-opt); see the edge section
 #   make run-edge     the edge worker in workerd in front of the demo origin (run-edge-deno: on Deno)
 #   make test-edge    node:test: the edge worker on workerd (Miniflare) and Deno (part of make test)
+#   make test-wasm    the filter's SIMD SHA-256 = the sha2 crate on random inputs, on wasm32-wasip1 under
+#                     node's V8 (part of make test, after the unit tests)
 #   make run-fleet    fleet mode demo: 3 etcd members + 2 Envoys (--concurrency 2) + origin; see the fleet section
 #   make lint         rustfmt check + clippy (host and wasm32-wasip1)
 #   make sizes        sizes of the filter and edge wasm, and where their bytes go (scripts/sizes.sh)
 #   make oci          the module image $(OCI_IMAGE): FROM scratch, /plugin.wasm (deploy/oci/)
 #   make dist         release artifacts in dist/: versioned .wasm + sha256, image tarball, edge bundle
+#   make fuzz         every cargo-fuzz target of fuzz/ for FUZZ_SECONDS each (not part of make test;
+#                     make test replays fuzz/corpus/ as a regression test)
 #   make clean        cargo clean + dist/
 #
 # Variables (make VAR=... or environment): IDEMGATE_CACHE, ENVOY_VERSION, ENVOY_IMAGE,
@@ -174,6 +178,7 @@ test:
 	trap down EXIT; \
 	$(MAKE) lint || rc=$$?; \
 	if [[ $$rc == 0 ]]; then echo "[unit] $(UNIT_CMD)"; $(UNIT_CMD) || rc=$$?; fi; \
+	if [[ $$rc == 0 ]]; then $(MAKE) test-wasm || rc=$$?; fi; \
 	if [[ $$rc == 0 ]]; then \
 	  start=$$(date +%s); \
 	  $(MAKE) integration-setup || rc=$$?; \
@@ -185,6 +190,15 @@ test:
 	fi; \
 	if [[ $$rc == 0 ]]; then $(MAKE) test-edge || rc=$$?; fi; \
 	exit $$rc
+
+# The filter's own SHA-256 (core/src/sha256.rs, SIMD) against the sha2 crate on random inputs,
+# as the filter is built (wasm32-wasip1, simd128) and run (V8, TurboFan only): tests/wasm-sha256.
+.PHONY: test-wasm
+test-wasm: deps-rust
+	@command -v node >/dev/null || { echo "[test-wasm] node not found (Node.js >= 20 runs the wasm)"; exit 1; }
+	@cargo build --quiet --release --target $(WASM_TARGET) -p idemgate-wasm-sha256
+	@echo "[test-wasm] node --no-liftoff scripts/wasi-run.mjs idemgate-wasm-sha256.wasm check 3000"
+	@node --no-warnings --no-liftoff scripts/wasi-run.mjs target/$(WASM_TARGET)/release/idemgate-wasm-sha256.wasm check 3000
 
 lint: deps-rust
 	@echo "[lint] cargo fmt --check"
@@ -200,6 +214,53 @@ lint: deps-rust
 clean:
 	cargo clean
 	rm -rf dist/*.wasm dist/*.sha256 dist/*.tar dist/*.tgz dist/SHA256SUMS tests/__pycache__ edge/dist
+
+# ------------------------------------------------------------------------------------- fuzz
+# make fuzz   runs each target of fuzz/ (config, key_header, body, record, etcd, render) for
+#             FUZZ_SECONDS (default 600), one after the other, with libFuzzer through cargo fuzz
+#             (installed once into $(IDEMGATE_CACHE)/cargo-fuzz-<version>; the stable toolchain
+#             with RUSTC_BOOTSTRAP=1 for the sanitizer flags). New inputs go to
+#             target/fuzz-corpus/<target>; FUZZ_MERGE=1 merges them, minimized, into
+#             fuzz/corpus/<target> (commit those: `make test` replays them). A crash leaves its
+#             input in fuzz/artifacts/<target>/ and fails the run. Prints execs/s per target.
+# Variables: FUZZ_SECONDS, FUZZ_TARGETS, FUZZ_MERGE, FUZZ_ARGS (extra libFuzzer flags).
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS ?= config key_header body record etcd render
+FUZZ_MERGE ?=
+FUZZ_ARGS ?=
+CARGO_FUZZ_VERSION := 0.13.2
+CARGO_FUZZ := $(IDEMGATE_CACHE)/cargo-fuzz-$(CARGO_FUZZ_VERSION)/bin/cargo-fuzz
+# The workspace's release profile is for the wasm (LTO, stripped, opt-level z): the
+# sanitizer-coverage build links only without LTO, and runs faster at opt-level 3.
+FUZZ_ENV := RUSTC_BOOTSTRAP=1 CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_STRIP=false \
+  CARGO_PROFILE_RELEASE_OPT_LEVEL=3 CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16
+
+.PHONY: fuzz fuzz-deps
+fuzz-deps:
+	@if ! "$(CARGO_FUZZ)" --version >/dev/null 2>&1; then \
+	  echo "[fuzz] cargo install cargo-fuzz $(CARGO_FUZZ_VERSION) into $(IDEMGATE_CACHE)/cargo-fuzz-$(CARGO_FUZZ_VERSION) (once)"; \
+	  cargo install cargo-fuzz --version "$(CARGO_FUZZ_VERSION)" --locked --root "$(IDEMGATE_CACHE)/cargo-fuzz-$(CARGO_FUZZ_VERSION)" --quiet; \
+	fi
+
+fuzz: fuzz-deps
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p target/fuzz-corpus/$$t; \
+	  echo "[fuzz] $$t for $(FUZZ_SECONDS)s (corpus target/fuzz-corpus/$$t + fuzz/corpus/$$t)"; \
+	  log=target/fuzz-corpus/$$t.log; \
+	  $(FUZZ_ENV) "$(CARGO_FUZZ)" run --fuzz-dir fuzz --features libfuzzer $$t \
+	    target/fuzz-corpus/$$t fuzz/corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -timeout=10 \
+	    -rss_limit_mb=2048 -print_final_stats=1 $(FUZZ_ARGS) > $$log 2>&1 \
+	    || { tail -40 $$log; echo "[fuzz] $$t FAILED (input in fuzz/artifacts/$$t/)"; exit 1; }; \
+	  runs=$$(sed -n 's/^stat::number_of_executed_units: *//p' $$log); \
+	  rate=$$(sed -n 's/^stat::average_exec_per_sec: *//p' $$log); \
+	  cov=$$(grep -o 'cov: [0-9]*' $$log | tail -1); \
+	  echo "[fuzz] $$t: $$runs runs in $(FUZZ_SECONDS)s, $$rate execs/s, $$cov, no crash, no timeout"; \
+	  if [[ -n "$(FUZZ_MERGE)" ]]; then \
+	    $(FUZZ_ENV) "$(CARGO_FUZZ)" run --fuzz-dir fuzz --features libfuzzer $$t \
+	      fuzz/corpus/$$t target/fuzz-corpus/$$t -- -merge=1 > $$log.merge 2>&1; \
+	    echo "[fuzz] $$t: fuzz/corpus/$$t has $$(ls fuzz/corpus/$$t | wc -l) inputs"; \
+	  fi; \
+	done
 
 # ------------------------------------------------------------------------------------ bench
 # make bench       idemgate's cost as a user would measure it (not part of `make test`): criterion

@@ -4,16 +4,17 @@
 //! - `fingerprint/raw/<size>`: SHA-256 fingerprint of a POST with a 1 KiB / 64 KiB / 1 MiB
 //!   body (throughput in bytes/s), `Fingerprinter` as the filter uses it for raw bodies.
 //! - `fingerprint/canonical/<size>`: a rule with `fingerprint.body: "canonicalJson"`: parse
-//!   the JSON body (`idemgate_core::json`, as `resolve` does) and fingerprint it canonically.
+//!   the JSON body (`request::body::parse`, as `resolve` does) and fingerprint it canonically.
 //! - `decide/<case>`: one call of `decide` per iteration.
 //! - `record/{encode,decode}/<case>`: the record codec, and the slot index entry the store
 //!   scans.
 //! - `store/<case>`: `SlotTable::begin` (+ `complete` for first requests) over
 //!   `MemoryStore`, with `store.probes` 8 (default) and 1.
-//! - `decimal/<case>`: a JSON number's text to `f64` by `idemgate_core::decimal` (what the
-//!   parser and canonical JSON use) beside `str::parse::<f64>`: a short number (the fast
-//!   path) and the worst case, 770 significant digits near the subnormal range (the exact
-//!   big-integer path).
+//! - `adversarial/<case>`: `resolve` (parse, JSON Pointer key, canonical fingerprint with
+//!   exclusions) of a 1 MiB body built to be expensive, beside `benign`, an ordinary 1 MiB
+//!   order of the same size: 10^5 repeated member names (refused), 10^4 excluded pointers,
+//!   numbers of 10^5 digits, arrays nested at the depth limit, 10^5 tiny members. Each should
+//!   cost at most 5x `benign` (BENCHMARKS.md, "Hostile bodies").
 //!
 //! Before criterion starts, the bench prints how many store calls (`get`, `put`) one first
 //! request, one replay, makes through `SlotTable`: in Envoy each is a shared-data hostcall.
@@ -105,7 +106,7 @@ fn fingerprint(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(b.len() as u64));
         g.bench_with_input(BenchmarkId::from_parameter(label), &b, |bch, b| {
             bch.iter(|| {
-                let json = idemgate_core::json::parse(black_box(b)).ok();
+                let json = idemgate_core::request::body::parse(black_box(b)).ok();
                 assert!(json.is_some());
                 black_box(decision::fingerprint(
                     r,
@@ -367,15 +368,110 @@ fn report_store_calls() {
     }
 }
 
-fn decimals(c: &mut Criterion) {
-    let mut g = c.benchmark_group("decimal");
-    let long = format!("{}e-1090", "7".repeat(770));
-    for (name, text) in [("short", "1234.5678"), ("long_770_digits", long.as_str())] {
-        g.bench_function(format!("ours/{name}"), |b| {
-            b.iter(|| idemgate_core::decimal::to_f64(black_box(text)))
-        });
-        g.bench_function(format!("std/{name}"), |b| {
-            b.iter(|| black_box(text).parse::<f64>())
+/// 1 MiB: the adversarial bodies and the benign one, each padded to the same size.
+const MIB: usize = 1024 * KIB;
+
+/// `text` (an object missing its closing brace) padded with a string member to `MIB` bytes.
+fn padded(mut text: String) -> Vec<u8> {
+    text.push_str(r#","pad":""#);
+    while text.len() + 2 < MIB {
+        text.push('x');
+    }
+    text.push_str(r#""}"#);
+    text.into_bytes()
+}
+
+/// The adversarial bodies, by case name, with the configuration each runs under.
+fn adversarial_cases() -> Vec<(&'static str, String, Vec<u8>)> {
+    let base = |extra: &str| {
+        format!(
+            r#"{{"key": {{"sources": [{{"jsonPointer": "/id"}}]}}, "fingerprint": {{"body": "canonicalJson"{extra}}}, "maxBodyBytes": 2097152}}"#
+        )
+    };
+    let mut cases = Vec::new();
+    // an ordinary order of the same size
+    let benign = String::from_utf8(json_body(MIB - 10)).unwrap();
+    cases.push((
+        "benign",
+        base(""),
+        benign.replacen('{', r#"{"id":"k1","#, 1).into_bytes(),
+    ));
+    // 10^5 members of one name: refused at the second
+    let mut dup = String::from(r#"{"id":"k1""#);
+    for _ in 0..100_000 {
+        dup.push_str(r#","a":1"#);
+    }
+    cases.push(("duplicate_members_1e5", base(""), padded(dup)));
+    // 10^4 excluded pointers, every one present in the body
+    let pointers: Vec<String> = (0..10_000).map(|i| format!("\"/m{i}/ts\"")).collect();
+    let mut ex = String::from(r#"{"id":"k1""#);
+    for i in 0..10_000 {
+        ex.push_str(&format!(r#","m{i}":{{"ts":{i},"v":"value {i}"}}"#));
+    }
+    cases.push((
+        "exclude_pointers_1e4",
+        base(&format!(r#", "excludePointers": [{}]"#, pointers.join(","))),
+        padded(ex),
+    ));
+    // numbers of 10^5 digits: integers (kept exactly) and decimals (to a double)
+    let digits: String = (0..100_000)
+        .map(|i| char::from(b'1' + (i % 9) as u8))
+        .collect();
+    let mut num = String::from(r#"{"id":"k1","n":["#);
+    for i in 0..9 {
+        if i > 0 {
+            num.push(',');
+        }
+        num.push_str(&digits);
+        if i % 2 == 1 {
+            num.push_str(".5e-99990");
+        }
+    }
+    num.push(']');
+    cases.push(("digits_1e5", base(""), padded(num)));
+    // arrays nested at the depth limit (127 levels in all), repeated
+    let mut deep = String::from(r#"{"id":"k1","d":["#);
+    let nest = format!("{}1{}", "[".repeat(125), "]".repeat(125));
+    let mut first = true;
+    while deep.len() + nest.len() + 64 < MIB {
+        if !first {
+            deep.push(',');
+        }
+        first = false;
+        deep.push_str(&nest);
+    }
+    deep.push(']');
+    cases.push(("nesting_at_limit", base(""), padded(deep)));
+    // 10^5 tiny members
+    let mut tiny = String::from(r#"{"id":"k1""#);
+    for i in 0..100_000 {
+        tiny.push_str(&format!(r#","{i:x}":0"#));
+    }
+    cases.push(("tiny_members_1e5", base(""), padded(tiny)));
+    cases
+}
+
+fn adversarial(c: &mut Criterion) {
+    let mut g = c.benchmark_group("adversarial");
+    g.throughput(Throughput::Bytes(MIB as u64));
+    for (name, cfg, body) in adversarial_cases() {
+        assert_eq!(body.len(), MIB, "{name}");
+        let config = Config::from_json(&cfg).unwrap();
+        let headers: Vec<(String, Vec<u8>)> = vec![];
+        let decision::Admission::Inspect(pending) =
+            decision::admit(&config, "POST", "/orders", &headers)
+        else {
+            panic!("{name}: not inspected")
+        };
+        let outcome = decision::resolve(&config, &pending, &body);
+        // the duplicate body is refused, every other one resolves
+        assert_eq!(
+            matches!(outcome, decision::Resolution::Ready(_)),
+            name != "duplicate_members_1e5",
+            "{name}: {outcome:?}"
+        );
+        g.bench_function(name, |b| {
+            b.iter(|| black_box(decision::resolve(&config, &pending, black_box(&body))))
         });
     }
     g.finish();
@@ -390,10 +486,32 @@ fn short() -> Criterion {
 criterion_group! {
     name = benches;
     config = short();
-    targets = fingerprint, decisions, records, store, decimals
+    targets = fingerprint, decisions, records, store, adversarial
+}
+
+/// `IDEMGATE_ADVERSARIAL=<case>:<n>`: resolve that case's body `n` times and exit, for a
+/// CPU-time count outside criterion (`perf stat -e task-clock`, BENCHMARKS.md).
+fn adversarial_only(spec: &str) {
+    let (name, n) = spec.split_once(':').unwrap_or((spec, "10"));
+    let n: usize = n.parse().unwrap();
+    let (_, cfg, body) = adversarial_cases()
+        .into_iter()
+        .find(|c| c.0 == name)
+        .unwrap_or_else(|| panic!("no case {name}"));
+    let config = Config::from_json(&cfg).unwrap();
+    let decision::Admission::Inspect(pending) = decision::admit(&config, "POST", "/orders", &[])
+    else {
+        panic!("{name}: not inspected")
+    };
+    for _ in 0..n {
+        black_box(decision::resolve(&config, &pending, black_box(&body)));
+    }
 }
 
 fn main() {
+    if let Ok(spec) = std::env::var("IDEMGATE_ADVERSARIAL") {
+        return adversarial_only(&spec);
+    }
     // `cargo test --benches` runs this binary without `--bench`: skip the report there.
     if std::env::args().any(|a| a == "--bench") {
         report_store_calls();

@@ -18,10 +18,9 @@
 //!     other => unreachable!("{other:?}"),
 //! }
 //! ```
-use crate::json::{self, Value};
+
 use crate::sha256::Sha256;
 
-use crate::canonical::{canonical_bytes, key_text, pointer_get, pointer_remove};
 use crate::clock::Millis;
 use crate::config::{
     BodyMode, ConcurrentAction, Config, DuplicateAction, HashAlgorithm, KeySource, MismatchAction,
@@ -31,6 +30,9 @@ use crate::fingerprint::Fingerprint;
 use crate::headers::HeaderLookup;
 use crate::key::{parse_key, put, validate_text, Absorb, KeyError, KeyId};
 use crate::record::{Record, StoredResponse};
+use crate::request::body::{self, BodyError, Json};
+use crate::request::canonical::{canonical_bytes, key_text};
+use crate::request::path::normalize;
 
 /// Why a request is answered locally instead of being forwarded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,7 +152,7 @@ pub struct Pending {
     pub rule: usize,
     /// The method.
     pub method: String,
-    /// Path with query.
+    /// Path with query, the path normalized ([`crate::request::path`]).
     pub path: String,
     /// The request headers.
     pub headers: Vec<(String, Vec<u8>)>,
@@ -174,6 +176,9 @@ pub fn admit(
     path_with_query: &str,
     headers: &[(String, Vec<u8>)],
 ) -> Admission {
+    // one view of the path for matching, scoping and fingerprinting (request::path)
+    let normalized = normalize(path_with_query);
+    let path_with_query = normalized.as_ref();
     let Some(rule) = config.rule_for(method, path_with_query) else {
         return Admission::Pass;
     };
@@ -328,18 +333,24 @@ fn resolve_body(
             limit: rule.max_body_bytes,
         });
     }
-    let json: Option<Value> = if rule.needs_json() && !body.is_empty() {
-        json::parse(body).ok()
-    } else {
-        None
-    };
+    let (json, error): (Option<Json>, Option<BodyError>) =
+        match (rule.needs_json() && !body.is_empty()).then(|| body::parse(body)) {
+            Some(Ok(v)) => (Some(v), None),
+            Some(Err(e)) => (None, Some(e)),
+            None => (None, None),
+        };
     let needs_json_for_key = rule.key_sources.iter().any(KeySource::needs_body);
-    let unreadable = json.is_none() && !body.is_empty() && rule.needs_json();
+    let unreadable = error.is_some();
     let invalid_body = |why: String| {
-        Resolution::Reject(Rejection::InvalidBody {
-            detail: format!(
-                "the request body must be a JSON document here ({why}); it is not valid JSON"
+        let what = match &error {
+            Some(e @ BodyError::Duplicate { .. }) => format!(
+                "{e}: member names must be unique (RFC 8259 §4, I-JSON), so that every reader sees the same request"
             ),
+            Some(BodyError::Syntax(m)) => format!("it is not valid JSON: {m}"),
+            None => "it is not valid JSON".to_string(),
+        };
+        Resolution::Reject(Rejection::InvalidBody {
+            detail: format!("the request body must be a JSON document here ({why}); {what}"),
         })
     };
     if unreadable && rule.fingerprint.body == BodyMode::CanonicalJson {
@@ -361,7 +372,7 @@ fn resolve_body(
         }
         Ok(None) if rule.derive_from_body => {
             let canonical = json.as_ref().map_or_else(|| body.to_vec(), canonical_bytes);
-            format!("derived:{}", crate::hex(&Sha256::digest(&canonical)))
+            format!("derived:{}", hex::encode(Sha256::digest(&canonical)))
         }
         Ok(None) if rule.key_required => {
             return Resolution::Reject(Rejection::MissingKey {
@@ -386,7 +397,7 @@ fn resolve_body(
     let cred_refs: Vec<&[u8]> = creds.iter().map(Vec::as_slice).collect();
     let key_material = if rule.on_mismatch.action == MismatchAction::NewRequest {
         // key + fingerprint identify the request: a changed payload is a new request
-        format!("{key}\u{0}{}", crate::hex(&fingerprint.0))
+        format!("{key}\u{0}{}", hex::encode(fingerprint.0))
     } else {
         key.clone()
     };
@@ -433,7 +444,7 @@ fn first_key(
     rule: &Rule,
     route: &str,
     headers: &[(String, Vec<u8>)],
-    json: Option<&Value>,
+    json: Option<&Json>,
 ) -> Result<Option<String>, Rejection> {
     for source in &rule.key_sources {
         if let Some(k) = source_key(rule, source, route, headers, json)? {
@@ -448,7 +459,7 @@ fn source_key(
     source: &KeySource,
     route: &str,
     headers: &[(String, Vec<u8>)],
-    json: Option<&Value>,
+    json: Option<&Json>,
 ) -> Result<Option<String>, Rejection> {
     let malformed = |reason| Rejection::MalformedKey {
         source: source.describe(),
@@ -462,8 +473,8 @@ fn source_key(
                 .map_err(malformed),
             _ => Err(malformed(KeyError::Repeated)),
         },
-        KeySource::JsonPointer(p) => match json.and_then(|j| pointer_get(j, p)) {
-            None | Some(Value::Null) => Ok(None),
+        KeySource::JsonPointer(p) => match json.and_then(|j| j.pointer(p)) {
+            None | Some(Json::Null) => Ok(None),
             Some(v) => match key_text(v) {
                 Some(text) => validate_text(&text, rule.key_max_length)
                     .map(Some)
@@ -477,7 +488,7 @@ fn source_key(
             for c in credentials(rule, headers) {
                 put(&mut h, &c);
             }
-            Ok(Some(crate::hex(&h.finalize())))
+            Ok(Some(hex::encode(h.finalize())))
         }
         KeySource::Composite(parts) => {
             // Length-prefixed join: ("ab","c") and ("a","bc") never meet.
@@ -618,7 +629,7 @@ pub fn fingerprint(
     path_with_query: &str,
     headers: &[(String, Vec<u8>)],
     body: &[u8],
-    json: Option<Value>,
+    json: Option<Json>,
 ) -> Fingerprint {
     let spec = &rule.fingerprint;
     let mut h = FpHash::new(spec.algorithm);
@@ -633,9 +644,7 @@ pub fn fingerprint(
             h.absorb(b"c");
             match json {
                 Some(mut v) => {
-                    for p in &spec.exclude_pointers {
-                        pointer_remove(&mut v, p);
-                    }
+                    spec.exclusions.remove_from(&mut v);
                     put(&mut h, &canonical_bytes(&v));
                 }
                 None => put(&mut h, body),
@@ -824,7 +833,7 @@ mod tests {
             None,
         );
         assert_eq!(
-            crate::hex(&f.0),
+            hex::encode(f.0),
             "d4daaa67360293d005fe74625b2cfb7594b9c18afbacf7c9c9fda4245ff5e0b3"
         );
     }
@@ -967,6 +976,66 @@ mod tests {
         assert_eq!(id("/a?x=1", "t"), id("/a?x=2", "t"));
         assert_ne!(id("/a", "t"), id("/a", "u"));
         assert_ne!(id("/a", "t"), id("/b", "t"));
+    }
+
+    #[test]
+    fn repeated_members_are_refused_naming_the_member() {
+        for json in [
+            r#"{"key": {"sources": [{"jsonPointer": "/id"}]}}"#,
+            r#"{"fingerprint": {"body": "canonicalJson"}}"#,
+            r#"{"key": {"deriveFromBody": true, "sources": []}}"#,
+        ] {
+            let c = cfg(json);
+            let p = pending(&c, "/o", &[("idempotency-key", "k")]);
+            match resolve(&c, &p, br#"{"id": "A", "n": {"x": 1, "x": 2}, "id": "B"}"#) {
+                Resolution::Reject(Rejection::InvalidBody { detail }) => {
+                    assert!(detail.contains("appears twice"), "{json}: {detail}");
+                    assert!(
+                        detail.contains("\"x\"") || detail.contains("\"id\""),
+                        "{detail}"
+                    );
+                }
+                other => panic!("{json}: {other:?}"),
+            }
+        }
+        // a raw fingerprint with the key in a header does not read the body
+        let c = cfg("{}");
+        let p = pending(&c, "/o", &[("idempotency-key", "k")]);
+        assert!(matches!(
+            resolve(&c, &p, br#"{"a":1,"a":2}"#),
+            Resolution::Ready(_)
+        ));
+    }
+
+    #[test]
+    fn spellings_of_a_path_share_route_scope_and_fingerprint() {
+        let c = cfg(
+            r#"{"routes": [{"name": "orders", "match": {"prefix": "/orders"}, "ttlSeconds": 5}]}"#,
+        );
+        let headers = [("idempotency-key", "k")];
+        let base = ready(&c, "POST", "/orders?x=1", &headers, b"b");
+        for spelling in [
+            "/%6Frders?x=1",
+            "//orders?x=1",
+            "/a/../orders?x=1",
+            "/./orders?x=1",
+        ] {
+            let p = pending(&c, spelling, &headers);
+            assert_eq!(c.rule_at(p.rule).name, "orders", "{spelling}");
+            assert_eq!(p.path, "/orders?x=1");
+            assert_eq!(
+                ready(&c, "POST", spelling, &headers, b"b"),
+                base,
+                "{spelling}"
+            );
+        }
+        assert_eq!(
+            c.rule_for("POST", "/orders-admin").map(|r| r.name.as_str()),
+            Some("default")
+        );
+        // the query is not normalized
+        let q = ready(&c, "POST", "/orders?x=%31", &headers, b"b");
+        assert_ne!(q.fingerprint, base.fingerprint);
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub struct Fingerprint(pub [u8; 32]);
 
 impl fmt::Debug for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Fingerprint({})", crate::hex(&self.0))
+        write!(f, "Fingerprint({})", hex::encode(self.0))
     }
 }
 

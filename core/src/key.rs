@@ -170,7 +170,7 @@ impl KeyId {
 
     /// Lower-case hex, safe to log.
     pub fn to_hex(&self) -> String {
-        crate::hex(&self.0)
+        hex::encode(self.0)
     }
 
     /// A 64-bit number derived from the id, used to pick a store slot.

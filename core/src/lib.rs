@@ -29,24 +29,22 @@
 //! ```
 #![forbid(unsafe_code)]
 
-pub mod canonical;
 pub mod clock;
 pub mod codec;
 pub mod config;
-pub mod decimal;
 pub mod decision;
 pub mod error;
 pub mod fingerprint;
 pub mod fleet;
 pub mod headers;
-pub mod json;
+pub mod ids;
 pub mod key;
 pub mod problem;
 pub mod ratelimit;
 pub mod record;
+pub mod request;
 pub mod response;
 pub mod sha256;
-pub mod sort;
 pub mod store;
 
 pub use clock::{Clock, FakeClock, Millis};
@@ -74,18 +72,4 @@ pub(crate) fn prefix<const N: usize>(bytes: &[u8]) -> [u8; N] {
 /// A 64-bit number from the first eight bytes of an id, used to pick a store slot.
 pub(crate) fn seed(id: &[u8]) -> u64 {
     u64::from_be_bytes(prefix::<8>(id))
-}
-
-/// Lower-case hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        for nibble in [b >> 4, b & 0x0f] {
-            out.push(char::from(
-                *DIGITS.get(usize::from(nibble)).unwrap_or(&b'0'),
-            ));
-        }
-    }
-    out
 }

@@ -16,12 +16,11 @@
 //! let answer = render(&config.default_rule, &Rejection::Conflict { retry_after_s: 2 }, &AnswerContext::default());
 //! assert_eq!(answer.status, 409);
 //! assert!(answer.headers.contains(&("retry-after".to_string(), "2".to_string())));
-//! let doc = idemgate_core::json::parse(&answer.body).unwrap();
+//! let doc: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
 //! assert_eq!(doc["error"]["code"], "CDP_ETL.CONFLICT");
 //! assert_eq!(doc["error"]["status"], 409);
 //! ```
-use crate::json;
-use crate::json::{Object, Value};
+use serde_json::{json, Map, Value};
 
 use crate::config::{DuplicateAction, ErrorFormat, Rule};
 use crate::decision::Rejection;
@@ -166,7 +165,7 @@ pub fn render(rule: &Rule, rejection: &Rejection, ctx: &AnswerContext) -> LocalA
                 (rule.errors.content_type.clone(), fill(template, &vars))
             }
             ErrorFormat::Problem => {
-                let mut m = Object::new();
+                let mut m = Map::new();
                 m.insert(
                     "type".into(),
                     Value::String(format!("{PROBLEM_BASE}{}", desc.slug)),
@@ -192,7 +191,7 @@ pub fn render(rule: &Rule, rejection: &Rejection, ctx: &AnswerContext) -> LocalA
     LocalAnswer {
         status: desc.status,
         headers,
-        body: doc.to_vec(),
+        body: serde_json::to_vec(&doc).unwrap_or_default(),
     }
 }
 
@@ -295,22 +294,6 @@ pub fn replay(rule: &Rule, stored: &StoredResponse, ctx: &AnswerContext) -> Loca
     }
 }
 
-/// A correlation id (UUID v4 text) from two random words.
-pub fn correlation_id(a: u64, b: u64) -> String {
-    let hi = (a & 0xffff_ffff_ffff_0fff) | 0x0000_0000_0000_4000;
-    let lo = (b & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
-    let h = crate::hex(&hi.to_be_bytes());
-    let l = crate::hex(&lo.to_be_bytes());
-    format!(
-        "{}-{}-{}-{}-{}",
-        h.get(..8).unwrap_or_default(),
-        h.get(8..12).unwrap_or_default(),
-        h.get(12..16).unwrap_or_default(),
-        l.get(..4).unwrap_or_default(),
-        l.get(4..16).unwrap_or_default()
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,7 +343,7 @@ mod tests {
         for (rej, status) in cases {
             let a = render(r, &rej, &AnswerContext::default());
             assert_eq!(a.status, status);
-            let doc = json::parse(&a.body).unwrap();
+            let doc: Value = serde_json::from_slice(&a.body).unwrap();
             assert_eq!(doc["status"], status);
             assert!(doc["type"].as_str().unwrap().starts_with(PROBLEM_BASE));
             assert!(doc["detail"].as_str().unwrap().len() > 20);
@@ -383,7 +366,7 @@ mod tests {
         };
         let a = render(&c.default_rule, &Rejection::Mismatch, &ctx);
         assert_eq!(a.status, 409);
-        let doc = json::parse(&a.body).unwrap();
+        let doc: Value = serde_json::from_slice(&a.body).unwrap();
         assert_eq!(
             doc,
             json!({"error": {"code": "idempotency_conflict", "message": "The idempotency key was reused with a different request body.",
@@ -404,7 +387,7 @@ mod tests {
         };
         let a = render(&c.default_rule, &Rejection::Duplicate, &ctx);
         assert_eq!(a.status, 200);
-        let doc = json::parse(&a.body).unwrap();
+        let doc: Value = serde_json::from_slice(&a.body).unwrap();
         assert_eq!(
             doc,
             json!({"received": true, "duplicate": true, "key": "evt_1"})
@@ -433,13 +416,5 @@ mod tests {
         assert!(a
             .headers
             .contains(&("x-correlation-id".into(), "r2".into())));
-    }
-
-    #[test]
-    fn correlation_ids_are_uuid_v4() {
-        let id = correlation_id(u64::MAX, 0);
-        assert_eq!(id.len(), 36);
-        assert_eq!(id.as_bytes()[14], b'4');
-        assert!(matches!(id.as_bytes()[19], b'8' | b'9' | b'a' | b'b'));
     }
 }

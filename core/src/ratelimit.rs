@@ -528,7 +528,7 @@ impl LimitKey {
 
     /// Lower-case hex, safe to log (and a Durable Object name on the edge).
     pub fn to_hex(&self) -> String {
-        crate::hex(&self.0)
+        hex::encode(self.0)
     }
 
     /// A 64-bit number derived from the key, used to pick a slot.

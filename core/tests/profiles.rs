@@ -7,8 +7,8 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use idemgate_core::json::Value;
 use idemgate_core::Config;
+use serde_json::Value;
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -22,8 +22,7 @@ fn examples() -> Result<Value, String> {
     let path = repo_root().join("tests/config-examples.json");
     let text =
         fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    idemgate_core::json::parse_str(&text)
-        .map_err(|e| format!("{} is not JSON: {e}", path.display()))
+    serde_json::from_str::<Value>(&text).map_err(|e| format!("{} is not JSON: {e}", path.display()))
 }
 
 /// The `field` array of the examples file.

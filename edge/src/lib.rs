@@ -196,15 +196,11 @@ impl Engine {
             match sent {
                 Some(id) => ctx.request_id = Some(id),
                 None if c.generate => {
-                    let mut words = [0u64; 2];
-                    for (word, chunk) in words.iter_mut().zip(random.chunks(8)) {
-                        let mut b = [0u8; 8];
-                        for (d, s) in b.iter_mut().zip(chunk) {
-                            *d = *s;
-                        }
-                        *word = u64::from_le_bytes(b);
+                    let mut bytes = [0u8; 16];
+                    for (d, s) in bytes.iter_mut().zip(random) {
+                        *d = *s;
                     }
-                    let id = problem::correlation_id(words[0], words[1]);
+                    let id = idemgate_core::ids::correlation_id(bytes);
                     headers.push((c.header.clone(), id.clone().into_bytes()));
                     ctx.request_id = Some(id);
                     generated = true;

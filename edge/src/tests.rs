@@ -9,8 +9,8 @@ fn h(pairs: &[(&str, &str)]) -> String {
     pairs.iter().map(|(n, v)| format!("{n}\n{v}\n")).collect()
 }
 
-fn json(answer: &Answer) -> idemgate_core::json::Value {
-    idemgate_core::json::parse(&answer.body()).unwrap()
+fn json(answer: &Answer) -> serde_json::Value {
+    serde_json::from_slice(&answer.body()).unwrap()
 }
 
 fn header<'a>(answer: &'a [String], name: &str) -> Option<&'a str> {

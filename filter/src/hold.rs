@@ -38,8 +38,8 @@ use idemgate_core::Rejection;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::Action;
 
-use crate::vecmap::VecMap;
 use crate::{now_ms, send, Shared};
+use std::collections::HashMap;
 
 /// Filter-state property (per stream) through which a reader and its gate meet: the reader
 /// writes `<vm nonce>:<reader context id>`, or [`GO`] once it has decided to forward.
@@ -60,7 +60,7 @@ thread_local! {
     /// Gate plugins configured in this VM (this worker's copy of it).
     static GATE_ROOTS: Cell<u32> = const { Cell::new(0) };
     /// Gates holding a request: reader context id → gate context id.
-    static GATES: RefCell<VecMap<u32, u32>> = RefCell::new(VecMap::new());
+    static GATES: RefCell<HashMap<u32, u32>> = RefCell::new(HashMap::new());
     /// Readers whose gate is released from the next tick (see [`Hold::release`]).
     static DEFERRED: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
     /// Single-filter holds that have had no body callback yet; kept only until a body

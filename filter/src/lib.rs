@@ -21,15 +21,14 @@
 mod fleet;
 mod hold;
 pub mod metrics;
-mod vecmap;
 
 use hold::{From, Hold, StopIteration};
 use std::cell::{Cell, RefCell};
 use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
-use vecmap::VecMap;
 
 use fleet::{FleetClaim, Settling};
 use idemgate_core::config::ConcurrentAction;
@@ -65,23 +64,37 @@ proxy_wasm::main! {{
 }}
 
 thread_local! {
-    static SEED: u64 = RandomState::new().build_hasher().finish();
+    static HASH_KEY: RandomState = RandomState::new();
     static COUNTER: Cell<u64> = const { Cell::new(0) };
 }
 
-/// A fresh token, unique across workers with overwhelming probability.
+/// `N` random bytes from `getrandom` (WASI `random_get`, served by Envoy's generator): owner
+/// tokens, gate tokens and correlation ids, none derivable from another. Should it ever fail,
+/// SipHash of a counter under std's per-VM random key stands in (unpredictable without the
+/// key), and the failure is logged.
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    if let Err(e) = getrandom::fill(&mut out) {
+        log::error!("getrandom failed ({e}): ids fall back to a keyed hash of a counter");
+        for chunk in out.chunks_mut(8) {
+            let n = COUNTER.with(|c| {
+                let v = c.get().wrapping_add(1);
+                c.set(v);
+                v
+            });
+            let mut h = HASH_KEY.with(|k| k.build_hasher());
+            h.write_u64(n);
+            for (d, s) in chunk.iter_mut().zip(h.finish().to_le_bytes()) {
+                *d = s;
+            }
+        }
+    }
+    out
+}
+
+/// A fresh claim owner or gate token (never 0).
 fn fresh_token() -> u64 {
-    let n = COUNTER.with(|c| {
-        let v = c.get().wrapping_add(1);
-        c.set(v);
-        v
-    });
-    let seed = SEED.with(|s| *s);
-    // splitmix64 over seed + counter
-    let mut z = seed.wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    (z ^ (z >> 31)).max(1)
+    idemgate_core::ids::owner_token(random_bytes())
 }
 
 fn now_ms() -> u64 {
@@ -141,12 +154,12 @@ impl CasStore for SharedData {
 #[derive(Default)]
 struct Metrics {
     /// Host metric id and the count not yet flushed, by metric name.
-    ids: VecMap<&'static str, (u32, Cell<i64>)>,
+    ids: HashMap<&'static str, (u32, Cell<i64>)>,
 }
 
 impl Metrics {
     fn define(namespace: &str) -> Self {
-        let mut ids = VecMap::new();
+        let mut ids = HashMap::new();
         let kinds = metrics::COUNTERS
             .iter()
             .map(|m| (m, MetricType::Counter))
@@ -1002,7 +1015,7 @@ impl Reader {
         match sent {
             Some(id) => self.ctx.request_id = Some(id),
             None if c.generate => {
-                let id = problem::correlation_id(fresh_token(), fresh_token());
+                let id = idemgate_core::ids::correlation_id(random_bytes());
                 let _ = hostcalls::set_map_value_bytes(
                     MapType::HttpRequestHeaders,
                     &c.header,

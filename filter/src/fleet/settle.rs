@@ -31,7 +31,7 @@ pub(super) struct QueuedOp {
 
 thread_local! {
     pub(super) static FLEET_QUEUE: RefCell<Vec<QueuedOp>> = const { RefCell::new(Vec::new()) };
-    pub(super) static FLEET_PENDING: RefCell<VecMap<u32, QueuedOp>> = RefCell::new(VecMap::new());
+    pub(super) static FLEET_PENDING: RefCell<HashMap<u32, QueuedOp>> = RefCell::new(HashMap::new());
 }
 
 pub(super) fn queue(shared: &Rc<Shared>, op: FleetOp, due: u64) {

@@ -22,7 +22,7 @@ thread_local! {
     /// Parked requests waiting for their next poll.
     pub(super) static FLEET_WAITERS: RefCell<Vec<FleetWaiter>> = const { RefCell::new(Vec::new()) };
     /// Parked requests with a call to etcd in flight, by call token.
-    pub(super) static FLEET_WAIT_CALLS: RefCell<VecMap<u32, FleetWaiter>> = RefCell::new(VecMap::new());
+    pub(super) static FLEET_WAIT_CALLS: RefCell<HashMap<u32, FleetWaiter>> = RefCell::new(HashMap::new());
 }
 
 /// A parked request's stream ended: forget it (withdrawing a claim txn it had in flight).
