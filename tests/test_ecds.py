@@ -228,37 +228,7 @@ def envoy(request, origin, module) -> Iterator[DeliveredEnvoy]:
     e = DeliveredEnvoy(request.param, specs, origin.port, wasm, server)
     with e:
         e.wait_filters_active()
-        e.one_filter_mode = one_filter_mode(e)
         yield e
-
-
-ONE_FILTER_FORMS = {"istio-envoyfilter", "envoy-gateway"}
-# Tests that need a filter that can hold a request while it reads the body.
-NEEDS_BODY_HOLD = set(SCENARIOS) | {"test_shipped_configuration_replays", "test_key_churn_keeps_the_store_bounded",
-                                    "test_bad_configuration_update_is_rejected_and_the_old_one_keeps_serving"}
-
-
-def one_filter_mode(e: DeliveredEnvoy) -> bool | None:
-    """For the one-filter deliveries: whether this build of the filter runs alone with
-    allow_on_headers_stop_iteration (issue #14), found by asking it: a keyed request with a
-    body is forwarded, or refused with 500 misconfigured naming the missing gate."""
-    if e.form not in ONE_FILTER_FORMS:
-        return None
-    r = send(e.port("main"), "POST", fresh("/one-filter-probe"), b"x", {"Idempotency-Key": uuid.uuid4().hex})
-    if r.status == 500 and "misconfigured" in (r.json().get("type", "") if r.body.startswith(b"{") else ""):
-        return False
-    assert r.status == 200, r
-    return True
-
-
-@pytest.fixture(autouse=True)
-def _needs_one_filter_mode(request):
-    if request.node.originalname in NEEDS_BODY_HOLD and "envoy" in request.fixturenames:
-        e = request.getfixturevalue("envoy")
-        refused_config_on_eg = e.form == "envoy-gateway" and "bad_configuration" in request.node.originalname
-        if e.one_filter_mode is False and not refused_config_on_eg:
-            pytest.skip(f"{e.form}: this build of the filter has no one-filter mode "
-                        "(allow_on_headers_stop_iteration, issue #14); delivery checks still run")
 
 
 # --------------------------------------------------------------------------- the delivery
