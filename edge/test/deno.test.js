@@ -5,7 +5,7 @@
 // over Deno KV's 64 KiB value limit too) survive a restart; the wait policy; HTTP/2;
 // refused configurations.
 import assert from "node:assert/strict";
-import { spawnSync } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import http2 from "node:http2";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
@@ -76,6 +76,34 @@ describe("deno: the shipped entry (worker/deno.js)", { concurrency: 1 }, () => {
       await assertStorm(assert, origin, id, (i) => request(`${i % 2 ? a.url : b.url}${path}`, "POST", { headers: h, body: "x" }));
     } finally {
       await Promise.all([a.stop(), b.stop()]);
+    }
+  });
+
+  test("a request waits out another process holding the KV database's write lock", async () => {
+    const config = { store: { namespace: "locked" } };
+    const d = await entry({ config, kvDir: kv.dir, origin });
+    // Another process takes SQLite's exclusive lock on the file for 0.8 s, as a second
+    // Deno process writing to it would; requests meanwhile must wait, not fail.
+    const locker = spawn("python3", ["-c", [
+      "import sqlite3, sys, time",
+      "c = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)",
+      "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(0.8); c.execute('COMMIT')",
+    ].join("\n"), join(kv.dir, "kv.sqlite")], { stdio: ["ignore", "pipe", "inherit"] });
+    try {
+      await new Promise((resolve, reject) => {
+        locker.stdout.once("data", resolve);
+        locker.once("exit", (code) => reject(new Error(`the lock holder exited (${code})`)));
+      });
+      const id = freshId();
+      const h = { "Idempotency-Key": `lock-${id}` };
+      const first = await request(`${d.url}/orders?run=${id}`, "POST", { headers: h, body: "x" });
+      assert.equal(first.status, 200, first.text());
+      const again = await request(`${d.url}/orders?run=${id}`, "POST", { headers: h, body: "x" });
+      assert.equal(again.header("idempotent-replayed"), "true");
+      assert.equal(await origin.executions(id), 1);
+    } finally {
+      locker.kill();
+      await d.stop();
     }
   });
 

@@ -4,9 +4,10 @@
 // IDEMGATE_TEST_SPEC: {kvPath, origin, variants: {name: {config, origin?, logs?}}}. Prints
 // `READY {"name": port, …}` once every listener is up.
 import { idemgate } from "../worker/deno.js";
+import { openKv } from "../worker/kv.js";
 
 const spec = JSON.parse(Deno.env.get("IDEMGATE_TEST_SPEC") ?? "{}");
-const kv = await Deno.openKv(spec.kvPath);
+const kv = await openKv(spec.kvPath);
 const ports: Record<string, number> = {};
 for (const [name, v] of Object.entries(spec.variants as Record<string, { config?: unknown; origin?: string; logs?: boolean }>)) {
   const handler = await idemgate({ config: v.config, origin: v.origin ?? spec.origin, kv, logs: v.logs ?? false });

@@ -16,7 +16,7 @@ import * as core from "../dist/web/idemgate_edge.js";
 import { claims } from "./claims.js";
 import { engines } from "./engine.js";
 import { gate, originUrl } from "./gate.js";
-import { kvStore } from "./kv.js";
+import { kvStore, openKv } from "./kv.js";
 import { enabled } from "./outcomes.js";
 
 core.initSync({ module: await Deno.readFile(new URL("../dist/web/idemgate_edge_bg.wasm", import.meta.url)) });
@@ -34,7 +34,7 @@ export async function idemgate({ config, origin, kv, kvPath, prefix, logs = true
   const { origin: resolved, error } = origin === undefined || origin === null || origin === ""
     ? { error: "no origin: set ORIGIN_URL" }
     : originUrl(origin);
-  kv ??= await Deno.openKv(kvPath);
+  kv ??= await openKv(kvPath);
   const engineFor = engines(core); // one per handler: each keeps its own configuration
   const engine = () => engineFor(config);
   // Keys are scoped by method, route, credentials and key, not by namespace: handlers sharing
@@ -63,7 +63,7 @@ if (import.meta.main) {
   const kvPath = env("IDEMGATE_KV_PATH") || undefined;
   let kv;
   try {
-    kv = await Deno.openKv(kvPath);
+    kv = await openKv(kvPath);
   } catch (e) {
     fail(`cannot open Deno KV${kvPath ? ` at ${kvPath}` : ""}: ${e && e.message ? e.message : e}`);
   }

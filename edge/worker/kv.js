@@ -18,8 +18,44 @@ const VALUE_MAX = 65536; // Deno KV's limit on one value
 const PARTS_PER_COMMIT = 12; // 12 × 64 KiB stays under its 800 KiB per atomic operation
 const PARTS_OUTLIVE_MS = 60_000; // parts expire after the manifest that names them
 
+// Deno KV's local backend is an SQLite file: while another process holds its write lock an
+// operation fails with "database is locked" and has done nothing, so it is tried again, for
+// at most BUSY_MS, before the error reaches the request (a 503 from the store).
+const BUSY_MS = 3000;
+
+async function unlocked(op) {
+  const until = Date.now() + BUSY_MS;
+  for (let wait = 2; ; wait = Math.min(wait * 2, 100)) {
+    try {
+      return await op();
+    } catch (e) {
+      if (!/database is locked/i.test(String(e?.message ?? e)) || Date.now() > until) throw e;
+      await new Promise((r) => setTimeout(r, wait));
+    }
+  }
+}
+
+/** `Deno.openKv(path)`, waiting out another process that is opening the same file. */
+export const openKv = (path) => unlocked(() => Deno.openKv(path));
+
+/** `kv` with its reads and commits tried again while the database is locked. */
+function patient(kv) {
+  return {
+    get: (key) => unlocked(() => kv.get(key)),
+    getMany: (keys) => unlocked(() => kv.getMany(keys)),
+    atomic() {
+      const op = kv.atomic();
+      const commit = op.commit.bind(op);
+      op.commit = () => unlocked(commit);
+      return op;
+    },
+    watch: (keys) => kv.watch(keys),
+  };
+}
+
 /** The store port over `kv`, for claims `rules` (claims.js) and the configuration's engine. */
-export function kvStore(kv, rules, engine, { prefix = ["idemgate"] } = {}) {
+export function kvStore(db, rules, engine, { prefix = ["idemgate"] } = {}) {
+  const kv = patient(db);
   return {
     record(keyId) {
       const slot = recordSlot(kv, prefix, keyId);
